@@ -1,0 +1,87 @@
+"""Small file helpers: atomic outputs, file hashes, the project root.
+
+Every output of the project is written to a temporary name in its own folder and renamed into place only when it
+is complete, so an interrupted stage never leaves a partial file where DVC or a colleague would pick it up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import FlannelError
+
+TMP_PREFIX = ".flannel-tmp-"
+
+
+def temp_path_for(out_path: Path) -> Path:
+    """A new, empty temporary file beside `out_path` (same filesystem, so the final rename is atomic)."""
+    out_path = Path(out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{out_path.name}.", dir=out_path.parent)
+    except OSError as e:
+        raise FlannelError(
+            f"{out_path.parent}: cannot write the output folder ({e.strerror}); check its permissions or choose "
+            "another path in params.yaml"
+        ) from None
+    os.close(fd)
+    return Path(name)
+
+
+def commit_file(tmp: Path, out_path: Path) -> None:
+    """fsync `tmp` and rename it over `out_path`."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(out_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_output(out_path: Path) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces `out_path`, on any error it is removed."""
+    out_path = Path(out_path)
+    tmp = temp_path_for(out_path)
+    try:
+        yield tmp
+        commit_file(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(out_path: Path, doc: Any) -> None:
+    with atomic_output(Path(out_path)) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The folder holding params.yaml, seen from `start` (default: the working directory).
+
+    `dvc exp run --queue` runs each experiment in a temporary copy under `<root>/.dvc/tmp/exps/`; for those the
+    original project root is returned, so tracking stores and reports are shared with workspace runs.
+    """
+    here = Path(start or Path.cwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here

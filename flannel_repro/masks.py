@@ -1,0 +1,106 @@
+"""Stage 3: live/dead token masks.
+
+Encodes the corpus with the tokenizer, exactly as training does, and writes which tokens occur ("live") and
+which never do ("dead") with the keys the notebook reads:
+
+    live_mask, dead_mask   bool[V]
+    live_indices, dead_indices   int64[n_live], int64[n_dead]
+    counts   int64[V]   occurrences of each token in the encoded corpus
+
+The header metadata records the vocabulary size and the sha256 of the corpus and tokenizer it was made from, so a
+masks file made for another vocabulary or corpus is caught when it is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .corpus import read_text
+from .errors import FlannelError
+from .fsutil import atomic_output, sha256_file
+from .tokenizer import load_tokenizer
+
+MASK_KEYS = ("live_mask", "dead_mask", "live_indices", "dead_indices", "counts")
+
+
+@dataclass(frozen=True)
+class Masks:
+    live_mask: torch.Tensor  # bool[V]
+    dead_mask: torch.Tensor  # bool[V]
+    counts: torch.Tensor  # int64[V]
+
+    @property
+    def n_live(self) -> int:
+        return int(self.live_mask.sum())
+
+    @property
+    def n_dead(self) -> int:
+        return int(self.dead_mask.sum())
+
+
+@dataclass(frozen=True)
+class MasksResult:
+    path: Path
+    n_tokens: int
+    n_live: int
+    n_dead: int
+
+
+def encode_corpus(corpus_path: Path, tokenizer_path: Path, vocab_size: int) -> torch.Tensor:
+    """The corpus as token ids, int64[n_tokens], encoded in one piece as the notebook does."""
+    tok = load_tokenizer(Path(tokenizer_path), vocab_size)
+    text = read_text(Path(corpus_path), "corpus", "paths.corpus")
+    return torch.tensor(tok.encode(text).ids, dtype=torch.long)
+
+
+def masks_from_tokens(tokens: torch.Tensor, vocab_size: int) -> Masks:
+    counts = torch.bincount(tokens, minlength=vocab_size)
+    live = counts > 0
+    return Masks(live_mask=live, dead_mask=~live, counts=counts)
+
+
+def masks(corpus_path: Path, tokenizer_path: Path, vocab_size: int, out_path: Path) -> MasksResult:
+    tokens = encode_corpus(corpus_path, tokenizer_path, vocab_size)
+    m = masks_from_tokens(tokens, vocab_size)
+    tensors = {
+        "live_mask": m.live_mask,
+        "dead_mask": m.dead_mask,
+        "live_indices": torch.nonzero(m.live_mask).flatten(),
+        "dead_indices": torch.nonzero(m.dead_mask).flatten(),
+        "counts": m.counts,
+    }
+    metadata = {
+        "vocab_size": str(vocab_size),
+        "n_tokens": str(len(tokens)),
+        "corpus_sha256": sha256_file(corpus_path),
+        "tokenizer_sha256": sha256_file(tokenizer_path),
+    }
+    with atomic_output(out_path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return MasksResult(Path(out_path), len(tokens), m.n_live, m.n_dead)
+
+
+def load_masks(path: Path, vocab_size: int) -> Masks:
+    """Read a masks file, checking its keys and that it was made for `vocab_size` tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlannelError(f"{path}: masks file not found; run `flannel-repro masks` or fix paths.masks")
+    from .trajectory import check_safetensors
+
+    check_safetensors(path, "masks file")
+    with safe_open(str(path), framework="pt") as f:
+        missing = [k for k in MASK_KEYS if k not in f.keys()]
+        if missing:
+            raise FlannelError(f"{path}: masks file lacks {', '.join(missing)}; remake it with `flannel-repro masks`")
+        live, dead, counts = f.get_tensor("live_mask"), f.get_tensor("dead_mask"), f.get_tensor("counts")
+    if live.shape != (vocab_size,) or dead.shape != (vocab_size,) or counts.shape != (vocab_size,):
+        raise FlannelError(
+            f"{path}: masks file is for a vocabulary of {live.shape[0] if live.dim() else '?'} tokens but "
+            f"model.vocab_size is {vocab_size}; remake it with `flannel-repro masks`"
+        )
+    return Masks(live_mask=live.bool(), dead_mask=dead.bool(), counts=counts)

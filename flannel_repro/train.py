@@ -1,0 +1,395 @@
+"""Stage 4: the Flannel 7 training run, recorded step by step.
+
+The notebook's procedure exactly: GPT2LMHeadModel with tied embeddings, dropouts 0 and bfloat16 weights; W_initial
+drawn in float32 from `init_seed` and cast to bfloat16; the notebook's TokenDataset windows; HF Trainer with the
+notebook's TrainingArguments (adamw_torch, bf16, linear schedule, default clipping) and the same seeds, so the same
+data order. Recording happens in `recorder.TrajectoryCallback`; the trajectory streams into the output file.
+
+    result = train(load_params("params.yaml"), root=Path("."))
+    result.sha256, result.final_loss
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .config import ModelConfig, Params, TrainConfig
+from .errors import FlannelError
+from .fsutil import atomic_output, sha256_file, write_json
+from .masks import Masks, encode_corpus, load_masks
+from .progress import Progress
+from .provenance import fingerprint, versions
+from .recorder import FileSink, StepObserver, StepRecord, StepSink, TrajectoryCallback, trajectory_specs
+from .trajectory import FORMAT, TensorSpec, TrajectoryWriter
+
+# Set before CUDA starts: cuBLAS needs a fixed workspace for deterministic matmuls.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+class TokenDataset(Dataset):
+    """The notebook's windows over the token stream, plus each window's index (so batches can be rebuilt).
+
+    label_mode "notebook" keeps the notebook's labels, already shifted by one (GPT2LMHeadModel shifts again, so
+    position i learns token i+2); "next_token" passes the window itself as labels, for true next-token training.
+    """
+
+    def __init__(self, tokens: torch.Tensor, max_seq_len: int, label_mode: str = "notebook") -> None:
+        self.corpus = tokens
+        self.max_seq_len = max_seq_len
+        self.label_mode = label_mode
+
+    def __len__(self) -> int:
+        return max(0, len(self.corpus) - self.max_seq_len)
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        chunk = self.corpus[idx : idx + self.max_seq_len + 1]
+        labels = chunk[1:] if self.label_mode == "notebook" else chunk[:-1]
+        return {"input_ids": chunk[:-1], "labels": labels, "sample_index": idx}
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    trajectory: Path | None
+    sha256: str | None
+    final_loss: float
+    runtime_s: float
+    steps_per_s: float
+    n_live: int
+    n_dead: int
+    device: str
+    fingerprint: dict[str, Any]
+    losses: list[list[float]] = field(repr=False)  # (runs, steps+1), NaN at t = 0
+    grad_norms: list[list[float]] = field(repr=False)
+    learning_rates: list[list[float]] = field(repr=False)
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "final_loss": self.final_loss,
+            "runtime_s": round(self.runtime_s, 3),
+            "steps_per_s": round(self.steps_per_s, 4),
+            "trajectory_sha256": self.sha256,
+            "n_live": self.n_live,
+            "n_dead": self.n_dead,
+            "device": self.device,
+        }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
+        raise FlannelError(f"params: train.device = {name!r} is not available on this machine; use auto or cpu")
+    return torch.device(name)
+
+
+def set_determinism(cfg: TrainConfig) -> None:
+    """The switches bit-for-bit replay needs. The CPU thread count changes the numbers, so params can pin it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def initial_embedding(model: ModelConfig, cfg: TrainConfig) -> torch.Tensor:
+    """W_initial, (V, H) bf16: drawn in float32 from init_seed, then cast, as the notebook does."""
+    torch.manual_seed(cfg.init_seed)
+    np.random.seed(cfg.init_seed)
+    w = torch.randn(model.vocab_size, model.hidden_dim, dtype=torch.float32) * cfg.init_scale
+    return w.to(torch.bfloat16)
+
+
+def build_model(model_cfg: ModelConfig, w_initial: torch.Tensor, device: torch.device):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=model_cfg.vocab_size,
+        n_positions=model_cfg.max_seq_len,
+        n_embd=model_cfg.hidden_dim,
+        n_layer=model_cfg.n_layer,
+        n_head=model_cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config).to(torch.bfloat16).to(device)
+    with torch.no_grad():
+        model.transformer.wte.weight[:] = w_initial.to(device)
+    return model
+
+
+def training_arguments(cfg: TrainConfig, device: torch.device, seed: int, output_dir: str):
+    """The notebook's TrainingArguments, with checkpoints off and a log entry every step (neither changes a number)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_epsilon=cfg.adam_epsilon,
+        max_grad_norm=cfg.max_grad_norm,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        logging_steps=1,
+        remove_unused_columns=False,  # keep sample_index for the recorder; the notebook's columns are all used
+        save_strategy="no",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        bf16=True,
+        seed=seed,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device.type == "cpu",
+    )
+
+
+def make_trainer(model, args, dataset: Dataset, observer: StepObserver, callback: TrajectoryCallback):
+    from transformers import PrinterCallback, ProgressCallback, Trainer
+
+    class FlannelTrainer(Trainer):
+        """Trainer whose loss is the model's mean loss over the batch, as the notebook's compute_loss returns."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            indices = inputs.pop("sample_index")
+            outputs = model(**inputs)
+            observer.observe(outputs.loss, indices)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    trainer = FlannelTrainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+@contextlib.contextmanager
+def _scratch_dir() -> Iterator[str]:
+    """The Trainer's output_dir, kept out of every versioned folder."""
+    path = tempfile.mkdtemp(prefix="flannel-trainer-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class _Inputs:
+    tokens: torch.Tensor
+    masks: Masks
+    input_digests: dict[str, str]
+
+
+def load_inputs(params: Params, root: Path) -> _Inputs:
+    """Read and check every input before any training starts."""
+    p, v = params.paths, params.model.vocab_size
+    corpus_path, tok_path, masks_path = root / p.corpus, root / p.tokenizer, root / p.masks
+    tokens = encode_corpus(corpus_path, tok_path, v)
+    need = params.model.max_seq_len + 1
+    if len(tokens) < need:
+        raise FlannelError(
+            f"{corpus_path}: corpus has {len(tokens)} tokens, fewer than model.max_seq_len + 1 = {need}; use a "
+            "longer corpus or a smaller max_seq_len"
+        )
+    masks = load_masks(masks_path, v)
+    digests = {
+        "corpus_sha256": sha256_file(corpus_path),
+        "tokenizer_sha256": sha256_file(tok_path),
+        "masks_sha256": sha256_file(masks_path),
+    }
+    made_from = _masks_corpus_digest(masks_path)
+    if made_from is not None and made_from != digests["corpus_sha256"]:
+        raise FlannelError(
+            f"{masks_path}: masks file was made from another corpus than {corpus_path}; remake it with "
+            "`flannel-repro masks`"
+        )
+    return _Inputs(tokens, masks, digests)
+
+
+def _masks_corpus_digest(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("corpus_sha256")
+
+
+def metadata_scalars(params: Params, masks: Masks, w_initial: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every scalar of the notebook's save cell, W_initial included, with the notebook's dtypes."""
+    t, m, r = params.train, params.model, params.record
+    i64 = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    b = lambda x: torch.tensor(x, dtype=torch.bool)  # noqa: E731
+    return {
+        "n_runs": i64(t.num_runs),
+        "init_seed": i64(t.init_seed),
+        "train_seed": i64(t.train_seed),
+        "n_steps": i64(t.steps),
+        "n_live": i64(masks.n_live),
+        "n_dead": i64(masks.n_dead),
+        "vocab_size": i64(m.vocab_size),
+        "hidden_dim": i64(m.hidden_dim),
+        "init_scale": f32(t.init_scale),
+        "learning_rate": f32(t.learning_rate),
+        "weight_decay": f32(t.weight_decay),
+        "adam_beta1": f32(t.adam_beta1),
+        "adam_beta2": f32(t.adam_beta2),
+        "W_initial": w_initial,
+        "recorded_W": b(r.W),
+        "recorded_grads": b(r.grads),
+        "recorded_losses": b(r.losses),
+        "recorded_momentum": b(r.momentum),
+        "recorded_variance": b(r.variance),
+    }
+
+
+class _Collect:
+    """Keeps the per-step scalars for metrics, the loss curve and tracking summaries."""
+
+    def __init__(self, runs: int, steps: int) -> None:
+        self.losses = [[math.nan] * (steps + 1) for _ in range(runs)]
+        self.grad_norms = [[math.nan] * (steps + 1) for _ in range(runs)]
+        self.lrs = [[math.nan] * (steps + 1) for _ in range(runs)]
+
+    def __call__(self, rec: StepRecord) -> None:
+        self.losses[rec.run][rec.step] = rec.loss
+        self.grad_norms[rec.run][rec.step] = rec.grad_norm
+        self.lrs[rec.run][rec.step] = rec.learning_rate
+
+
+def train(
+    params: Params,
+    root: Path = Path("."),
+    *,
+    sinks: list[StepSink] | None = None,
+    run_sinks: list[Any] | None = None,
+    write: bool = True,
+    record: bool = True,
+    progress: bool = True,
+) -> TrainResult:
+    """Run training with `params` and record the trajectory to `params.paths.trajectory` (under `root`).
+
+    sinks: extra per-step consumers (tracking, verify). run_sinks: objects with `start_run(run, seed)` and
+    `end_run(run)`, told when each of the `num_runs` runs begins and ends. write=False records nothing to disk
+    (verify); record=False turns recording off entirely (the benchmark's baseline).
+    """
+    root = Path(root)
+    cfg, mcfg = params.train, params.model
+    set_determinism(cfg)
+    device = pick_device(cfg.device)
+    inputs = load_inputs(params, root)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    fp = fingerprint(device)
+
+    w_initial = initial_embedding(mcfg, cfg)
+    collect = _Collect(cfg.num_runs, cfg.steps)
+    all_sinks: list[StepSink] = [collect, *(sinks or [])]
+    writer = None
+    out_path = root / params.paths.trajectory
+    if write and record:
+        specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in metadata_scalars(params, inputs.masks, w_initial).items()}
+        specs.update(trajectory_specs(params.record, cfg.num_runs, cfg.steps, mcfg.vocab_size, mcfg.hidden_dim, cfg.batch_size))
+        metadata = {
+            "format": FORMAT,
+            "params": params.to_json(),
+            "versions": json.dumps(versions(), sort_keys=True),
+            "fingerprint": json.dumps(fp, sort_keys=True),
+            "inputs": json.dumps(inputs.input_digests, sort_keys=True),
+        }
+        writer = TrajectoryWriter(out_path, specs, metadata)
+        all_sinks.insert(0, FileSink(writer, params.record))
+    if progress:
+        all_sinks.append(Progress(cfg.num_runs, cfg.steps, cfg.log_every))
+
+    try:
+        if writer is not None:
+            for name, value in metadata_scalars(params, inputs.masks, w_initial).items():
+                writer.write(name, (), value)
+        tokens = inputs.tokens.to(device)
+        dataset = TokenDataset(tokens, mcfg.max_seq_len, cfg.label_mode)
+        start = time.perf_counter()
+        for run in range(cfg.num_runs):
+            seed = cfg.train_seed + run
+            for s in run_sinks or []:
+                s.start_run(run, seed)
+            _train_one(params, run, seed, w_initial, dataset, device, all_sinks, record)
+            for s in run_sinks or []:
+                s.end_run(run)
+        runtime = time.perf_counter() - start
+        sha = None
+        if writer is not None:
+            writer.commit()
+            sha = sha256_file(out_path)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+    final = collect.losses[-1][-1]
+    return TrainResult(
+        trajectory=out_path if writer is not None else None,
+        sha256=sha,
+        final_loss=final,
+        runtime_s=runtime,
+        steps_per_s=cfg.num_runs * cfg.steps / runtime,
+        n_live=inputs.masks.n_live,
+        n_dead=inputs.masks.n_dead,
+        device=f"{device.type}: {fp['device_name']}",
+        fingerprint=fp,
+        losses=collect.losses,
+        grad_norms=collect.grad_norms,
+        learning_rates=collect.lrs,
+    )
+
+
+def _train_one(params, run, seed, w_initial, dataset, device, sinks, record: bool) -> None:
+    # The order of every RNG draw matches the notebook: seed, build the model, then the Trainer (which seeds again).
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = build_model(params.model, w_initial, device)
+    observer = StepObserver()
+    callback = TrajectoryCallback(run, params.record, observer, sinks if record else [], want_digests=record)
+    with _scratch_dir() as scratch:
+        args = training_arguments(params.train, device, seed, scratch)
+        trainer = make_trainer(model, args, dataset, observer, callback)
+        if record:
+            callback.emit_initial(model.transformer.wte.weight)
+        trainer.train()
+
+
+def write_reports(params: Params, result: TrainResult, root: Path) -> None:
+    """metrics/train.json (DVC metrics) and the per-step loss curve CSV (DVC plots)."""
+    write_json(root / params.paths.metrics, result.metrics())
+    with atomic_output(root / params.paths.loss_curve) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "step", "loss", "grad_norm", "learning_rate"])
+            for run, losses in enumerate(result.losses):
+                for step in range(1, len(losses)):
+                    w.writerow([run, step, repr(losses[step]), repr(result.grad_norms[run][step]),
+                                repr(result.learning_rates[run][step])])

@@ -1,0 +1,249 @@
+"""The trajectory file: a safetensors file written step by step, read lazily.
+
+`TrajectoryWriter` lays out the whole file up front (header with every key, shape and offset, then a data region
+of known size), memory-maps the data region of a temporary file beside the output and fills it one step at a time,
+so the trajectory never sits in RAM. Only `commit()` renames the finished file into place; a killed run leaves no
+file at the output path. The result loads with `safetensors.torch.load_file` like the notebook's own file.
+
+`load_trajectory(path)` opens a file lazily: reading W at one step maps just that slice.
+
+    traj = load_trajectory("tensors/Flannel/1.20h_flannel_7.safetensors")
+    traj.step("W", 250)          # (V, H) bf16, read from the mapped file
+    traj.params.train.train_seed # 42
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+
+from .config import Params, params_from_json
+from .errors import FlannelError
+from .fsutil import commit_file, temp_path_for
+
+FORMAT = "flannel-trajectory/1"
+DIGEST_BYTES = 32  # sha256
+_DTYPES = {
+    torch.int64: "I64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def digest(t: torch.Tensor) -> bytes:
+    return hashlib.sha256(as_bytes(t)).digest()
+
+
+class TrajectoryWriter:
+    """Streams tensors into a safetensors file at a temporary path; `commit()` moves it to `out_path`."""
+
+    def __init__(self, out_path: Path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> None:
+        self.out_path = Path(out_path)
+        # Largest items first keeps every tensor naturally aligned; safetensors requires no holes between tensors.
+        order = sorted(specs, key=lambda k: (-specs[k].dtype.itemsize, k))
+        header: dict[str, Any] = {"__metadata__": dict(metadata)}
+        self.offsets: dict[str, int] = {}
+        self.specs = dict(specs)
+        pos = 0
+        for name in order:
+            spec = specs[name]
+            header[name] = {
+                "dtype": _DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [pos, pos + spec.nbytes],
+            }
+            self.offsets[name] = pos
+            pos += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + pos
+        self.tmp_path = temp_path_for(self.out_path)
+        self._file = open(self.tmp_path, "r+b")
+        try:
+            self._file.write(struct.pack("<Q", len(raw)) + raw)
+            self._file.truncate(self.size)  # sparse until written; zeros read back as zeros
+            self._mm = mmap.mmap(self._file.fileno(), self.size) if self.size else None
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, index: tuple[int, ...], value: torch.Tensor) -> None:
+        """Write `value` at `tensor[index]` (leading indices); `value` must have the trailing shape."""
+        spec = self.specs[name]
+        trailing = spec.shape[len(index) :]
+        if tuple(value.shape) != trailing or value.dtype != spec.dtype:
+            raise ValueError(f"{name}{list(index)}: expected {spec.dtype} {trailing}, got {value.dtype} {value.shape}")
+        flat = 0
+        for i, n in zip(index, spec.shape):
+            flat = flat * n + i
+        n_bytes = math.prod(trailing) * spec.dtype.itemsize
+        start = self.data_start + self.offsets[name] + flat * n_bytes
+        self._mm[start : start + n_bytes] = as_bytes(value)
+
+    def release(self, upto: int | None = None) -> None:
+        """Drop written pages from this process's resident set (they stay in the page cache, dirty, for the
+        kernel to write back); keeps RSS flat however many steps are recorded."""
+        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            end = self.size if upto is None else upto
+            end -= end % mmap.PAGESIZE
+            if end > 0:
+                self._mm.madvise(mmap.MADV_DONTNEED, 0, end)
+
+    def commit(self) -> Path:
+        if self._mm is not None:
+            self._mm.flush()
+            self._mm.close()
+        self._file.close()
+        commit_file(self.tmp_path, self.out_path)
+        return self.out_path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file; the output path is untouched."""
+        mm = getattr(self, "_mm", None)
+        if mm is not None and not mm.closed:
+            mm.close()
+        if not self._file.closed:
+            self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+def read_header(path: Path, what: str = "trajectory file") -> dict[str, Any]:
+    """Parse and check a safetensors header against the file's length before anything trusts it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FlannelError(f"{path}: {what} is too short to be safetensors ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > _HEADER_LIMIT or 8 + n > size:
+                raise FlannelError(
+                    f"{path}: {what} is not a safetensors file or is truncated (header of {n} bytes, file of {size})"
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise FlannelError(f"{path}: {what} not found; check the path") from None
+    except IsADirectoryError:
+        raise FlannelError(f"{path}: {what} is a directory, not a file") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not a JSON object)")
+    data_len = size - 8 - n
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPE_NAMES.get(info["dtype"])
+            lo, hi = (int(x) for x in info["data_offsets"])
+            numel = math.prod(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise FlannelError(f"{path}: {what} has a malformed header entry for {name!r}") from None
+        if not 0 <= lo <= hi <= data_len:
+            raise FlannelError(
+                f"{path}: {what} is truncated or corrupt: {name} ends at byte {hi} of a {data_len}-byte data region"
+            )
+        if dtype is not None and hi - lo != numel * dtype.itemsize:
+            raise FlannelError(f"{path}: {what} is corrupt: {name}'s size does not match its shape")
+        end = max(end, hi)
+    if end != data_len:
+        raise FlannelError(f"{path}: {what} is corrupt: {data_len - end} bytes after the last tensor")
+    return header
+
+
+def check_safetensors(path: Path, what: str) -> dict[str, Any]:
+    return read_header(path, what)
+
+
+class Trajectory:
+    """Lazy, memory-mapped view of a trajectory file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        header = read_header(self.path)
+        self.metadata: dict[str, str] = header.get("__metadata__") or {}
+        if self.metadata.get("format") != FORMAT:
+            raise FlannelError(
+                f"{self.path}: not a flannel-repro trajectory (metadata format is "
+                f"{self.metadata.get('format')!r}); give a file written by `flannel-repro train`"
+            )
+        self.shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        self._f = safe_open(str(self.path), framework="pt")
+
+    def __enter__(self) -> Trajectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f = None
+
+    def keys(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The whole tensor (loads it)."""
+        return self._f.get_tensor(name)
+
+    def step(self, name: str, t: int, run: int = 0) -> torch.Tensor:
+        """`name[run, t]`, reading only that slice from the mapped file."""
+        return self._f.get_slice(name)[run, t]
+
+    @cached_property
+    def params(self) -> Params:
+        return params_from_json(self.metadata["params"], f"{self.path} (header params)")
+
+    def meta_json(self, key: str) -> Any:
+        return json.loads(self.metadata.get(key, "null"))
+
+    @property
+    def n_runs(self) -> int:
+        return self.params.train.num_runs
+
+    @property
+    def n_steps(self) -> int:
+        return self.params.train.steps
+
+
+def load_trajectory(path: str | os.PathLike) -> Trajectory:
+    return Trajectory(Path(path))

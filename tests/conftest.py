@@ -1,0 +1,71 @@
+"""Tiny, purpose-built fixtures: a project folder with a few thousand words of corpus, a 300-token tokenizer and
+a 2-layer, 16-wide GPT-2, so a full train takes about a second. Everything is made by the project's own stages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flannel_repro.config import load_params
+from flannel_repro.corpus import corpus
+from flannel_repro.masks import masks
+from flannel_repro.tokenizer import tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "corpus": {"n_words": 3000, "lexicon_size": 500},
+    "model": {"vocab_size": 300, "hidden_dim": 16, "n_layer": 2, "n_head": 2, "max_seq_len": 16},
+    "train": {"steps": 6, "batch_size": 4, "num_threads": 1, "log_every": 2},
+    "tracking": {"enabled": False},
+}
+
+
+def write_params(folder: Path, overrides: dict | None = None) -> Path:
+    """params.yaml = the repository's defaults with the tiny sections (and `overrides`) merged in."""
+    doc = yaml.safe_load((REPO / "params.yaml").read_text())
+    for source in (TINY, overrides or {}):
+        for section, values in source.items():
+            doc.setdefault(section, {}).update(values)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Corpus, tokenizer and masks for the tiny config, made once per session."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    params = load_params(write_params(root))
+    p = params.paths
+    corpus(params.corpus, root / p.corpus)
+    tokenizer(params.tokenizer, params.model.vocab_size, root / p.corpus, root / p.tokenizer)
+    masks(root / p.corpus, root / p.tokenizer, params.model.vocab_size, root / p.masks)
+    return root
+
+
+@pytest.fixture
+def tiny_project(tmp_path, tiny_data) -> Path:
+    """A fresh folder with the tiny params.yaml and a copy of the tiny data."""
+    for sub in ("data", "tensors"):
+        shutil.copytree(tiny_data / sub, tmp_path / sub)
+    write_params(tmp_path)
+    return tmp_path
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = False, timeout: float = 600):
+    """Run `python -m flannel_repro ARGS` as a user would, in `cwd`."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flannel_repro", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"flannel-repro {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
