@@ -247,3 +247,27 @@ class Trajectory:
 
 def load_trajectory(path: str | os.PathLike) -> Trajectory:
     return Trajectory(Path(path))
+
+
+MANIFEST_FORMAT = "flannel-digests/1"
+
+
+def manifest(traj: Trajectory) -> dict[str, Any]:
+    """The per-step digests, losses and provenance of a trajectory as plain JSON: enough for `verify` to audit a
+    rerun without the file itself (tracking logs it as the run's `digests.json` artifact)."""
+    digests = {
+        k[len("digest_"):]: [[bytes(row.tolist()).hex() for row in run] for run in traj[k]]
+        for k in traj.keys()
+        if k.startswith("digest_")
+    }
+    doc: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "params": json.loads(traj.metadata["params"]),
+        "fingerprint": traj.meta_json("fingerprint"),
+        "versions": traj.meta_json("versions"),
+        "inputs": traj.meta_json("inputs"),
+        "digests": digests,  # {tensor: [run][step] -> sha256 hex of that (V, H) slice}
+    }
+    if "losses_f32" in traj:
+        doc["losses_f32"] = [[float(x) for x in run] for run in traj["losses_f32"]]  # NaN at t = 0
+    return doc
