@@ -176,6 +176,7 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto picks cuda > mps > cpu
     num_threads: int | None = None  # torch CPU threads; null keeps torch's default. Part of "the same device"
     log_every: int = 50  # progress line every N steps when stderr is not a terminal
+    checkpoint_every: int = 100  # resumable checkpoint every N steps (`train --resume`); 0 = off
 
     def _check(self) -> None:
         for key in ("num_runs", "steps", "batch_size", "log_every"):
@@ -197,6 +198,8 @@ class TrainConfig(_Section):
             self._fail("label_mode", f"is not one of {', '.join(LABEL_MODES)}")
         if self.device not in DEVICES:
             self._fail("device", f"is not one of {', '.join(DEVICES)}")
+        if self.checkpoint_every < 0:
+            self._fail("checkpoint_every", "must be zero (off) or positive")
         if self.num_threads is not None and self.num_threads < 1:
             self._fail("num_threads", "must be at least 1, or null for torch's default")
 
@@ -266,7 +269,6 @@ class Params:
         return {f"{s}.{k}": v for s, section in self.to_dict().items() for k, v in section.items()}
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Params)}  # type: ignore[misc]
 _SECTION_TYPES = typing.get_type_hints(Params)
 
 
