@@ -96,12 +96,19 @@ def _check_type(value: Any, expected: Any) -> tuple[bool, Any]:
         return isinstance(value, float), value
     if expected is str:
         return isinstance(value, str), value
+    if typing.get_origin(expected) is tuple:  # tuple[X, ...]: a YAML list of X, kept as a tuple (frozen)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        checked = [_check_type(v, typing.get_args(expected)[0]) for v in value]
+        return all(ok for ok, _ in checked), tuple(c for _, c in checked)
     raise TypeError(f"unsupported config type {expected!r}")
 
 
 def _type_name(expected: Any) -> str:
     if typing.get_origin(expected) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(expected))
+    if typing.get_origin(expected) is tuple:
+        return f"a list of {_type_name(typing.get_args(expected)[0])}"
     return "null" if expected is type(None) else expected.__name__
 
 
@@ -112,10 +119,14 @@ class CorpusConfig(_Section):
     seed: int = 42  # seed of the generator's own PRNG
     n_words: int = 876_000  # words to generate; the default yields about 1.37 M tokens with the default tokenizer
     lexicon_size: int = 30_000  # distinct word forms, drawn with Zipf (rank ** -1) frequencies
+    # dvc.yaml runs the corpus stage once per entry: [synthetic], or [] when paths.corpus is your own `dvc add`ed file
+    build: tuple[str, ...] = ("synthetic",)
 
     def _check(self) -> None:
         if not self.source:
             self._fail("source", "is empty: use 'generated' or the path of a UTF-8 text file")
+        if self.build not in ((), ("synthetic",)):
+            self._fail("build", "must be [synthetic] (dvc repro makes the corpus) or [] (paths.corpus is your own file)")
         if self.n_words < 1:
             self._fail("n_words", "must be at least 1")
         if self.lexicon_size < 1:
@@ -129,10 +140,14 @@ class TokenizerConfig(_Section):
     _section = "tokenizer"
     source: str = "train"  # "train" (byte-level BPE trained on the corpus) or a path to an existing tokenizer.json
     min_frequency: int = 2  # BPE merges need a pair seen at least this often
+    # dvc.yaml runs the tokenizer stage once per entry: [bpe], or [] when paths.tokenizer is your own `dvc add`ed file
+    build: tuple[str, ...] = ("bpe",)
 
     def _check(self) -> None:
         if not self.source:
             self._fail("source", "is empty: use 'train' or the path of a tokenizer JSON file")
+        if self.build not in ((), ("bpe",)):
+            self._fail("build", "must be [bpe] (dvc repro trains the tokenizer) or [] (paths.tokenizer is your own file)")
         if self.min_frequency < 1:
             self._fail("min_frequency", "must be at least 1")
 

@@ -27,14 +27,16 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from transformers.utils import logging as hf_logging
 
+from .checkpoint import HISTORY_KEYS, Checkpoints, CheckpointCallback, Marker, io_error_message, notice, run_done
 from .config import ModelConfig, Params, TrainConfig
 from .errors import FlannelError
 from .fsutil import atomic_output, sha256_file, write_json
 from .masks import Masks, encode_corpus, load_masks
 from .progress import Progress
 from .provenance import fingerprint, versions
-from .recorder import FileSink, StepObserver, StepRecord, StepSink, TrajectoryCallback, trajectory_specs
+from .recorder import STEP_TENSORS, FileSink, StepObserver, StepRecord, StepSink, TrajectoryCallback, trajectory_specs
 from .trajectory import FORMAT, TensorSpec, TrajectoryWriter
 
 # Set before CUDA starts: cuBLAS needs a fixed workspace for deterministic matmuls.
@@ -142,8 +144,9 @@ def build_model(model_cfg: ModelConfig, w_initial: torch.Tensor, device: torch.d
     return model
 
 
-def training_arguments(cfg: TrainConfig, device: torch.device, seed: int, output_dir: str):
-    """The notebook's TrainingArguments, with checkpoints off and a log entry every step (neither changes a number)."""
+def training_arguments(cfg: TrainConfig, device: torch.device, seed: int, output_dir: str, checkpoint_every: int = 0):
+    """The notebook's TrainingArguments, with a log entry every step and, when asked, the Trainer's own resumable
+    checkpoints every `checkpoint_every` steps (neither changes a number)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -160,7 +163,9 @@ def training_arguments(cfg: TrainConfig, device: torch.device, seed: int, output
         optim="adamw_torch",
         logging_steps=1,
         remove_unused_columns=False,  # keep sample_index for the recorder; the notebook's columns are all used
-        save_strategy="no",
+        save_strategy="steps" if checkpoint_every else "no",
+        save_steps=checkpoint_every or 500,
+        save_only_model=False,  # optimizer, scheduler and RNG states too
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         bf16=True,
@@ -179,7 +184,12 @@ def make_trainer(model, args, dataset: Dataset, observer: StepObserver, callback
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             indices = inputs.pop("sample_index")
-            outputs = model(**inputs)
+            # With bf16, Accelerate wraps forward in autocast AND converts every output to float32 afterwards:
+            # for the (batch, seq, vocab) logits that is 164 MB and ~8% of a step, and nothing reads them. Run the
+            # plain forward inside the very same autocast context instead; the loss is bit-identical.
+            model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            with self.accelerator.autocast():
+                outputs = model(**inputs)
             observer.observe(outputs.loss, indices)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -276,6 +286,15 @@ class _Collect:
         self.grad_norms = [[math.nan] * (steps + 1) for _ in range(runs)]
         self.lrs = [[math.nan] * (steps + 1) for _ in range(runs)]
 
+    def history(self) -> dict[str, list[list[float]]]:
+        return {"losses": self.losses, "grad_norms": self.grad_norms, "lrs": self.lrs}
+
+    def restore(self, history: dict[str, list[list[float]]]) -> None:
+        """Scalars of the steps before a resume point, from the resume marker (exact floats)."""
+        for mine, theirs in zip((self.losses, self.grad_norms, self.lrs), (history[k] for k in HISTORY_KEYS)):
+            for row, saved in zip(mine, theirs):
+                row[: len(saved)] = saved[: len(row)]
+
     def __call__(self, rec: StepRecord) -> None:
         self.losses[rec.run][rec.step] = rec.loss
         self.grad_norms[rec.run][rec.step] = rec.grad_norm
@@ -291,12 +310,15 @@ def train(
     write: bool = True,
     record: bool = True,
     progress: bool = True,
+    resume: bool = False,
 ) -> TrainResult:
     """Run training with `params` and record the trajectory to `params.paths.trajectory` (under `root`).
 
     sinks: extra per-step consumers (tracking, verify). run_sinks: objects with `start_run(run, seed)` and
     `end_run(run)`, told when each of the `num_runs` runs begins and ends. write=False records nothing to disk
-    (verify); record=False turns recording off entirely (the benchmark's baseline).
+    (verify); record=False turns recording off entirely (the benchmark's baseline). resume=True continues the
+    interrupted run of this output from its last checkpoint (see checkpoint.py); the steps before it are replayed
+    to the sinks from the partial trajectory, so they see exactly what an uninterrupted run shows them.
     """
     root = Path(root)
     cfg, mcfg = params.train, params.model
@@ -304,12 +326,14 @@ def train(
     device = pick_device(cfg.device)
     inputs = load_inputs(params, root)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar on stderr at every checkpoint
     fp = fingerprint(device)
 
     w_initial = initial_embedding(mcfg, cfg)
     collect = _Collect(cfg.num_runs, cfg.steps)
-    all_sinks: list[StepSink] = [collect, *(sinks or [])]
-    writer = None
+    extra_sinks: list[StepSink] = [collect, *(sinks or [])]
+    all_sinks: list[StepSink] = list(extra_sinks)
+    writer = checkpoints = marker = None
     out_path = root / params.paths.trajectory
     if write and record:
         specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in metadata_scalars(params, inputs.masks, w_initial).items()}
@@ -321,13 +345,25 @@ def train(
             "fingerprint": json.dumps(fp, sort_keys=True),
             "inputs": json.dumps(inputs.input_digests, sort_keys=True),
         }
-        writer = TrajectoryWriter(out_path, specs, metadata)
+        checkpoints = Checkpoints(root, params.paths.trajectory, out_path)
+        checkpoints.acquire()
+        try:
+            marker = _resume_point(checkpoints, params, resume)
+            checkpoints.clear(keep=marker.temp if marker else None)
+            writer = TrajectoryWriter(out_path, specs, metadata, resume_from=marker.temp if marker else None)
+        except BaseException:
+            checkpoints.release()  # the marker and partial file stay as they were
+            raise
         all_sinks.insert(0, FileSink(writer, params.record))
     if progress:
         all_sinks.append(Progress(cfg.num_runs, cfg.steps, cfg.log_every))
 
+    first_run, first_step = (marker.run, marker.step) if marker else (0, 0)
+    if marker:
+        collect.restore(marker.history)
+    checkpointing = checkpoints is not None and cfg.checkpoint_every > 0
     try:
-        if writer is not None:
+        if writer is not None and not marker:
             for name, value in metadata_scalars(params, inputs.masks, w_initial).items():
                 writer.write(name, (), value)
         tokens = inputs.tokens.to(device)
@@ -337,26 +373,51 @@ def train(
             seed = cfg.train_seed + run
             for s in run_sinks or []:
                 s.start_run(run, seed)
-            _train_one(params, run, seed, w_initial, dataset, device, all_sinks, record)
+            # Steps of this run already in the partial trajectory: all of an earlier run, 0..K of the resumed one.
+            done = cfg.steps if run < first_run else first_step if run == first_run and first_step > 0 else -1
+            if done >= 0 and extra_sinks:
+                _replay(writer, run, done, collect, extra_sinks, with_tensors=bool(sinks))
+            if done < cfg.steps:
+                resume_dir = marker.checkpoint if marker and run == first_run and first_step > 0 else None
+                extra_callbacks = []
+                if checkpointing:
+                    extra_callbacks.append(
+                        CheckpointCallback(checkpoints, writer, run, params.to_json(), collect.history)
+                    )
+                out_dir = checkpoints.dir / f"run-{run}" if checkpointing else None
+                _train_one(params, run, seed, w_initial, dataset, device, all_sinks, record,
+                           resume_dir=resume_dir, output_dir=out_dir, callbacks=extra_callbacks)
+                if checkpointing and run + 1 < cfg.num_runs:
+                    run_done(checkpoints, writer, run, params.to_json(), collect.history())
             for s in run_sinks or []:
                 s.end_run(run)
         runtime = time.perf_counter() - start
         sha = None
         if writer is not None:
             writer.commit()
+            checkpoints.finish()
             sha = sha256_file(out_path)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
+    except BaseException as e:
+        kept = _stop(writer, checkpoints) if writer is not None else None
+        if kept is None and not isinstance(e, OSError):
+            raise
+        hint = f"; {kept}" if kept else ""
+        if isinstance(e, KeyboardInterrupt):
+            raise KeyboardInterrupt(f"interrupted; no output was written{hint}") from None
+        if isinstance(e, FlannelError):
+            raise FlannelError(f"{e}{hint}") from None
+        if isinstance(e, OSError):
+            raise FlannelError(io_error_message(e, "trajectory") + hint) from None
         raise
 
     final = collect.losses[-1][-1]
+    trained = cfg.num_runs * cfg.steps - (first_run * cfg.steps + first_step)
     return TrainResult(
         trajectory=out_path if writer is not None else None,
         sha256=sha,
         final_loss=final,
         runtime_s=runtime,
-        steps_per_s=cfg.num_runs * cfg.steps / runtime,
+        steps_per_s=trained / runtime if trained else math.nan,
         n_live=inputs.masks.n_live,
         n_dead=inputs.masks.n_dead,
         device=f"{device.type}: {fp['device_name']}",
@@ -367,19 +428,76 @@ def train(
     )
 
 
-def _train_one(params, run, seed, w_initial, dataset, device, sinks, record: bool) -> None:
+def _resume_point(checkpoints: Checkpoints, params: Params, resume: bool) -> Marker | None:
+    """The marker a resume continues from; None starts from step 0 (and the caller clears what is left)."""
+    if not resume:
+        return None
+    marker = checkpoints.read_marker()
+    if marker is None:
+        notice("no interrupted run of this output to resume; starting from step 0")
+        return None
+    if marker.params != params.to_json():
+        old, new = json.loads(marker.params), json.loads(params.to_json())
+        diff = next((f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s, sec in new.items()
+                     for k, v in sec.items() if old.get(s, {}).get(k) != v), "the params differ")
+        raise FlannelError(
+            f"{checkpoints.dir / 'resume.json'}: the interrupted run used other params ({diff}); restore them, or "
+            "run `flannel-repro train` without --resume to start over"
+        )
+    notice(f"resuming run {marker.run + 1}/{params.train.num_runs} after step {marker.step}")
+    return marker
+
+
+def _stop(writer: TrajectoryWriter, checkpoints: Checkpoints) -> str | None:
+    """A failed or interrupted run: keep the partial trajectory only if a checkpoint can resume it, and say how."""
+    with contextlib.suppress(FlannelError, OSError):
+        marker = checkpoints.read_marker()
+        if marker is not None and marker.temp == writer.tmp_path:
+            writer.close()
+            checkpoints.release()
+            where = f"after run {marker.run + 1}, step {marker.step}" if marker.step else f"with run {marker.run + 1}"
+            return f"`flannel-repro train --resume` continues {where}"
+    writer.abort()
+    checkpoints.clear()
+    checkpoints.release()
+    return None
+
+
+def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: "_Collect", sinks, with_tensors: bool) -> None:
+    """Feed steps 0..upto of `run`, already in the partial trajectory, to the sinks (not to the file again)."""
+    names = [n for n in writer.specs if n in STEP_TENSORS]
+    for t in range(upto + 1):
+        tensors, digests = {}, {}
+        if with_tensors:
+            for name in names:
+                tensors[name] = writer.read(name, (run, t))
+                digests[name] = bytes(writer.read(f"digest_{name}", (run, t)).tolist())
+        indices = writer.read("batch_indices", (run, t - 1)) if t > 0 else None
+        rec = StepRecord(run, t, collect.losses[run][t], collect.grad_norms[run][t], collect.lrs[run][t], tensors,
+                         digests=digests, batch_indices=indices)
+        for sink in sinks:
+            sink(rec)
+
+
+def _train_one(params, run, seed, w_initial, dataset, device, sinks, record: bool, *,
+               resume_dir: Path | None = None, output_dir: Path | None = None, callbacks=()) -> None:
     # The order of every RNG draw matches the notebook: seed, build the model, then the Trainer (which seeds again).
+    # A resumed run draws the same, then the Trainer restores the checkpoint's weights, optimizer and RNG states.
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = build_model(params.model, w_initial, device)
     observer = StepObserver()
     callback = TrajectoryCallback(run, params.record, observer, sinks if record else [], want_digests=record)
-    with _scratch_dir() as scratch:
-        args = training_arguments(params.train, device, seed, scratch)
+    with contextlib.ExitStack() as stack:
+        scratch = str(output_dir) if output_dir is not None else stack.enter_context(_scratch_dir())
+        args = training_arguments(params.train, device, seed, scratch, checkpoint_every=params.train.checkpoint_every
+                                  if output_dir is not None else 0)
         trainer = make_trainer(model, args, dataset, observer, callback)
-        if record:
+        for cb in callbacks:
+            trainer.add_callback(cb)
+        if record and resume_dir is None:
             callback.emit_initial(model.transformer.wte.weight)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir is not None else None)
 
 
 def write_reports(params: Params, result: TrainResult, root: Path) -> None:

@@ -2,8 +2,11 @@
 
 `TrajectoryWriter` lays out the whole file up front (header with every key, shape and offset, then a data region
 of known size), memory-maps the data region of a temporary file beside the output and fills it one step at a time,
-so the trajectory never sits in RAM. Only `commit()` renames the finished file into place; a killed run leaves no
-file at the output path. The result loads with `safetensors.torch.load_file` like the notebook's own file.
+so the trajectory never sits in RAM. The whole file is reserved up front (posix_fallocate), so a full disk is an
+error at the start rather than a SIGBUS in the middle. Only `commit()` renames the finished file into place; a
+killed run leaves no file at the output path, and its temporary file (named with its pid) is either removed by the
+next run of that output or, with checkpoints on, reopened by `train --resume` (`resume_from=`). The result loads with `safetensors.torch.load_file` like the
+notebook's own file.
 
 `load_trajectory(path)` opens a file lazily: reading W at one step maps just that slice.
 
@@ -14,12 +17,15 @@ file at the output path. The result loads with `safetensors.torch.load_file` lik
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import mmap
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +36,7 @@ from safetensors import safe_open
 
 from .config import Params, params_from_json
 from .errors import FlannelError
-from .fsutil import commit_file, temp_path_for
+from .fsutil import TMP_PREFIX, commit_file
 
 FORMAT = "flannel-trajectory/1"
 DIGEST_BYTES = 32  # sha256
@@ -55,6 +61,27 @@ class TensorSpec:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def owned_temp_path(out_path: Path) -> Path:
+    """A new temporary file beside `out_path`, named `.flannel-tmp-<name>.<pid>.<random>` so that the next run
+    can tell a dead run's leftover from a live one's (same filesystem, so the final rename is atomic)."""
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{out_path.name}.{os.getpid()}.", dir=out_path.parent)
+    except OSError as e:
+        blocker = next((p for p in out_path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise FlannelError(
+                f"{out_path.parent}: cannot create the output folder: {blocker} is a file, not a folder; move it or "
+                "fix paths.trajectory in params.yaml"
+            ) from None
+        raise FlannelError(
+            f"{out_path.parent}: cannot write the output folder ({e.strerror}); check it or fix paths.trajectory "
+            "in params.yaml"
+        ) from None
+    os.close(fd)
+    return Path(name)
+
+
 def as_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     t = t.detach().contiguous().cpu()
@@ -68,7 +95,15 @@ def digest(t: torch.Tensor) -> bytes:
 class TrajectoryWriter:
     """Streams tensors into a safetensors file at a temporary path; `commit()` moves it to `out_path`."""
 
-    def __init__(self, out_path: Path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        out_path: Path,
+        specs: Mapping[str, TensorSpec],
+        metadata: Mapping[str, str],
+        resume_from: Path | None = None,
+    ) -> None:
+        """A new temporary file, or with `resume_from` the partial file of an interrupted run, whose header must
+        be byte-identical to the one these specs and metadata give (same params, versions, device and layout)."""
         self.out_path = Path(out_path)
         # Largest items first keeps every tensor naturally aligned; safetensors requires no holes between tensors.
         order = sorted(specs, key=lambda k: (-specs[k].dtype.itemsize, k))
@@ -87,30 +122,79 @@ class TrajectoryWriter:
             pos += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
-        self.data_start = 8 + len(raw)
+        head = struct.pack("<Q", len(raw)) + raw
+        self.data_start = len(head)
         self.size = self.data_start + pos
-        self.tmp_path = temp_path_for(self.out_path)
-        self._file = open(self.tmp_path, "r+b")
+        self._mm = None
+        if resume_from is None:
+            self.tmp_path = owned_temp_path(self.out_path)
+            self._file = open(self.tmp_path, "r+b")
+        else:
+            self.tmp_path = Path(resume_from)
+            try:
+                self._file = open(self.tmp_path, "r+b")
+            except FileNotFoundError:
+                raise FlannelError(
+                    f"{self.tmp_path}: the partial trajectory of the interrupted run is gone; run `flannel-repro "
+                    "train` without --resume to start over"
+                ) from None
         try:
-            self._file.write(struct.pack("<Q", len(raw)) + raw)
-            self._file.truncate(self.size)  # sparse until written; zeros read back as zeros
+            if resume_from is None:
+                self._allocate()
+                self._file.write(head)
+            else:
+                actual = os.fstat(self._file.fileno()).st_size
+                if actual != self.size or self._file.read(len(head)) != head:
+                    raise FlannelError(
+                        f"{self.tmp_path}: the partial trajectory does not match this run's params, versions or "
+                        "device (header or size differs); run `flannel-repro train` without --resume to start over"
+                    )
             self._mm = mmap.mmap(self._file.fileno(), self.size) if self.size else None
         except BaseException:
             self.abort()
             raise
 
+    def _allocate(self) -> None:
+        """Reserve every byte now: a full disk is an error here, not a SIGBUS from the mapping later."""
+        try:
+            os.posix_fallocate(self._file.fileno(), 0, self.size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # no fallocate on this filesystem: sparse it is
+                self._file.truncate(self.size)
+                return
+            folder = self.out_path.parent
+            free = ""
+            with contextlib.suppress(OSError):
+                st = os.statvfs(folder)
+                free = f", {st.f_bavail * st.f_frsize:,} free"
+            raise FlannelError(
+                f"{folder}: cannot reserve {self.size:,} bytes for the trajectory ({e.strerror}{free}); free space "
+                "there or set paths.trajectory to a folder with room"
+            ) from None
+
     def write(self, name: str, index: tuple[int, ...], value: torch.Tensor) -> None:
         """Write `value` at `tensor[index]` (leading indices); `value` must have the trailing shape."""
         spec = self.specs[name]
-        trailing = spec.shape[len(index) :]
+        trailing, start, n_bytes = self._span(name, index)
         if tuple(value.shape) != trailing or value.dtype != spec.dtype:
             raise ValueError(f"{name}{list(index)}: expected {spec.dtype} {trailing}, got {value.dtype} {value.shape}")
+        self._mm[start : start + n_bytes] = as_bytes(value)
+
+    def _span(self, name: str, index: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
+        """(trailing shape, file offset, byte length) of `tensor[index]`."""
+        spec = self.specs[name]
+        trailing = spec.shape[len(index) :]
         flat = 0
         for i, n in zip(index, spec.shape):
             flat = flat * n + i
         n_bytes = math.prod(trailing) * spec.dtype.itemsize
-        start = self.data_start + self.offsets[name] + flat * n_bytes
-        self._mm[start : start + n_bytes] = as_bytes(value)
+        return trailing, self.data_start + self.offsets[name] + flat * n_bytes, n_bytes
+
+    def read(self, name: str, index: tuple[int, ...]) -> torch.Tensor:
+        """`tensor[index]` as written so far (a copy), e.g. to replay the steps before a resume point."""
+        trailing, start, n_bytes = self._span(name, index)
+        raw = bytearray(self._mm[start : start + n_bytes])
+        return torch.frombuffer(raw, dtype=self.specs[name].dtype).reshape(trailing)
 
     def release(self, upto: int | None = None) -> None:
         """Drop written pages from this process's resident set (they stay in the page cache, dirty, for the
@@ -120,6 +204,19 @@ class TrajectoryWriter:
             end -= end % mmap.PAGESIZE
             if end > 0:
                 self._mm.madvise(mmap.MADV_DONTNEED, 0, end)
+
+    def flush(self) -> None:
+        """Make every step written so far durable (mapping written back, then fsync)."""
+        if self._mm is not None:
+            self._mm.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Flush and close, keeping the temporary file (the partial trajectory a resume continues)."""
+        self.flush()
+        if self._mm is not None:
+            self._mm.close()
+        self._file.close()
 
     def commit(self) -> Path:
         if self._mm is not None:
@@ -134,8 +231,9 @@ class TrajectoryWriter:
         mm = getattr(self, "_mm", None)
         if mm is not None and not mm.closed:
             mm.close()
-        if not self._file.closed:
-            self._file.close()
+        f = getattr(self, "_file", None)
+        if f is not None and not f.closed:
+            f.close()
         self.tmp_path.unlink(missing_ok=True)
 
 

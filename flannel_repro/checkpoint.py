@@ -1,0 +1,261 @@
+"""Resumable training: the Trainer's own checkpoints, the partial trajectory and the marker that ties them.
+
+With `train.checkpoint_every: K`, every K steps the Trainer saves model, optimizer, scheduler and every RNG state
+under `<root>/.flannel/checkpoints/<paths.trajectory>/run-<r>/checkpoint-<step>/` (outside every DVC output), the
+partial trajectory (the writer's temporary file beside the output) is flushed to disk, and only then `resume.json`
+is replaced atomically: {run, step, temp trajectory, checkpoint, params, per-step scalars}. A marker therefore
+always names a complete checkpoint and a trajectory durable up to its step. `flannel-repro train --resume` reads
+it, reopens the partial trajectory and lets `Trainer.train(resume_from_checkpoint=...)` continue from step K + 1.
+
+One lock file per output keeps two runs from writing the same trajectory; temporary trajectories of dead runs are
+removed when the next run of that output starts.
+
+The Trainer loads its checkpoint files with `torch.load(..., weights_only=True)` (transformers 5.24); the pickled
+`training_args.bin` it also writes is deleted at once and never read. The marker itself is plain JSON, checked for
+size, types and ranges before anything trusts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from transformers import TrainerCallback
+
+from .errors import FlannelError
+from .fsutil import TMP_PREFIX, write_json
+from .trajectory import TrajectoryWriter
+
+MARKER = "resume.json"
+MARKER_FORMAT = "flannel-resume/1"
+_MARKER_LIMIT = 64 * 1024 * 1024  # a marker holds a few floats per step; anything larger is not ours
+_CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+# Per-step scalars kept in the marker, so metrics and reports of a resumed run match an uninterrupted one exactly.
+HISTORY_KEYS = ("losses", "grad_norms", "lrs")
+
+
+@dataclass(frozen=True)
+class Marker:
+    run: int  # runs before this one are complete in the partial trajectory
+    step: int  # steps 0..step of `run` are in the trajectory; 0 = start `run` afresh
+    temp: Path  # the partial trajectory, beside the output
+    checkpoint: Path | None  # the Trainer checkpoint after `step` of `run`; None when step == 0
+    params: str  # Params.to_json() of the interrupted run
+    history: dict[str, list[list[float]]]  # HISTORY_KEYS -> (runs, steps+1), NaN where not yet trained
+
+
+def checkpoint_root(root: Path, trajectory: str) -> Path:
+    """Where the checkpoints of the run writing `<root>/<trajectory>` live: mirrors the output's path."""
+    rel = Path(trajectory)
+    if rel.is_absolute():
+        rel = Path(*rel.parts[1:])
+    return Path(root) / ".flannel" / "checkpoints" / rel
+
+
+def owner_pid(temp: Path) -> int | None:
+    """The pid encoded in a temporary trajectory's name (`.flannel-tmp-<name>.<pid>.<random>`)."""
+    m = re.search(r"\.(\d+)\.[^.]+$", temp.name)
+    return int(m.group(1)) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Checkpoints:
+    """The checkpoint folder of one output: its lock, its marker and its cleanup."""
+
+    def __init__(self, root: Path, trajectory: str, out_path: Path) -> None:
+        self.dir = checkpoint_root(root, trajectory)
+        self.out_path = Path(out_path)
+        self._lock_fd: int | None = None
+
+    # -- lock ---------------------------------------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Hold the output's lock for this process's lifetime (released on exit, even on kill -9)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise FlannelError(f"{self.dir}: cannot create the checkpoint folder ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FlannelError(
+                f"{self.out_path}: another `flannel-repro train` (pid {holder}) is writing this trajectory; wait "
+                "for it to finish or set another paths.trajectory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- marker -------------------------------------------------------------------------------------------------
+    def read_marker(self) -> Marker | None:
+        path = self.dir / MARKER
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        if size > _MARKER_LIMIT:
+            raise self._corrupt(path, f"{size} bytes, more than a marker can be")
+        try:
+            doc = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._corrupt(path, "not JSON") from None
+        try:
+            if doc["format"] != MARKER_FORMAT:
+                raise ValueError("format")
+            run, step, params = doc["run"], doc["step"], doc["params"]
+            temp, ckpt = doc["temp"], doc["checkpoint"]
+            if not (isinstance(run, int) and isinstance(step, int) and run >= 0 and step >= 0):
+                raise ValueError("run/step")
+            if not isinstance(params, str):
+                raise ValueError("params")
+            # Only bare names inside our own folders: a marker cannot point the writer at another file.
+            if not (isinstance(temp, str) and temp.startswith(TMP_PREFIX + self.out_path.name + ".") and "/" not in temp):
+                raise ValueError("temp")
+            if step > 0 and not (isinstance(ckpt, str) and re.fullmatch(rf"run-{run}/checkpoint-{step}", ckpt)):
+                raise ValueError("checkpoint")
+            history = {k: [[math.nan if x is None else float(x) for x in row] for row in doc["history"][k]]
+                       for k in HISTORY_KEYS}
+        except (KeyError, TypeError, ValueError) as e:
+            raise self._corrupt(path, f"bad or missing {e}") from None
+        checkpoint = self.dir / ckpt if step > 0 else None
+        if checkpoint is not None:
+            missing = [f for f in _CHECKPOINT_FILES if not (checkpoint / f).is_file()]
+            if missing:
+                raise self._corrupt(path, f"its checkpoint {checkpoint} lacks {', '.join(missing)}")
+        return Marker(run, step, self.out_path.parent / temp, checkpoint, params, history)
+
+    def _corrupt(self, path: Path, why: str) -> FlannelError:
+        return FlannelError(
+            f"{path}: resume marker is corrupt ({why}); run `flannel-repro train` without --resume to start over"
+        )
+
+    def write_marker(self, run: int, step: int, temp: Path, history: dict[str, list[list[float]]], params: str) -> None:
+        doc = {
+            "format": MARKER_FORMAT,
+            "run": run,
+            "step": step,
+            "temp": temp.name,
+            "checkpoint": f"run-{run}/checkpoint-{step}" if step > 0 else None,
+            "params": params,
+            "history": {k: [[None if math.isnan(x) else x for x in row] for row in rows] for k, rows in history.items()},
+        }
+        write_json(self.dir / MARKER, doc)  # temp + fsync + rename: a marker is complete or absent
+
+    # -- cleanup ------------------------------------------------------------------------------------------------
+    def clear(self, keep: Path | None = None) -> None:
+        """Remove the marker, every run's checkpoints and the temporary trajectories of dead runs of this output
+        (all but `keep`, the partial trajectory a resume continues)."""
+        if keep is None:
+            (self.dir / MARKER).unlink(missing_ok=True)
+            for d in self.dir.glob("run-*"):
+                shutil.rmtree(d, ignore_errors=True)
+        for temp in self.out_path.parent.glob(f"{TMP_PREFIX}{self.out_path.name}.*"):
+            pid = owner_pid(temp)
+            if temp != keep and (pid is None or pid == os.getpid() or not pid_alive(pid)):
+                temp.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """The trajectory is committed: nothing is left to resume."""
+        (self.dir / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()
+        with contextlib.suppress(OSError):  # drop empty parents up to .flannel/checkpoints
+            parent = self.dir.parent
+            while parent.name != "checkpoints" and parent != parent.parent:
+                parent.rmdir()
+                parent = parent.parent
+
+    def prune(self, run: int, keep: Path | None) -> None:
+        """Delete every checkpoint but `keep` (the one the marker names)."""
+        for d in self.dir.glob("run-*/checkpoint-*"):
+            if d != keep:
+                shutil.rmtree(d, ignore_errors=True)
+        for d in self.dir.glob("run-*"):
+            if d.name != f"run-{run}":
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointCallback(TrainerCallback):
+    """After each Trainer checkpoint: make the trajectory durable, then publish the marker, then prune."""
+
+    def __init__(
+        self,
+        checkpoints: Checkpoints,
+        writer: TrajectoryWriter,
+        run: int,
+        params_json: str,
+        history: Callable[[], dict[str, list[list[float]]]],
+    ) -> None:
+        self.checkpoints, self.writer, self.run = checkpoints, writer, run
+        self.params_json, self.history = params_json, history
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False  # the finished run is committed instead
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs: never left to be loaded
+        try:
+            fsync_tree(folder)
+            self.writer.flush()
+        except OSError as e:
+            raise FlannelError(io_error_message(e, "checkpoint")) from None
+        self.checkpoints.write_marker(self.run, state.global_step, self.writer.tmp_path, self.history(), self.params_json)
+        self.checkpoints.prune(self.run, keep=folder)
+
+
+def run_done(checkpoints: Checkpoints, writer: TrajectoryWriter, run: int, params_json: str, history) -> None:
+    """Run `run` is complete in the trajectory: a resume starts the next run afresh."""
+    writer.flush()
+    checkpoints.write_marker(run + 1, 0, writer.tmp_path, history, params_json)
+    checkpoints.prune(run + 1, keep=None)
+
+
+def io_error_message(e: OSError, what: str) -> str:
+    where = e.filename or "the output folder"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"{where}: no space left while writing the {what} ({e.strerror}); free space and run again"
+    return f"{where}: I/O error while writing the {what} ({e.strerror})"
+
+
+def notice(text: str) -> None:
+    print(f"flannel-repro train: {text}", file=sys.stderr)
