@@ -9,6 +9,7 @@ stderr and exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from pathlib import Path
@@ -31,10 +32,21 @@ def _load(args: argparse.Namespace) -> tuple[Params, Path]:
     return params, Path(args.params).resolve().parent
 
 
+def _refuse_dvc_added(root: Path, out: str, build_key: str) -> None:
+    """Stop a stage from writing over the user's own `dvc add`ed file (DVC itself does not stop it)."""
+    tracked = root / f"{out}.dvc"
+    if tracked.is_file():
+        raise FlannelError(
+            f"{out}: is your own file, tracked by {out}.dvc, and this stage would overwrite it; set {build_key}: [] "
+            f"in params.yaml (README: Use your own corpus or tokenizer), then restore it with `dvc checkout {out}.dvc`"
+        )
+
+
 def cmd_corpus(args: argparse.Namespace) -> int:
     from .corpus import corpus
 
     params, root = _load(args)
+    _refuse_dvc_added(root, params.paths.corpus, "corpus.build")
     r = corpus(params.corpus, root / params.paths.corpus)
     print(f"corpus: {params.paths.corpus} ({r.n_bytes:,} bytes, sha256 {r.sha256[:12]}, source {r.source})")
     return 0
@@ -44,6 +56,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import tokenizer
 
     params, root = _load(args)
+    _refuse_dvc_added(root, params.paths.tokenizer, "tokenizer.build")
     r = tokenizer(params.tokenizer, params.model.vocab_size, root / params.paths.corpus, root / params.paths.tokenizer)
     print(f"tokenizer: {params.paths.tokenizer} ({r.vocab_size:,} tokens, sha256 {r.sha256[:12]}, source {r.source})")
     return 0
@@ -60,16 +73,79 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train, write_reports
+    from .tracking import track_train, tracking_uri
 
     params, root = _load(args)
-    result = train(params, root, progress=not args.quiet)
-    write_reports(params, result, root)
+    # Opens the tracking run first (an unreachable server fails here), then trains, writes the reports, logs them.
+    result, run_id = track_train(params, root, progress=not args.quiet, resume=args.resume)
     print(
         f"trajectory: {params.paths.trajectory} (sha256 {result.sha256}); final loss {result.final_loss:.4f}; "
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
     )
+    if run_id is not None:
+        uri = tracking_uri(params.tracking, root)
+        print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {uri}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .fsutil import write_json
+    from .verify import load_reference, log_audit, verify
+
+    params_path = Path(args.params)
+    root = params_path.resolve().parent
+    current = load_params(params_path) if params_path.is_file() or args.reference is None else None
+    ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
+    report = verify(
+        ref, root, current=current, full=args.full, strict=args.strict, repeat=args.repeat, threads=args.threads,
+        progress=not args.quiet,
+    )
+    report.notes.append(log_audit(report, current, root))
+    if args.report:
+        write_json(Path(args.report), report.to_json())
+    if args.json:
+        print("\n".join(report.lines()), file=sys.stderr)
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        print("\n".join(report.lines()))
+    return report.exit_code
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff, write_csv, write_plot
+
+    root = Path(args.params).resolve().parent
+    result = diff(Path(args.a), Path(args.b), root)
+    write_csv(result, Path(args.csv))
+    write_plot(result, Path(args.plot))
+    print("\n".join(result.lines()))
+    print(f"curve: {args.csv}, plot: {args.plot}")
+    return result.exit_code
+
+
+def _audit_parsers(sub: argparse._SubParsersAction) -> None:
+    help_text = "rerun the reference's training and check it bit for bit (exit 0 identical, 1 diverged, 2 bad input)"
+    p = sub.add_parser("verify", help=help_text, description=help_text)
+    p.add_argument("reference", nargs="?", help="reference trajectory file (default: paths.trajectory of params.yaml)")
+    p.add_argument("--run-id", help="audit this MLflow run: its logged digests are the reference, or with a file "
+                   "the file is (and must match them); the verdict is logged beside the run")
+    p.add_argument("--params", default="params.yaml", help="params file marking the project root (default: params.yaml)")
+    p.add_argument("--full", action="store_true", help="continue past the first divergent step and report them all")
+    p.add_argument("--strict", action="store_true", help="refuse to run (exit 2) if the device or inputs differ")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="rerun N times, each checked (default 1)")
+    p.add_argument("--threads", type=int, metavar="N", help="rerun with N threads instead of the reference's")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON on stdout (the report goes to stderr)")
+    p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH (e.g. reports/verify.json)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_verify)
+    help_text = "compare two trajectories step by step (exit 0 identical, 1 different, 2 bad input)"
+    p = sub.add_parser("diff", help=help_text, description=help_text)
+    p.add_argument("a", help="trajectory file A (its params name the masks file for the live/dead split)")
+    p.add_argument("b", help="trajectory file B, same shape and params except seeds, threads and device")
+    p.add_argument("--params", default="params.yaml", help="params file marking the project root (default: params.yaml)")
+    p.add_argument("--csv", default="reports/diff.csv", help="per-step curve (default: reports/diff.csv)")
+    p.add_argument("--plot", default="reports/diff.png", help="PNG plot of the curve (default: reports/diff.png)")
+    p.set_defaults(func=cmd_diff)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         if name == "train":
             p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+            p.add_argument(
+                "--resume", action="store_true",
+                help="continue the interrupted run of this output from its last checkpoint (train.checkpoint_every)",
+            )
         p.set_defaults(func=func)
+    _audit_parsers(sub)
     return parser
 
 
@@ -101,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except FlannelError as e:
         print(f"flannel-repro {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"flannel-repro {args.command}: interrupted; no output was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"flannel-repro {args.command}: {str(e) or 'interrupted; no output was written'}", file=sys.stderr)
         return 128 + signal.SIGINT
 
 

@@ -1,0 +1,304 @@
+"""Tracking against real MLflow stores: the default SQLite file at the project root (through the CLI, as a user runs
+`flannel-repro train`) and a real `mlflow server` process on 127.0.0.1 (over HTTP). Each store gets one tiny train
+in a git repository, shared by the tests that read it back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flannel_repro.config import Params, TrackingConfig, load_params
+from flannel_repro.errors import FlannelError
+from flannel_repro.fsutil import sha256_file
+from flannel_repro.masks import load_masks
+from flannel_repro.tracking import load_run_reference, log_audit, track_train, tracking_uri
+from flannel_repro.trajectory import load_trajectory, manifest
+from conftest import run_cli, write_params
+
+STEPS = 6  # conftest TINY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(root: Path, *args: str) -> str:
+    ident = ["-c", "user.name=Flannel Tests", "-c", "user.email=tests@flannel.invalid"]
+    return subprocess.run(["git", *ident, *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def git_project(root: Path, tiny_data: Path, tracking: dict) -> Path:
+    """A tiny project committed to a fresh git repository (outputs ignored, so the tree stays clean)."""
+    for sub in ("data", "tensors"):
+        shutil.copytree(tiny_data / sub, root / sub)
+    write_params(root, {"tracking": {"enabled": True, **tracking}})
+    (root / ".gitignore").write_text("/data/\n/tensors/\n/metrics/\n/mlflow.db\n/mlruns/\n/.flannel/\n")
+    git(root, "init", "-q", "-b", "main")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "tiny project")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on 127.0.0.1, started once for the module and killed at teardown."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    uri = f"http://127.0.0.1:{free_port()}"
+    log = open(folder / "server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    def tail() -> str:
+        return (folder / "server.log").read_text()[-2000:]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{tail()}")
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not answer /health within 120 s:\n{tail()}")
+                time.sleep(0.25)
+        yield uri
+    finally:
+        # The server and its uvicorn worker share the new session; its store is thrown away, so no graceful stop.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+
+@dataclass
+class Tracked:
+    root: Path
+    params: Params
+    uri: str
+    run_id: str
+    client: MlflowClient
+
+    @property
+    def run(self):
+        return self.client.get_run(self.run_id)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "http"])
+def tracked(request, tmp_path_factory, tiny_data) -> Tracked:
+    """One tiny tracked train per store: the default SQLite store through the CLI, the server in-process."""
+    root = tmp_path_factory.mktemp(f"tracked_{request.param}")
+    if request.param == "sqlite":
+        git_project(root, tiny_data, {})
+        proc = run_cli("train", "-q", cwd=root, env={"MLFLOW_TRACKING_URI": ""}, check=True)
+        line = proc.stdout.strip().splitlines()[-1]
+        uri = f"sqlite:///{root.resolve() / 'mlflow.db'}"
+        assert line.startswith("mlflow: run ") and line.endswith(f" in experiment 'flannel' at {uri}")
+        run_id = line.split()[2]
+    else:
+        uri = request.getfixturevalue("mlflow_server")
+        git_project(root, tiny_data, {"uri": uri})
+        _, run_id = track_train(load_params(root / "params.yaml"), root, progress=False)
+    return Tracked(root, load_params(root / "params.yaml"), uri, run_id, MlflowClient(uri))
+
+
+def test_run_has_every_resolved_param_and_a_readable_name(tracked):
+    run = tracked.run
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "flannel7-seed42-cpu"
+    assert tracked.client.get_experiment(run.info.experiment_id).name == "flannel"
+    assert run.data.params == {k: str(v) for k, v in tracked.params.flat().items()}
+    assert run.data.params["train.learning_rate"] == "0.001" and run.data.params["model.hidden_dim"] == "16"
+
+
+def test_loss_history_is_the_trajectory_losses_exactly(tracked):
+    with load_trajectory(tracked.root / tracked.params.paths.trajectory) as traj:
+        losses = traj["losses_f32"][0]  # (steps+1,) float32, NaN at t = 0
+        W = [traj.step("W", t).float() for t in range(STEPS + 1)]  # (V, H) each
+    history = sorted(tracked.client.get_metric_history(tracked.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, STEPS + 1))
+    assert [m.value for m in history] == [float(x) for x in losses[1:]]  # the float32 values, exactly
+    for name in ("grad_norm", "learning_rate"):
+        steps = sorted(m.step for m in tracked.client.get_metric_history(tracked.run_id, name))
+        assert steps == list(range(1, STEPS + 1))
+
+    masks = load_masks(tracked.root / tracked.params.paths.masks, tracked.params.model.vocab_size)
+    for name, mask in (("W_norm_live", masks.live_mask), ("W_norm_dead", masks.dead_mask)):
+        got = {m.step: m.value for m in tracked.client.get_metric_history(tracked.run_id, name)}
+        want = {t: float(w.norm(dim=1)[mask].mean()) for t, w in enumerate(W)}
+        assert got == pytest.approx(want, rel=1e-6)
+    assert want[STEPS] != want[0]  # the rows moved: the norms are the trained W's, not W_initial's
+
+
+def test_tags_name_the_file_hash_the_commit_and_the_device(tracked):
+    tags = tracked.run.data.tags
+    path = tracked.root / tracked.params.paths.trajectory
+    assert tags["trajectory.sha256"] == sha256_file(path)
+    assert tags["trajectory.path"] == tracked.params.paths.trajectory
+    assert tags["git.commit"] == git(tracked.root, "rev-parse", "HEAD") == tags["mlflow.source.git.commit"]
+    assert (tags["git.branch"], tags["git.dirty"]) == ("main", "false")
+    assert "dvc.exp_name" not in tags  # not run by `dvc exp`
+
+    with load_trajectory(path) as traj:
+        fp = traj.meta_json("fingerprint")
+    assert json.loads(tags["fingerprint"]) == fp
+    assert tags["fingerprint.device_type"] == "cpu" and tags["fingerprint.torch_threads"] == "1"
+    # The README's filter for comparing devices finds the run.
+    found = tracked.client.search_runs([tracked.run.info.experiment_id], "tags.fingerprint.device_type = 'cpu'")
+    assert tracked.run_id in {r.info.run_id for r in found}
+
+
+def test_inputs_are_the_files_with_their_full_sha256(tracked):
+    datasets = {d.dataset.name: d.dataset for d in tracked.run.inputs.dataset_inputs}
+    assert set(datasets) == {"corpus", "tokenizer", "masks"}
+    for name, ds in datasets.items():
+        sha = sha256_file(tracked.root / getattr(tracked.params.paths, name))
+        assert json.loads(ds.profile)["sha256"] == sha == tracked.run.data.tags[f"inputs.{name}.sha256"]
+        assert ds.digest == sha[:36]  # MLflow's digest column holds 36 characters
+
+
+def test_artifacts_let_an_audit_work_from_the_run_id_alone(tracked, tmp_path):
+    client, run_id, root, params = tracked.client, tracked.run_id, tracked.root, tracked.params
+    assert {a.path for a in client.list_artifacts(run_id)} == {"params.yaml", "digests.json", "loss_curve.png",
+                                                              "metrics"}  # not the trajectory: DVC versions it
+    assert {a.path for a in client.list_artifacts(run_id, "metrics")} == {"metrics/train.json",
+                                                                          "metrics/train_loss.csv"}
+
+    logged = Path(client.download_artifacts(run_id, "params.yaml", str(tmp_path)))
+    assert load_params(logged) == params  # the resolved params, loadable as a params.yaml
+    train_json = Path(client.download_artifacts(run_id, "metrics/train.json", str(tmp_path)))
+    assert train_json.read_bytes() == (root / params.paths.metrics).read_bytes()
+    png = Path(client.download_artifacts(run_id, "loss_curve.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with load_trajectory(root / params.paths.trajectory) as traj:
+        want = manifest(traj)
+    assert json.dumps(load_run_reference(run_id, tracked.uri), sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
+def test_audit_is_logged_beside_the_run(tracked, tmp_path):
+    report = tmp_path / "verify.json"
+    report.write_text('{"verdict": "diverged"}\n')
+    audit_id = log_audit(tracked.uri, tracked.run_id, verdict="diverged", first_divergent_step=3,
+                         fingerprint={"device_type": "cpu", "torch_threads": 2}, report=report)
+    audit = tracked.client.get_run(audit_id)
+    assert audit.info.experiment_id == tracked.run.info.experiment_id and audit.info.status == "FINISHED"
+    assert audit.info.run_name == "audit-flannel7-seed42-cpu"
+    tags = audit.data.tags
+    assert (tags["flannel.audit_of"], tags["flannel.verdict"], tags["flannel.first_divergent_step"]) == (
+        tracked.run_id, "diverged", "3")
+    assert (tags["fingerprint.device_type"], tags["fingerprint.torch_threads"]) == ("cpu", "2")
+    assert audit.data.metrics["first_divergent_step"] == 3
+    assert [a.path for a in tracked.client.list_artifacts(audit_id)] == ["verify.json"]
+
+
+def test_unreachable_server_fails_fast_before_training(tiny_project):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    write_params(tiny_project, {"tracking": {"enabled": True, "uri": uri}})
+    proc = run_cli("train", "-q", cwd=tiny_project)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"flannel-repro train: error: tracking server {uri} is not reachable")
+    assert "tracking.enabled: false" in lines[0]  # says how to fix it
+    assert not (tiny_project / "tensors/Flannel/1.20h_flannel_7.safetensors").exists()
+    assert sorted(p.name for p in (tiny_project / "tensors/Flannel").iterdir()) == ["live_dead_tokens.safetensors"]
+    assert not (tiny_project / "metrics").exists() and not (tiny_project / "mlflow.db").exists()  # no fallback store
+
+
+def test_a_store_that_cannot_be_used_fails_before_training(tiny_project):
+    write_params(tiny_project, {"tracking": {"enabled": True, "uri": "sqlite:///params.yaml"}})  # not a database
+    params = load_params(tiny_project / "params.yaml")
+    with pytest.raises(FlannelError, match=r"tracking store sqlite:///.*/params.yaml cannot be used \(.*file is not a "
+                                           r"database\); fix tracking.uri or MLFLOW_TRACKING_URI"):
+        track_train(params, tiny_project, progress=False)
+    assert not (tiny_project / params.paths.trajectory).exists()
+
+
+class FailAfter:
+    """A step sink that raises once training is past `step`, like a disk filling up mid-run."""
+
+    def __init__(self, step: int, error: BaseException) -> None:
+        self.step, self.error = step, error
+
+    def __call__(self, rec) -> None:
+        if rec.step > self.step:
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full at step 3"), KeyboardInterrupt()],
+                         ids=["error", "interrupt"])
+def test_a_failing_run_ends_failed_with_the_error(tiny_project, error):
+    write_params(tiny_project, {"tracking": {"enabled": True, "uri": "sqlite:///runs.db"}})  # relative: project root
+    params = load_params(tiny_project / "params.yaml")
+    with pytest.raises(type(error)):
+        track_train(params, tiny_project, sinks=[FailAfter(2, error)], progress=False)
+
+    client = MlflowClient(f"sqlite:///{tiny_project.resolve() / 'runs.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("flannel").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["flannel.error"] == ("RuntimeError: disk full at step 3" if isinstance(error, RuntimeError)
+                                              else "KeyboardInterrupt")
+    # What was logged before the failure is kept: steps 1..3 (the tracking sink ran before the failing one).
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3]
+    assert not (tiny_project / params.paths.trajectory).exists()
+
+
+def test_several_runs_are_a_parent_with_a_child_per_seed(tiny_project):
+    write_params(tiny_project, {"train": {"num_runs": 2}, "tracking": {"enabled": True, "uri": "sqlite:///runs.db"}})
+    params = load_params(tiny_project / "params.yaml")
+    _, parent_id = track_train(params, tiny_project, progress=False)
+
+    uri = f"sqlite:///{tiny_project.resolve() / 'runs.db'}"
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.run_name == "flannel7-seeds42-43-cpu" and parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                  order_by=["params.`run.seed` ASC"])
+    assert [c.info.run_name for c in children] == ["flannel7-seed42-cpu", "flannel7-seed43-cpu"]
+    with load_trajectory(tiny_project / params.paths.trajectory) as traj:
+        losses = traj["losses_f32"]  # (runs, steps+1)
+        want = manifest(traj)
+    for r, child in enumerate(children):
+        assert child.info.status == "FINISHED"
+        assert child.data.params == {**parent.data.params, "run.index": str(r), "run.seed": str(42 + r)}
+        assert child.data.tags["trajectory.sha256"] == parent.data.tags["trajectory.sha256"]
+        history = sorted(client.get_metric_history(child.info.run_id, "loss"), key=lambda m: m.step)
+        assert [m.value for m in history] == [float(x) for x in losses[r, 1:]]
+    assert "loss" not in parent.data.metrics  # per-step curves live in the children
+    # A child's reference is its parent's manifest: one file holds every seed.
+    got = load_run_reference(children[1].info.run_id, uri)
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    with pytest.raises(FlannelError, match="MLflow run 'f00' not found in sqlite:///"):
+        load_run_reference("f00", uri)
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path.resolve()
+    assert tracking_uri(TrackingConfig(), root) == f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(TrackingConfig(), root) == "http://127.0.0.1:5000"
+    assert tracking_uri(TrackingConfig(uri="sqlite:///store/m.db"), root) == f"sqlite:///{root / 'store/m.db'}"
+    assert tracking_uri(TrackingConfig(uri="sqlite:////abs/m.db"), root) == "sqlite:////abs/m.db"
+    # A queued `dvc exp run` works in a copy under .dvc/tmp/exps; its runs go to the real project's store.
+    copy = root / ".dvc/tmp/exps/tmpabc123"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri(TrackingConfig(), copy) == f"sqlite:///{root / 'mlflow.db'}"
