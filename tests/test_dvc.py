@@ -1,0 +1,257 @@
+"""The DVC pipeline, driven by real `dvc` commands on a temporary copy of the repository with tiny params.
+
+One module-scoped project is reproduced once; tests that change it work on their own copy of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from conftest import REPO, write_params
+from flannel_repro.cli import main
+from flannel_repro.config import CorpusConfig, load_params
+from flannel_repro.corpus import generate_text
+from flannel_repro.fsutil import sha256_file
+from flannel_repro.tokenizer import train_bpe
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = Path(sys.executable).parent
+DVC = str(VENV_BIN / "dvc")
+TRACKED = ["flannel_repro", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml", ".gitignore"]
+STAGES = {"corpus@synthetic", "tokenizer@bpe", "masks", "train"}
+QUEUE_TIMEOUT_S = 600
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    # Stage commands must find `flannel-repro` on PATH; DVC must not try the network.
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([DVC, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def ran(proc: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", proc.stdout)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def set_params(project: Path, **changes: dict) -> None:
+    doc = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in changes.items():
+        doc[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def lock(project: Path) -> dict:
+    return yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
+def experiments(project: Path) -> list[dict]:
+    """The experiment rows of `dvc exp show --json` (not the workspace or baseline) as {name, params, metrics}."""
+    rows = []
+    for entry in json.loads(dvc("exp", "show", "--json", cwd=project).stdout):
+        for row in (rev for exp in entry.get("experiments") or [] for rev in exp["revs"]):
+            data = row["data"]
+            rows.append({
+                "name": row["name"],
+                "params": data["params"]["params.yaml"]["data"],
+                "metrics": data["metrics"]["metrics/train.json"]["data"],
+            })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """The repository's pipeline with tiny params, reproduced and committed."""
+    root = tmp_path_factory.mktemp("dvc") / "project"
+    for name in TRACKED:
+        src, dst = REPO / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    write_params(root)
+    git("init", "-q", cwd=root)
+    git("config", "user.name", "Flannel Test", cwd=root)
+    git("config", "user.email", "test@flannel.invalid", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "tiny pipeline", cwd=root)
+    assert ran(dvc("repro", cwd=root)) == ["corpus@synthetic", "tokenizer@bpe", "masks", "train"]
+    git("add", "-A", cwd=root)
+    git("commit", "-qm", "reproduce", cwd=root)
+    return root
+
+
+@pytest.fixture
+def project(base, tmp_path) -> Path:
+    dst = tmp_path / "project"
+    shutil.copytree(base, dst, symlinks=True)
+    return dst
+
+
+def test_repro_locks_every_stage_and_links_outputs_from_the_cache(base):
+    stages = lock(base)
+    assert set(stages) == STAGES
+    # Each stage records exactly the params it reads.
+    assert set(stages["corpus@synthetic"]["params"]["params.yaml"]) == {"corpus", "paths.corpus"}
+    assert set(stages["masks"]["params"]["params.yaml"]) == {
+        "model.vocab_size", "paths.corpus", "paths.tokenizer", "paths.masks"}
+    assert set(stages["train"]["params"]["params.yaml"]) == {"model", "train", "record", "paths", "tracking"}
+
+    paths = load_params(base / "params.yaml").paths
+    outs = {o["path"]: o["md5"] for stage in stages.values() for o in stage.get("outs", [])}
+    assert set(outs) == {paths.corpus, paths.tokenizer, paths.masks, paths.trajectory, paths.metrics, paths.loss_curve}
+    for path, digest in outs.items():
+        assert md5(base / path) == digest
+    # The workspace trajectory is the cached file itself (a link), not a second copy of it.
+    digest = outs[paths.trajectory]
+    assert os.path.samefile(base / paths.trajectory, base / ".dvc/cache/files/md5" / digest[:2] / digest[2:])
+
+    # Metrics and the loss curve are committed by git, not cached, and DVC reads them.
+    assert git("ls-files", "metrics", cwd=base).split() == [paths.metrics, paths.loss_curve]
+    metrics = json.loads((base / paths.metrics).read_text())
+    assert metrics["trajectory_sha256"] == sha256_file(base / paths.trajectory)
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=base).stdout)
+    assert shown[""]["data"][paths.metrics]["data"] == metrics
+    plot = json.loads(dvc("plots", "show", "--json", cwd=base).stdout)["data"][paths.loss_curve][0]
+    points = plot["content"]["data"]["values"]
+    assert [int(p["step"]) for p in points] == list(range(1, 7))
+    assert float(points[-1]["loss"]) == metrics["final_loss"]
+    # .dvc/config turns off the version check (and analytics): DVC never wrote its updater file.
+    assert not (base / ".dvc/tmp/updater").exists()
+
+
+def test_second_repro_is_up_to_date(project):
+    before = (project / "dvc.lock").read_bytes()
+    proc = dvc("repro", cwd=project)
+    assert "Data and pipelines are up to date." in proc.stdout
+    assert ran(proc) == []
+    assert (project / "dvc.lock").read_bytes() == before
+
+
+def test_train_param_change_reruns_train_only(project):
+    old = json.loads((project / "metrics/train.json").read_text())
+    set_params(project, train={"learning_rate": 0.002})
+    proc = dvc("repro", cwd=project)
+    assert ran(proc) == ["train"]
+    for stage in ("corpus@synthetic", "tokenizer@bpe", "masks"):
+        assert f"Stage '{stage}' didn't change, skipping" in proc.stdout
+    assert lock(project)["train"]["params"]["params.yaml"]["train"]["learning_rate"] == 0.002
+    new = json.loads((project / "metrics/train.json").read_text())
+    assert new["trajectory_sha256"] != old["trajectory_sha256"]
+
+
+def test_exp_run_with_a_param_shows_its_metrics(project):
+    baseline = json.loads((project / "metrics/train.json").read_text())
+    dvc("exp", "run", "-S", "train.train_seed=43", cwd=project)
+    exps = experiments(project)
+    assert len(exps) == 1
+    assert exps[0]["params"]["train"]["train_seed"] == 43
+    assert exps[0]["metrics"]["trajectory_sha256"] != baseline["trajectory_sha256"]
+    assert exps[0]["metrics"] == json.loads((project / "metrics/train.json").read_text())
+
+
+def test_two_queued_experiments_run_on_two_workers(project):
+    # Queued experiments run in copies under .dvc/tmp/exps/; their tracking runs must land in the same store as
+    # the workspace run (mlflow.db at the project root).
+    set_params(project, tracking={"enabled": True, "uri": None})
+    assert ran(dvc("repro", cwd=project)) == ["train"]
+    for seed in (44, 45):
+        dvc("exp", "run", "--queue", "-S", f"train.train_seed={seed}", cwd=project)
+    dvc("queue", "start", "-j", "2", cwd=project)
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while True:
+        status = dvc("queue", "status", cwd=project).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.monotonic() < deadline, f"queue did not finish in {QUEUE_TIMEOUT_S} s:\n{status}"
+        time.sleep(2)
+    failed = re.findall(r"^\S+\s+(\S+)\s.*\bFailed$", status, re.M)
+    assert not failed, "\n".join(dvc("queue", "logs", name, cwd=project, check=False).stdout for name in failed)
+    assert len(re.findall(r"\bSuccess\b", status)) == 2, status
+
+    by_seed = {r["params"]["train"]["train_seed"]: r["metrics"] for r in experiments(project)}
+    assert set(by_seed) == {44, 45}
+    assert by_seed[44]["trajectory_sha256"] != by_seed[45]["trajectory_sha256"]
+    assert all(isinstance(by_seed[s]["final_loss"], float) for s in (44, 45))
+    with contextlib.closing(sqlite3.connect(project / "mlflow.db")) as db:
+        seeds = db.execute("SELECT value FROM params WHERE key = 'train.train_seed'").fetchall()
+    assert sorted(int(v) for (v,) in seeds) == [42, 44, 45]
+
+
+def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
+    text = generate_text(CorpusConfig(seed=7, n_words=3000, lexicon_size=400))
+    (project / "data/my_corpus.txt").write_text(text)
+    (project / "data/my_tokenizer.json").write_text(train_bpe(text, 300, 2).to_str())
+    dvc("add", "data/my_corpus.txt", "data/my_tokenizer.json", cwd=project)
+    git("add", "data/my_corpus.txt.dvc", "data/my_tokenizer.json.dvc", cwd=project)  # not ignored by git
+    assert git("ls-files", "data", cwd=project).split() == ["data/my_corpus.txt.dvc", "data/my_tokenizer.json.dvc"]
+    set_params(project, corpus={"build": []}, tokenizer={"build": []},
+               paths={"corpus": "data/my_corpus.txt", "tokenizer": "data/my_tokenizer.json"})
+
+    proc = dvc("repro", cwd=project)
+    assert ran(proc) == ["masks", "train"]
+    assert dvc("stage", "list", "--name-only", cwd=project).stdout.split() == ["masks", "train"]
+    stages = lock(project)
+    added = {p: yaml.safe_load((project / f"{p}.dvc").read_text())["outs"][0]["md5"]
+             for p in ("data/my_corpus.txt", "data/my_tokenizer.json")}
+    for stage in ("masks", "train"):
+        deps = {d["path"]: d["md5"] for d in stages[stage]["deps"]}
+        assert {p: deps[p] for p in added} == added
+    paths = load_params(project / "params.yaml").paths
+    with safe_open(str(project / paths.masks), framework="pt") as f:
+        assert f.metadata()["corpus_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+    # The pipeline follows the user's file: a new version of it makes masks and train stale.
+    (project / "data/my_corpus.txt").unlink()  # a new file: the old one is a read-only link into the cache
+    (project / "data/my_corpus.txt").write_text(text + "\nOne more paragraph of the user's own text.\n")
+    dvc("add", "data/my_corpus.txt", cwd=project)
+    status = json.loads(dvc("status", "--json", cwd=project).stdout)
+    assert set(status) == {"masks", "train"}
+    assert {"changed deps": {"data/my_corpus.txt": "modified"}} in status["masks"]
+
+    # Generating a corpus over the user's own file is refused, naming the key to set.
+    set_params(project, corpus={"build": ["synthetic"]})
+    assert main(["corpus", "--params", str(project / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "data/my_corpus.txt: is your own file, tracked by data/my_corpus.txt.dvc" in err
+    assert "set corpus.build: []" in err
+    assert (project / "data/my_corpus.txt").read_text().endswith("user's own text.\n")
+
+
+def test_push_pull_round_trip_is_bit_identical(project, tmp_path):
+    paths = load_params(project / "params.yaml").paths
+    digest = sha256_file(project / paths.trajectory)
+    dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"), cwd=project)
+    dvc("push", cwd=project)
+    shutil.rmtree(project / ".dvc/cache")
+    for path in (paths.corpus, paths.tokenizer, paths.masks, paths.trajectory):
+        (project / path).unlink()
+    dvc("pull", cwd=project)
+    assert sha256_file(project / paths.trajectory) == digest
+    assert "Data and pipelines are up to date." in dvc("status", cwd=project).stdout
