@@ -173,6 +173,25 @@ def _client(uri: str):
         raise _store_error(uri, e) from None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while it is opened (created and migrated on first use)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError as e:
+        raise _store_error(uri, e) from None
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def _store_error(uri: str, e: Exception) -> FlannelError:
     why = str(getattr(e, "message", e)).splitlines()[0]
     return FlannelError(f"tracking store {uri} cannot be used ({why}); fix tracking.uri or MLFLOW_TRACKING_URI, or "
@@ -190,23 +209,26 @@ class MlflowTracker(Tracker):
         child_names: Mapping[int, str] | None = None,
         flush_every: int = FLUSH_EVERY,
     ) -> None:
-        self.client = _client(uri)  # probes an http server first
         self.uri = uri
+        with _store_lock(uri):  # two runs creating a fresh SQLite store at once would race its schema migration
+            self._open(uri, experiment, run_name)
         self.child_names = dict(child_names or {})
         self.flush_every = flush_every
         self._params: dict[str, str] = {}
-        self._tags: dict[str, str] = {}
         self._pending: list[Any] = []  # mlflow Metric objects not yet sent
         self._pending_steps = 0
         self._children: list[str] = []
+        self._current = self.run_id  # where metrics go: the open child run, else the file's run
+
+    def _open(self, uri: str, experiment: str, run_name: str) -> None:
+        self.client = _client(uri)  # probes an http server first
         try:
             self.experiment_id = self._experiment(experiment)
             tags = {"mlflow.source.name": "flannel-repro train", "mlflow.source.type": "LOCAL", "flannel.kind": "train"}
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         except _store_errors() as e:
             raise _store_error(uri, e) from None
-        self._tags.update(tags)
-        self._current = self.run_id  # where metrics go: the open child run, else the file's run
+        self._tags: dict[str, str] = dict(tags)
 
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException

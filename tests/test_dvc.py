@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
-TRACKED = ["flannel_repro", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml", ".gitignore"]
+TRACKED = ["flannel_repro", "dvc.yaml", "audit/dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml", ".gitignore"]
 STAGES = {"corpus@synthetic", "tokenizer@bpe", "masks", "train"}
 QUEUE_TIMEOUT_S = 600
 
@@ -255,3 +255,15 @@ def test_push_pull_round_trip_is_bit_identical(project, tmp_path):
     dvc("pull", cwd=project)
     assert sha256_file(project / paths.trajectory) == digest
     assert "Data and pipelines are up to date." in dvc("status", cwd=project).stdout
+
+
+def test_audit_stage_runs_only_when_asked(project):
+    """`dvc repro` leaves the audit out; `dvc repro audit/dvc.yaml` verifies the trajectory and records a metric."""
+    assert "verify" not in " ".join(ran(dvc("repro", cwd=project)))
+    proc = dvc("repro", "audit/dvc.yaml", cwd=project)
+    assert ran(proc) == ["audit/dvc.yaml:verify"]
+    report = json.loads((project / "reports/verify.json").read_text())
+    assert report["verdict"] == "identical" and report["exit_code"] == 0
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
+    assert shown[""]["data"]["reports/verify.json"]["data"]["verdict"] == "identical"
+    assert "didn't change" in dvc("repro", "audit/dvc.yaml", cwd=project).stdout

@@ -246,7 +246,7 @@ def test_file_size_limit_is_one_clear_error_through_the_cli(tiny_project):
 
 def test_two_runs_into_different_outputs_at_once_match_solo_runs(tiny_project, tmp_path_factory):
     overrides = {seed: [f"train.train_seed={seed}", f"paths.trajectory=t{seed}.st", f"paths.metrics=m{seed}.json",
-                        f"paths.loss_curve=c{seed}.csv"] for seed in (1, 2)}
+                        f"paths.loss_curve=c{seed}.csv", "tracking.enabled=true"] for seed in (1, 2)}
     solo = {seed: train(load_params(tiny_project / "params.yaml", o), tiny_project, progress=False).sha256
             for seed, o in overrides.items()}
     assert solo[1] != solo[2]
@@ -254,8 +254,20 @@ def test_two_runs_into_different_outputs_at_once_match_solo_runs(tiny_project, t
     for sub in ("data", "tensors"):
         shutil.copytree(tiny_project / sub, both / sub)
     shutil.copy(tiny_project / "params.yaml", both / "params.yaml")
+    # Both log to the same default tracking store (mlflow.db at the project root), which neither has created yet.
+    assert not (both / "mlflow.db").exists()
     procs = {seed: _start(both, *[a for o in overrides[seed] for a in ("-S", o)]) for seed in (1, 2)}
     for seed, proc in procs.items():
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
         assert sha256_file(both / f"t{seed}.st") == solo[seed]
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{both / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("flannel").experiment_id])
+    assert sorted(r.data.params["train.train_seed"] for r in runs) == ["1", "2"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["trajectory.sha256"] == solo[int(r.data.params["train.train_seed"])]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == list(range(1, 7))
