@@ -555,6 +555,20 @@ def load_run_reference(run_id: str, uri: str) -> dict[str, Any]:
         return json.loads(Path(local).read_text(encoding="utf-8"))
 
 
+def find_train_run(uri: str, trajectory_sha256: str) -> str | None:
+    """The newest finished train run that wrote a file with this sha256 (its `trajectory.sha256` tag), if any."""
+    client = _client(uri)
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(
+            experiments, filter_string=f"tags.`trajectory.sha256` = '{trajectory_sha256}' and status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        ) if experiments else []
+    except _store_errors() as e:
+        raise _store_error(uri, e) from None
+    return runs[0].info.run_id if runs else None
+
+
 def log_audit(
     uri: str,
     audited_run_id: str,

@@ -442,14 +442,19 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
     returns a line saying what happened. A no-op when tracking is disabled or the audited run is not known."""
     if current is None or not current.tracking.enabled:
         return "tracking is disabled (tracking.enabled: false in params.yaml); the verdict is not logged"
-    run_id = report.reference.run_id
-    if run_id is None:
-        return ("the verdict is not logged to tracking: name the audited run with --run-id ID "
-                "(with or without its trajectory file)")
     import tempfile
 
-    from .fsutil import write_json
+    from .fsutil import sha256_file, write_json
+    from .tracking import find_train_run
     from .tracking import log_audit as log_audit_run
+
+    run_id = report.reference.run_id
+    traj = report.reference.trajectory
+    if run_id is None and traj is not None:  # a file: find the run that wrote it by the file's sha256
+        run_id = find_train_run(tracking_uri_for(current, root), sha256_file(traj.path))
+    if run_id is None:
+        return ("the verdict is not logged to tracking: no train run in the store wrote this file; name the audited "
+                "run with --run-id ID")
 
     first = report.first
     with tempfile.TemporaryDirectory(prefix="flannel-verify-") as tmp:

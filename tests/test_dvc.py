@@ -231,7 +231,7 @@ def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
     (project / "data/my_corpus.txt").unlink()  # a new file: the old one is a read-only link into the cache
     (project / "data/my_corpus.txt").write_text(text + "\nOne more paragraph of the user's own text.\n")
     dvc("add", "data/my_corpus.txt", cwd=project)
-    status = json.loads(dvc("status", "--json", cwd=project).stdout)
+    status = json.loads(dvc("status", "--json", "dvc.yaml", cwd=project).stdout)
     assert set(status) == {"masks", "train"}
     assert {"changed deps": {"data/my_corpus.txt": "modified"}} in status["masks"]
 
@@ -254,7 +254,7 @@ def test_push_pull_round_trip_is_bit_identical(project, tmp_path):
         (project / path).unlink()
     dvc("pull", cwd=project)
     assert sha256_file(project / paths.trajectory) == digest
-    assert "Data and pipelines are up to date." in dvc("status", cwd=project).stdout
+    assert "Data and pipelines are up to date." in dvc("status", "dvc.yaml", cwd=project).stdout
 
 
 def test_audit_stage_runs_only_when_asked(project):

@@ -214,6 +214,16 @@ def test_run_id_reference_is_audited_and_the_verdict_logged_beside_the_run(tiny_
     assert audit.data.tags["flannel.verdict"] == "identical"
     assert audit.data.tags["flannel.first_divergent_step"] == "none"
 
+    # A file alone is linked to the run that wrote it, found by the file's sha256.
+    by_file = verify(load_reference(None, None, params, tiny_project), tiny_project, current=params)
+    assert by_file.identical and by_file.reference.run_id is None
+    line = log_audit(by_file, params, tiny_project)
+    assert line.endswith(f" of run {run_id}"), line
+    assert client.get_run(line.split()[6]).data.tags["flannel.audit_of"] == run_id
+    assert log_audit(verify(file_reference(flipped), tiny_project, current=params), params, tiny_project) == (
+        "the verdict is not logged to tracking: no train run in the store wrote this file; name the audited run "
+        "with --run-id ID")
+
     # A file given with the run id must be that run's file.
     with pytest.raises(FlannelError, match=f"not the trajectory of MLflow run {run_id}"):
         load_reference(flipped, run_id, params, tiny_project)
