@@ -37,8 +37,9 @@ def _refuse_dvc_added(root: Path, out: str, build_key: str) -> None:
     tracked = root / f"{out}.dvc"
     if tracked.is_file():
         raise FlannelError(
-            f"{out}: is your own file, tracked by {out}.dvc, and this stage would overwrite it; set {build_key}: [] "
-            f"in params.yaml (README: Use your own corpus or tokenizer), then restore it with `dvc checkout {out}.dvc`"
+            f"{out}: is your own file, tracked by {out}.dvc, and this stage would overwrite it; to use it, set "
+            f"{build_key}: [] in params.yaml (README: Use your own corpus or tokenizer); to build one instead, point "
+            f"the paths key at another file"
         )
 
 
@@ -47,7 +48,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
     params, root = _load(args)
     _refuse_dvc_added(root, params.paths.corpus, "corpus.build")
-    r = corpus(params.corpus, root / params.paths.corpus)
+    r = corpus(params.corpus, root / params.paths.corpus, root)
     print(f"corpus: {params.paths.corpus} ({r.n_bytes:,} bytes, sha256 {r.sha256[:12]}, source {r.source})")
     return 0
 
@@ -57,7 +58,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
     params, root = _load(args)
     _refuse_dvc_added(root, params.paths.tokenizer, "tokenizer.build")
-    r = tokenizer(params.tokenizer, params.model.vocab_size, root / params.paths.corpus, root / params.paths.tokenizer)
+    r = tokenizer(
+        params.tokenizer, params.model.vocab_size, root / params.paths.corpus, root / params.paths.tokenizer, root
+    )
     print(f"tokenizer: {params.paths.tokenizer} ({r.vocab_size:,} tokens, sha256 {r.sha256[:12]}, source {r.source})")
     return 0
 
@@ -100,7 +103,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         ref, root, current=current, full=args.full, strict=args.strict, repeat=args.repeat, threads=args.threads,
         progress=not args.quiet,
     )
-    report.notes.append(log_audit(report, current, root))
+    # The verdict is written and shown first: a tracking store that fails afterwards cannot cost it.
     if args.report:
         write_json(Path(args.report), report.to_json())
     if args.json:
@@ -108,6 +111,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
         print("\n".join(report.lines()))
+    try:
+        note = log_audit(report, current, root)
+    except FlannelError as e:
+        note = f"the verdict could not be logged to tracking: {e}"
+    print(f"note: {note}", file=sys.stderr if args.json else sys.stdout)
     return report.exit_code
 
 

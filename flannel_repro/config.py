@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -201,11 +202,13 @@ class TrainConfig(_Section):
             if not 0 <= getattr(self, key) < 2**32:
                 self._fail(key, "must be in [0, 2**32)")
         for key in ("learning_rate", "adam_epsilon", "init_scale"):
-            if not getattr(self, key) > 0:
-                self._fail(key, "must be positive")
+            if not 0 < getattr(self, key) < math.inf:
+                self._fail(key, "must be positive and finite")
         for key in ("weight_decay", "max_grad_norm"):
-            if not getattr(self, key) >= 0:
-                self._fail(key, "must be zero or positive")
+            if not 0 <= getattr(self, key) < math.inf:
+                self._fail(key, "must be zero or positive, and finite")
+        if self.train_seed + self.num_runs - 1 >= 2**32:
+            self._fail("train_seed", "+ num_runs - 1 must stay below 2**32 (run r trains with train_seed + r)")
         for key in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, key) < 1:
                 self._fail(key, "must be in [0, 1)")

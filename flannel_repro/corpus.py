@@ -128,14 +128,15 @@ def read_text(path: Path, what: str, key: str) -> str:
         raise FlannelError(f"{path}: cannot read {what} ({e.strerror}); fix {key} in params.yaml") from None
 
 
-def corpus(cfg: CorpusConfig, out_path: Path) -> CorpusResult:
-    """Write the model corpus to `out_path` (atomically) and return its size and sha256."""
+def corpus(cfg: CorpusConfig, out_path: Path, root: Path = Path(".")) -> CorpusResult:
+    """Write the model corpus to `out_path` (atomically) and return its size and sha256. A relative
+    `corpus.source` path is relative to `root`, the folder of params.yaml."""
     if cfg.source == "generated":
         data = generate_text(cfg).encode("utf-8")
         with atomic_output(out_path) as tmp:
             tmp.write_bytes(data)
     else:
-        src = Path(cfg.source)
+        src = Path(root) / cfg.source
         text = read_text(src, "corpus source", "corpus.source")
         if not text.strip():
             raise FlannelError(f"{src}: corpus source is empty; give a UTF-8 text file with content")

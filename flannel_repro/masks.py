@@ -133,9 +133,9 @@ def load_masks(path: Path, vocab_size: int) -> Masks:
     path = Path(path)
     if not path.is_file():
         raise FlannelError(f"{path}: masks file not found; run `flannel-repro masks` or fix paths.masks")
-    from .trajectory import check_safetensors
+    from .trajectory import read_header
 
-    check_safetensors(path, "masks file")
+    read_header(path, "masks file")  # sizes and offsets checked against the file before safetensors maps it
     with safe_open(str(path), framework="pt") as f:
         missing = [k for k in MASK_KEYS if k not in f.keys()]
         if missing:

@@ -1,4 +1,4 @@
-"""What made an artifact: library versions and the device fingerprint.
+"""What made an artifact: library versions, the device fingerprint, and the code (git) and DVC experiment.
 
 The fingerprint is what "the same device" means for bit-for-bit replay: device type and model, CPU model, torch
 thread count, ATen CPU capability, CUDA/cuDNN versions and the determinism settings. It goes into the trajectory
@@ -8,10 +8,12 @@ header, the tracking run and every verify report.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
@@ -82,3 +84,45 @@ GUARD_KEYS = (
 
 def fingerprint_mismatches(reference: dict[str, Any], here: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     return [(k, reference.get(k), here.get(k)) for k in GUARD_KEYS if reference.get(k) != here.get(k)]
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """Commit, branch and dirty flag of the code that ran (also as MLflow's own source tags, shown in the UI)."""
+    try:
+        import git
+    except ImportError as e:  # gitpython refuses to import when no git executable is installed
+        return {"git.commit": f"unknown ({e})"}
+    try:
+        repo = git.Repo(root, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return {"git.commit": "not a git repository"}
+    with repo:
+        try:
+            commit = repo.head.commit.hexsha
+        except ValueError:
+            return {"git.commit": "no commits yet"}
+        try:
+            branch = repo.active_branch.name
+        except TypeError:
+            branch = "(detached HEAD)"
+        dirty = repo.is_dirty()
+    return {
+        "git.commit": commit,
+        "git.branch": branch,
+        "git.dirty": str(dirty).lower(),
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.git.branch": branch,
+    }
+
+
+def dvc_tags(env: Mapping[str, str]) -> dict[str, str]:
+    """`dvc exp run` (queued or not) sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV in the stage's environment."""
+    names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+    return {tag: env[var] for var, tag in names.items() if env.get(var)}
+
+
+def fingerprint_tags(fp: Mapping[str, Any]) -> dict[str, str]:
+    """`fingerprint.<key>` per key (so the UI can filter on `tags.fingerprint.device_type`), plus the JSON."""
+    tags = {f"fingerprint.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in fp.items()}
+    tags["fingerprint"] = json.dumps(dict(fp), sort_keys=True)
+    return tags

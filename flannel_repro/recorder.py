@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from transformers import TrainerCallback
@@ -168,11 +168,12 @@ class FileSink:
         w.write("grad_norm", idx, torch.tensor(rec.grad_norm, dtype=torch.float32))
         w.write("lr_schedule", idx, torch.tensor(rec.learning_rate, dtype=torch.float32))
         if rec.batch_indices is not None:
-            w.write("batch_indices", (rec.run, rec.step - 1), rec.batch_indices.to(torch.int64))
+            # The last batch of an epoch can be short (the Trainer keeps it): -1 fills the unused slots.
+            row = torch.full(w.specs["batch_indices"].shape[-1:], -1, dtype=torch.int64)
+            row[: len(rec.batch_indices)] = rec.batch_indices
+            w.write("batch_indices", (rec.run, rec.step - 1), row)
         self._since_release += 1
         if self._since_release >= 16:  # keep RSS flat: drop written pages from the resident set now and then
             w.release()
             self._since_release = 0
 
-
-Callback = Callable[[StepRecord], None]

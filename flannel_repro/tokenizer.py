@@ -70,8 +70,11 @@ def train_bpe(text: str, vocab_size: int, min_frequency: int) -> Tokenizer:
     return tok
 
 
-def tokenizer(cfg: TokenizerConfig, vocab_size: int, corpus_path: Path, out_path: Path) -> TokenizerResult:
-    """Write the tokenizer for `corpus_path` to `out_path` and return its size and sha256."""
+def tokenizer(
+    cfg: TokenizerConfig, vocab_size: int, corpus_path: Path, out_path: Path, root: Path = Path(".")
+) -> TokenizerResult:
+    """Write the tokenizer for `corpus_path` to `out_path` and return its size and sha256. A relative
+    `tokenizer.source` path is relative to `root`, the folder of params.yaml."""
     if cfg.source == "train":
         text = read_text(Path(corpus_path), "corpus", "paths.corpus")
         tok = train_bpe(text, vocab_size, cfg.min_frequency)
@@ -85,7 +88,7 @@ def tokenizer(cfg: TokenizerConfig, vocab_size: int, corpus_path: Path, out_path
         with atomic_output(out_path) as tmp:
             tmp.write_bytes(data)
         return TokenizerResult(Path(out_path), vocab_size, hashlib.sha256(data).hexdigest(), "train")
-    src = Path(cfg.source)
+    src = Path(root) / cfg.source
     load_tokenizer(src, vocab_size, key="tokenizer.source")
     if src.resolve() != Path(out_path).resolve():
         with atomic_output(out_path) as tmp:

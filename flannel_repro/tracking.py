@@ -37,6 +37,7 @@ import yaml
 from .config import Params, TrackingConfig
 from .errors import FlannelError
 from .fsutil import project_root
+from .provenance import dvc_tags, fingerprint_tags, git_tags
 from .masks import Masks, load_masks
 from .recorder import StepRecord, StepSink
 
@@ -168,9 +169,37 @@ def _client(uri: str):
     from mlflow import MlflowClient
 
     try:
-        return MlflowClient(tracking_uri=uri)
+        return _GuardedClient(MlflowClient(tracking_uri=uri), uri)
     except _store_errors() as e:
         raise _store_error(uri, e) from None
+
+
+class StoreError(FlannelError):
+    """A tracking store call failed; `error_code` is MLflow's (e.g. RESOURCE_ALREADY_EXISTS) where it gave one."""
+
+    def __init__(self, message: str, error_code: str | None = None) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+class _GuardedClient:
+    """An MlflowClient whose every call turns a store failure into one FlannelError line, not a traceback."""
+
+    def __init__(self, client: Any, uri: str) -> None:
+        self._client, self._uri, self._errors = client, uri, _store_errors()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except self._errors as e:
+                raise StoreError(str(_store_error(self._uri, e)), getattr(e, "error_code", None)) from None
+
+        return call
 
 
 @contextlib.contextmanager
@@ -231,8 +260,6 @@ class MlflowTracker(Tracker):
         self._tags: dict[str, str] = dict(tags)
 
     def _experiment(self, name: str) -> str:
-        from mlflow.exceptions import MlflowException
-
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
@@ -244,7 +271,7 @@ class MlflowTracker(Tracker):
             location = (Path(self.uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException as e:
+        except StoreError as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # a queued run beside us created it first
                 raise
             return self.client.get_experiment_by_name(name).experiment_id
@@ -386,48 +413,6 @@ def log_run_start(tracker: Tracker, params: Params, root: Path) -> None:
     tracker.set_tags({"trajectory.path": params.paths.trajectory, **git_tags(Path(root)), **dvc_tags(os.environ)})
 
 
-def git_tags(root: Path) -> dict[str, str]:
-    """Commit, branch and dirty flag of the code that ran (also as MLflow's own source tags, shown in the UI)."""
-    try:
-        import git
-    except ImportError as e:  # gitpython refuses to import when no git executable is installed
-        return {"git.commit": f"unknown ({e})"}
-    try:
-        repo = git.Repo(root, search_parent_directories=True)
-    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        return {"git.commit": "not a git repository"}
-    with repo:
-        try:
-            commit = repo.head.commit.hexsha
-        except ValueError:
-            return {"git.commit": "no commits yet"}
-        try:
-            branch = repo.active_branch.name
-        except TypeError:
-            branch = "(detached HEAD)"
-        dirty = repo.is_dirty()
-    return {
-        "git.commit": commit,
-        "git.branch": branch,
-        "git.dirty": str(dirty).lower(),
-        "mlflow.source.git.commit": commit,
-        "mlflow.source.git.branch": branch,
-    }
-
-
-def dvc_tags(env: Mapping[str, str]) -> dict[str, str]:
-    """`dvc exp run` (queued or not) sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV in the stage's environment."""
-    names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
-    return {tag: env[var] for var, tag in names.items() if env.get(var)}
-
-
-def fingerprint_tags(fp: Mapping[str, Any]) -> dict[str, str]:
-    """`fingerprint.<key>` per key (so the UI can filter on `tags.fingerprint.device_type`), plus the JSON."""
-    tags = {f"fingerprint.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in fp.items()}
-    tags["fingerprint"] = json.dumps(dict(fp), sort_keys=True)
-    return tags
-
-
 def log_train_result(tracker: Tracker, params: Params, root: Path, result: TrainResult) -> None:
     """After the reports are written: hashes, provenance, inputs, summary metrics and artifacts."""
     if tracker.run_id is None:
@@ -483,7 +468,8 @@ def track_train(
 
     A resumed run (`resume=True`) is a new tracking run: train() replays the steps before the resume point to the
     sinks, so its metrics are complete; the interrupted run stays in the store, FAILED."""
-    from .train import pick_device, train, write_reports
+    from .model import pick_device
+    from .train import train, write_reports
 
     root = Path(root)
     masks = None
@@ -514,13 +500,11 @@ def _close_failed(tracker: Tracker, error: BaseException) -> None:
 
 
 def _get_run(client, run_id: str, uri: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_run(run_id)
-    except MlflowException as e:
+    except StoreError as e:
         if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise _store_error(uri, e) from None
+            raise
         raise FlannelError(f"MLflow run {run_id!r} not found in {uri}; check the run id and the tracking uri "
                            "(tracking.uri or MLFLOW_TRACKING_URI)") from None
 
@@ -541,15 +525,13 @@ def _no_progress_bar() -> Iterator[None]:
 def load_run_reference(run_id: str, uri: str) -> dict[str, Any]:
     """The `digests.json` manifest a train run logged (`trajectory.manifest`): what `verify` audits a rerun
     against when only the run id is known. A child run's manifest is its parent's (one file for all seeds)."""
-    from mlflow.exceptions import MlflowException
-
     client = _client(uri)
     run = _get_run(client, run_id, uri)
     owner = run.data.tags.get(PARENT_TAG, run_id)
     with tempfile.TemporaryDirectory(prefix="flannel-reference-") as tmp, _no_progress_bar():
         try:
             local = client.download_artifacts(owner, "digests.json", tmp)
-        except MlflowException:
+        except StoreError:
             raise FlannelError(f"MLflow run {owner} in {uri} has no digests.json artifact; give the id of a run "
                                "logged by `flannel-repro train`") from None
         return json.loads(Path(local).read_text(encoding="utf-8"))
@@ -558,14 +540,13 @@ def load_run_reference(run_id: str, uri: str) -> dict[str, Any]:
 def find_train_run(uri: str, trajectory_sha256: str) -> str | None:
     """The newest finished train run that wrote a file with this sha256 (its `trajectory.sha256` tag), if any."""
     client = _client(uri)
-    try:
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(
-            experiments, filter_string=f"tags.`trajectory.sha256` = '{trajectory_sha256}' and status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        ) if experiments else []
-    except _store_errors() as e:
-        raise _store_error(uri, e) from None
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    runs = client.search_runs(
+        experiments, filter_string=f"tags.`trajectory.sha256` = '{trajectory_sha256}' and status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 

@@ -16,7 +16,6 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -30,38 +29,15 @@ from torch.utils.data import Dataset
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import HISTORY_KEYS, Checkpoints, CheckpointCallback, Marker, io_error_message, notice, run_done
-from .config import ModelConfig, Params, TrainConfig
+from .config import Params, TrainConfig
 from .errors import FlannelError
 from .fsutil import atomic_output, sha256_file, write_json
 from .masks import Masks, encode_corpus, load_masks
+from .model import TokenDataset, build_model, check_single_device, initial_embedding, pick_device, set_determinism
 from .progress import Progress
 from .provenance import fingerprint, versions
 from .recorder import STEP_TENSORS, FileSink, StepObserver, StepRecord, StepSink, TrajectoryCallback, trajectory_specs
 from .trajectory import FORMAT, TensorSpec, TrajectoryWriter
-
-# Set before CUDA starts: cuBLAS needs a fixed workspace for deterministic matmuls.
-CUBLAS_WORKSPACE = ":4096:8"
-
-
-class TokenDataset(Dataset):
-    """The notebook's windows over the token stream, plus each window's index (so batches can be rebuilt).
-
-    label_mode "notebook" keeps the notebook's labels, already shifted by one (GPT2LMHeadModel shifts again, so
-    position i learns token i+2); "next_token" passes the window itself as labels, for true next-token training.
-    """
-
-    def __init__(self, tokens: torch.Tensor, max_seq_len: int, label_mode: str = "notebook") -> None:
-        self.corpus = tokens
-        self.max_seq_len = max_seq_len
-        self.label_mode = label_mode
-
-    def __len__(self) -> int:
-        return max(0, len(self.corpus) - self.max_seq_len)
-
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        chunk = self.corpus[idx : idx + self.max_seq_len + 1]
-        labels = chunk[1:] if self.label_mode == "notebook" else chunk[:-1]
-        return {"input_ids": chunk[:-1], "labels": labels, "sample_index": idx}
 
 
 @dataclass(frozen=True)
@@ -81,7 +57,7 @@ class TrainResult:
 
     def metrics(self) -> dict[str, Any]:
         return {
-            "final_loss": self.final_loss,
+            "final_loss": self.final_loss if math.isfinite(self.final_loss) else None,  # JSON has no NaN
             "runtime_s": round(self.runtime_s, 3),
             "steps_per_s": round(self.steps_per_s, 4),
             "trajectory_sha256": self.sha256,
@@ -91,57 +67,14 @@ class TrainResult:
         }
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[name]:
-        raise FlannelError(f"params: train.device = {name!r} is not available on this machine; use auto or cpu")
-    return torch.device(name)
-
-
-def set_determinism(cfg: TrainConfig) -> None:
-    """The switches bit-for-bit replay needs. The CPU thread count changes the numbers, so params can pin it."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-
-
-def initial_embedding(model: ModelConfig, cfg: TrainConfig) -> torch.Tensor:
-    """W_initial, (V, H) bf16: drawn in float32 from init_seed, then cast, as the notebook does."""
-    torch.manual_seed(cfg.init_seed)
-    np.random.seed(cfg.init_seed)
-    w = torch.randn(model.vocab_size, model.hidden_dim, dtype=torch.float32) * cfg.init_scale
-    return w.to(torch.bfloat16)
-
-
-def build_model(model_cfg: ModelConfig, w_initial: torch.Tensor, device: torch.device):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=model_cfg.vocab_size,
-        n_positions=model_cfg.max_seq_len,
-        n_embd=model_cfg.hidden_dim,
-        n_layer=model_cfg.n_layer,
-        n_head=model_cfg.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-    )
-    model = GPT2LMHeadModel(config).to(torch.bfloat16).to(device)
-    with torch.no_grad():
-        model.transformer.wte.weight[:] = w_initial.to(device)
-    return model
+def check_output_paths(params: Params, root: Path, write: bool) -> None:
+    """Fail before training, not after it, when an output path is a folder."""
+    if not write:
+        return
+    for key in ("trajectory", "metrics", "loss_curve"):
+        path = root / getattr(params.paths, key)
+        if path.is_dir():
+            raise FlannelError(f"{path}: is a folder; paths.{key} must name a file, fix it in params.yaml")
 
 
 def training_arguments(cfg: TrainConfig, device: torch.device, seed: int, output_dir: str, checkpoint_every: int = 0):
@@ -233,20 +166,22 @@ def load_inputs(params: Params, root: Path) -> _Inputs:
         "tokenizer_sha256": sha256_file(tok_path),
         "masks_sha256": sha256_file(masks_path),
     }
-    made_from = _masks_corpus_digest(masks_path)
-    if made_from is not None and made_from != digests["corpus_sha256"]:
-        raise FlannelError(
-            f"{masks_path}: masks file was made from another corpus than {corpus_path}; remake it with "
-            "`flannel-repro masks`"
-        )
+    made_from = _masks_made_from(masks_path)
+    for key, what, path in (("corpus_sha256", "corpus", corpus_path), ("tokenizer_sha256", "tokenizer", tok_path)):
+        if made_from.get(key) is not None and made_from[key] != digests[key]:
+            raise FlannelError(
+                f"{masks_path}: masks file was made from another {what} than {path}; remake it with "
+                "`flannel-repro masks`"
+            )
     return _Inputs(tokens, masks, digests)
 
 
-def _masks_corpus_digest(path: Path) -> str | None:
+def _masks_made_from(path: Path) -> dict[str, str]:
+    """The corpus and tokenizer digests a masks file records in its header."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("corpus_sha256")
+        return dict(f.metadata() or {})
 
 
 def metadata_scalars(params: Params, masks: Masks, w_initial: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -324,19 +259,22 @@ def train(
     cfg, mcfg = params.train, params.model
     set_determinism(cfg)
     device = pick_device(cfg.device)
+    check_single_device(device)
+    check_output_paths(params, root, write)
     inputs = load_inputs(params, root)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar on stderr at every checkpoint
     fp = fingerprint(device)
 
     w_initial = initial_embedding(mcfg, cfg)
+    scalars = metadata_scalars(params, inputs.masks, w_initial)
     collect = _Collect(cfg.num_runs, cfg.steps)
     extra_sinks: list[StepSink] = [collect, *(sinks or [])]
     all_sinks: list[StepSink] = list(extra_sinks)
     writer = checkpoints = marker = None
     out_path = root / params.paths.trajectory
     if write and record:
-        specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in metadata_scalars(params, inputs.masks, w_initial).items()}
+        specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in scalars.items()}
         specs.update(trajectory_specs(params.record, cfg.num_runs, cfg.steps, mcfg.vocab_size, mcfg.hidden_dim, cfg.batch_size))
         metadata = {
             "format": FORMAT,
@@ -364,7 +302,7 @@ def train(
     checkpointing = checkpoints is not None and cfg.checkpoint_every > 0
     try:
         if writer is not None and not marker:
-            for name, value in metadata_scalars(params, inputs.masks, w_initial).items():
+            for name, value in scalars.items():
                 writer.write(name, (), value)
         tokens = inputs.tokens.to(device)
         dataset = TokenDataset(tokens, mcfg.max_seq_len, cfg.label_mode)

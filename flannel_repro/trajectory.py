@@ -196,11 +196,11 @@ class TrajectoryWriter:
         raw = bytearray(self._mm[start : start + n_bytes])
         return torch.frombuffer(raw, dtype=self.specs[name].dtype).reshape(trailing)
 
-    def release(self, upto: int | None = None) -> None:
+    def release(self) -> None:
         """Drop written pages from this process's resident set (they stay in the page cache, dirty, for the
         kernel to write back); keeps RSS flat however many steps are recorded."""
         if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            end = self.size if upto is None else upto
+            end = self.size
             end -= end % mmap.PAGESIZE
             if end > 0:
                 self._mm.madvise(mmap.MADV_DONTNEED, 0, end)
@@ -283,10 +283,6 @@ def read_header(path: Path, what: str = "trajectory file") -> dict[str, Any]:
     if end != data_len:
         raise FlannelError(f"{path}: {what} is corrupt: {data_len - end} bytes after the last tensor")
     return header
-
-
-def check_safetensors(path: Path, what: str) -> dict[str, Any]:
-    return read_header(path, what)
 
 
 class Trajectory:

@@ -327,7 +327,8 @@ def verify(
     current: the params.yaml params, only to say how they differ. threads: rerun with this many threads instead of
     the reference's. strict: refuse (FlannelError) when this machine or the inputs differ from the reference's.
     """
-    from .train import pick_device, train
+    from .model import pick_device
+    from .train import train
 
     if repeat < 1:
         raise FlannelError(f"--repeat {repeat}: give at least 1")
@@ -448,10 +449,13 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
     from .tracking import find_train_run
     from .tracking import log_audit as log_audit_run
 
+    uri = tracking_uri_for(current, root)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return f"no tracking store at {uri} yet; the verdict is not logged"
     run_id = report.reference.run_id
     traj = report.reference.trajectory
     if run_id is None and traj is not None:  # a file: find the run that wrote it by the file's sha256
-        run_id = find_train_run(tracking_uri_for(current, root), sha256_file(traj.path))
+        run_id = find_train_run(uri, sha256_file(traj.path))
     if run_id is None:
         return ("the verdict is not logged to tracking: no train run in the store wrote this file; name the audited "
                 "run with --run-id ID")
@@ -461,7 +465,7 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
         doc = Path(tmp) / "verify.json"
         write_json(doc, report.to_json())
         audit_id = log_audit_run(
-            tracking_uri_for(current, root), run_id, verdict=report.to_json()["verdict"],
+            uri, run_id, verdict=report.to_json()["verdict"],
             first_divergent_step=first.step if first else None, fingerprint=report.fingerprint, report=doc,
         )
     return f"logged to tracking as audit run {audit_id} of run {run_id}"

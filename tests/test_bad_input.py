@@ -16,7 +16,7 @@ from flannel_repro.cli import main
 from flannel_repro.config import ConfigError, params_from_dict, parse_yaml
 from flannel_repro.fsutil import TMP_PREFIX
 
-from conftest import run_cli, write_params
+from conftest import run_cli
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 PREVIOUS = b"a previous trajectory\n"

@@ -1,7 +1,6 @@
 """Corpus, tokenizer and masks stages: deterministic bytes, exact vocabulary, correct live/dead split."""
 
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from tokenizers import Tokenizer
 from flannel_repro.config import CorpusConfig, Params, TokenizerConfig
 from flannel_repro.corpus import SplitMix64, corpus, generate_text
 from flannel_repro.errors import FlannelError
-from flannel_repro.masks import encode_corpus, load_masks, masks
+from flannel_repro.masks import encode_corpus, load_masks
 from flannel_repro.tokenizer import tokenizer
 
 # Pinned: these bytes must never change on any machine, Python or numpy version.

@@ -20,9 +20,11 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_trajectory_equals_the_notebook_bit_for_bit(tiny_project, threads):
-    write_params(tiny_project, {"model": SHAPE, "train": {"steps": STEPS, "batch_size": BATCH, "num_threads": threads}})
+# (threads, checkpoint_every): resumable checkpoints are saved in between steps and must not change a number.
+@pytest.mark.parametrize("threads, checkpoint_every", [(1, 0), (2, 3)])
+def test_trajectory_equals_the_notebook_bit_for_bit(tiny_project, threads, checkpoint_every):
+    write_params(tiny_project, {"model": SHAPE, "train": {"steps": STEPS, "batch_size": BATCH, "num_threads": threads,
+                                                          "checkpoint_every": checkpoint_every}})
     run_cli("train", cwd=tiny_project, check=True)
     ours = load_file(str(tiny_project / "tensors/Flannel/1.20h_flannel_7.safetensors"))
 
