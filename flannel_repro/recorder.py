@@ -155,7 +155,6 @@ class FileSink:
     def __init__(self, writer: TrajectoryWriter, record: RecordConfig) -> None:
         self.writer = writer
         self.losses = record.losses
-        self._since_release = 0
 
     def __call__(self, rec: StepRecord) -> None:
         w, idx = self.writer, (rec.run, rec.step)
@@ -172,8 +171,4 @@ class FileSink:
             row = torch.full(w.specs["batch_indices"].shape[-1:], -1, dtype=torch.int64)
             row[: len(rec.batch_indices)] = rec.batch_indices
             w.write("batch_indices", (rec.run, rec.step - 1), row)
-        self._since_release += 1
-        if self._since_release >= 16:  # keep RSS flat: drop written pages from the resident set now and then
-            w.release()
-            self._since_release = 0
 

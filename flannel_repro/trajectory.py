@@ -1,12 +1,13 @@
 """The trajectory file: a safetensors file written step by step, read lazily.
 
 `TrajectoryWriter` lays out the whole file up front (header with every key, shape and offset, then a data region
-of known size), memory-maps the data region of a temporary file beside the output and fills it one step at a time,
-so the trajectory never sits in RAM. The whole file is reserved up front (posix_fallocate), so a full disk is an
-error at the start rather than a SIGBUS in the middle. Only `commit()` renames the finished file into place; a
-killed run leaves no file at the output path, and its temporary file (named with its pid) is either removed by the
-next run of that output or, with checkpoints on, reopened by `train --resume` (`resume_from=`). The result loads with `safetensors.torch.load_file` like the
-notebook's own file.
+of known size) in a temporary file beside the output, reserves every byte (posix_fallocate: a full disk is an error
+at the start, not half way), and writes each step's slices at their precomputed offsets, so the trajectory never
+sits in RAM. (Slices go in with pwrite: storing them through a shared memory mapping measured 5.0 ms per step
+against 0.34 ms, as ext4 handles a write fault per 4 KB page of a reserved file.) Only `commit()` renames the
+finished file into place; a killed run leaves no file at the output path, and its temporary file (named with its
+pid) is either removed by the next run of that output or, with checkpoints on, reopened by `train --resume`
+(`resume_from=`). The result loads with `safetensors.torch.load_file` like the notebook's own file.
 
 `load_trajectory(path)` opens a file lazily: reading W at one step maps just that slice.
 
@@ -22,7 +23,6 @@ import errno
 import hashlib
 import json
 import math
-import mmap
 import os
 import struct
 import tempfile
@@ -125,7 +125,6 @@ class TrajectoryWriter:
         head = struct.pack("<Q", len(raw)) + raw
         self.data_start = len(head)
         self.size = self.data_start + pos
-        self._mm = None
         if resume_from is None:
             self.tmp_path = owned_temp_path(self.out_path)
             self._file = open(self.tmp_path, "r+b")
@@ -149,13 +148,12 @@ class TrajectoryWriter:
                         f"{self.tmp_path}: the partial trajectory does not match this run's params, versions or "
                         "device (header or size differs); run `flannel-repro train` without --resume to start over"
                     )
-            self._mm = mmap.mmap(self._file.fileno(), self.size) if self.size else None
         except BaseException:
             self.abort()
             raise
 
     def _allocate(self) -> None:
-        """Reserve every byte now: a full disk is an error here, not a SIGBUS from the mapping later."""
+        """Reserve every byte now: a full disk is an error before training, not half way through it."""
         try:
             os.posix_fallocate(self._file.fileno(), 0, self.size)
         except OSError as e:
@@ -178,7 +176,10 @@ class TrajectoryWriter:
         trailing, start, n_bytes = self._span(name, index)
         if tuple(value.shape) != trailing or value.dtype != spec.dtype:
             raise ValueError(f"{name}{list(index)}: expected {spec.dtype} {trailing}, got {value.dtype} {value.shape}")
-        self._mm[start : start + n_bytes] = as_bytes(value)
+        data = as_bytes(value)
+        while data:  # pwrite of a regular file writes everything or raises; loop in case it ever does not
+            written = os.pwrite(self._file.fileno(), data, start)
+            data, start = data[written:], start + written
 
     def _span(self, name: str, index: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
         """(trailing shape, file offset, byte length) of `tensor[index]`."""
@@ -193,44 +194,25 @@ class TrajectoryWriter:
     def read(self, name: str, index: tuple[int, ...]) -> torch.Tensor:
         """`tensor[index]` as written so far (a copy), e.g. to replay the steps before a resume point."""
         trailing, start, n_bytes = self._span(name, index)
-        raw = bytearray(self._mm[start : start + n_bytes])
+        raw = bytearray(os.pread(self._file.fileno(), n_bytes, start))
         return torch.frombuffer(raw, dtype=self.specs[name].dtype).reshape(trailing)
 
-    def release(self) -> None:
-        """Drop written pages from this process's resident set (they stay in the page cache, dirty, for the
-        kernel to write back); keeps RSS flat however many steps are recorded."""
-        if self._mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            end = self.size
-            end -= end % mmap.PAGESIZE
-            if end > 0:
-                self._mm.madvise(mmap.MADV_DONTNEED, 0, end)
-
     def flush(self) -> None:
-        """Make every step written so far durable (mapping written back, then fsync)."""
-        if self._mm is not None:
-            self._mm.flush()
+        """Make every step written so far durable."""
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
         """Flush and close, keeping the temporary file (the partial trajectory a resume continues)."""
         self.flush()
-        if self._mm is not None:
-            self._mm.close()
         self._file.close()
 
     def commit(self) -> Path:
-        if self._mm is not None:
-            self._mm.flush()
-            self._mm.close()
         self._file.close()
-        commit_file(self.tmp_path, self.out_path)
+        commit_file(self.tmp_path, self.out_path)  # fsync, then rename into place
         return self.out_path
 
     def abort(self) -> None:
         """Close and delete the temporary file; the output path is untouched."""
-        mm = getattr(self, "_mm", None)
-        if mm is not None and not mm.closed:
-            mm.close()
         f = getattr(self, "_file", None)
         if f is not None and not f.closed:
             f.close()

@@ -1,0 +1,98 @@
+"""What MLflow tracking costs a train run: the time spent inside tracking code, against the run's total time.
+
+Runs the train stage with tracking (`tracking.track_train`, what `flannel-repro train` calls) once, in this
+process, with a timer around every tracking entry point: opening the store (importing mlflow, creating the run),
+the params/git/DVC tags, the per-step metrics sink, run start/end, the final hashes, inputs and artifacts, and
+closing the run. Prints the tracking seconds and their share of the run; a fresh SQLite store in a scratch folder.
+
+    python bench/tracking_overhead.py                    # the default 500 steps (about 4 minutes on 2 cores)
+    python bench/tracking_overhead.py -S train.steps=20  # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+
+from flannel_repro import tracking
+from flannel_repro.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+SPENT: dict[str, float] = {}
+
+
+def timed(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SPENT[name] = SPENT.get(name, 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "results" / "tracking")
+    ap.add_argument("--data", type=Path, default=None, help="folder with data/ and tensors/ to reuse")
+    args = ap.parse_args()
+
+    wd = args.workdir
+    shutil.rmtree(wd, ignore_errors=True)
+    wd.mkdir(parents=True)
+    shutil.copy(REPO / "params.yaml", wd / "params.yaml")
+    params = load_params(wd / "params.yaml", ["tracking.enabled=true", "tracking.uri=null", *args.overrides])
+    if args.data:
+        for sub in ("data", "tensors"):
+            shutil.copytree(args.data / sub, wd / sub)
+    else:
+        from flannel_repro.corpus import corpus
+        from flannel_repro.masks import masks
+        from flannel_repro.tokenizer import tokenizer
+
+        p = params.paths
+        corpus(params.corpus, wd / p.corpus, wd)
+        tokenizer(params.tokenizer, params.model.vocab_size, wd / p.corpus, wd / p.tokenizer, wd)
+        masks(wd / p.corpus, wd / p.tokenizer, params.model.vocab_size, wd / p.masks)
+
+    # Every way into tracking code during a run, each under its own timer.
+    tracking.open_tracker = timed("open store and create run", tracking.open_tracker)
+    tracking.log_run_start = timed("params, git and DVC tags", tracking.log_run_start)
+    tracking.log_train_result = timed("hashes, inputs, artifacts", tracking.log_train_result)
+    tracking.StepMetrics.__call__ = timed("per-step metrics", tracking.StepMetrics.__call__)
+    for method in ("start_run", "end_run", "finish"):
+        cls = tracking.MlflowTracker
+        setattr(cls, method, timed(f"run {method}", getattr(cls, method)))
+
+    start = time.perf_counter()
+    result, run_id = tracking.track_train(params, wd, progress=False)
+    total = time.perf_counter() - start
+    spent = sum(SPENT.values())
+    doc = {
+        "steps": params.train.steps,
+        "total_s": total,
+        "train_loop_s": result.runtime_s,
+        "tracking_s": spent,
+        "tracking_share": spent / total,
+        "per_step_ms": 1000 * SPENT.get("per-step metrics", 0.0) / (params.train.steps + 1),
+        "breakdown_s": SPENT,
+        "run_id": run_id,
+    }
+    out = REPO / "bench" / "results" / "tracking_overhead.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    for name, s in sorted(SPENT.items(), key=lambda kv: -kv[1]):
+        print(f"{name:28}{s:8.3f} s")
+    print(f"\ntracking: {spent:.2f} s of a {total:.1f} s run = {100 * spent / total:.2f}% "
+          f"(per step {doc['per_step_ms']:.2f} ms)")
+
+
+if __name__ == "__main__":
+    main()
