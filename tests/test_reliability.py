@@ -39,7 +39,10 @@ def _temps(folder: Path) -> list[str]:
 
 def _start(cwd: Path, *args: str, quiet: bool = True) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "flannel_repro", "train", *(["-q"] if quiet else []), *args]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a foreground command with SIGINT at its default; a test runner started in the background
+    # (as CI may be) would hand its children SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _marker_step(project: Path) -> tuple[int, int] | None:
