@@ -109,7 +109,7 @@ def training_arguments(cfg: TrainConfig, device: torch.device, seed: int, output
     )
 
 
-def make_trainer(model, args, dataset: Dataset, observer: StepObserver, callback: TrajectoryCallback):
+def make_trainer(model, args, dataset: Dataset, observer: StepObserver, callbacks: list):
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
     class FlannelTrainer(Trainer):
@@ -126,7 +126,7 @@ def make_trainer(model, args, dataset: Dataset, observer: StepObserver, callback
             observer.observe(outputs.loss, indices)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
-    trainer = FlannelTrainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+    trainer = FlannelTrainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     return trainer
@@ -425,12 +425,13 @@ def _train_one(params, run, seed, w_initial, dataset, device, sinks, record: boo
     np.random.seed(seed)
     model = build_model(params.model, w_initial, device)
     observer = StepObserver()
-    callback = TrajectoryCallback(run, params.record, observer, sinks if record else [], want_digests=record)
+    # record=False (the benchmark's baseline) trains without the recorder: no per-step copies of W or grad_W.
+    callback = TrajectoryCallback(run, params.record, observer, sinks, want_digests=True) if record else None
     with contextlib.ExitStack() as stack:
         scratch = str(output_dir) if output_dir is not None else stack.enter_context(_scratch_dir())
         args = training_arguments(params.train, device, seed, scratch, checkpoint_every=params.train.checkpoint_every
                                   if output_dir is not None else 0)
-        trainer = make_trainer(model, args, dataset, observer, callback)
+        trainer = make_trainer(model, args, dataset, observer, [callback] if callback else [])
         for cb in callbacks:
             trainer.add_callback(cb)
         if record and resume_dir is None:

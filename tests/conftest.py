@@ -59,6 +59,20 @@ def tiny_project(tmp_path, tiny_data) -> Path:
     return tmp_path
 
 
+def thread_pair(root: Path, tiny_data: Path, stem: str) -> Path:
+    """`root` with the tiny data and the tiny run recorded twice: `<stem>1.safetensors` with 1 thread and
+    `<stem>2.safetensors` with 2 (they differ within a few steps); params.yaml is left at the tiny defaults."""
+    from flannel_repro.train import train
+
+    for sub in ("data", "tensors"):
+        shutil.copytree(tiny_data / sub, root / sub)
+    for threads in (1, 2):
+        write_params(root, {"train": {"num_threads": threads}, "paths": {"trajectory": f"{stem}{threads}.safetensors"}})
+        train(load_params(root / "params.yaml"), root, progress=False)
+    write_params(root)
+    return root
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = False, timeout: float = 600):
     """Run `python -m flannel_repro ARGS` as a user would, in `cwd`."""
     full_env = {**os.environ, **(env or {})}

@@ -4,12 +4,11 @@ runs that differ in more than seeds, threads or device are refused with the diff
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_params
+from conftest import run_cli, thread_pair, write_params
 
 from flannel_repro.config import load_params
 from flannel_repro.diff import diff, write_csv, write_plot
@@ -24,14 +23,7 @@ MASKS = "tensors/Flannel/live_dead_tokens.safetensors"
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_data) -> Path:
     """t1.safetensors and t2.safetensors: the tiny run with 1 and with 2 threads."""
-    root = tmp_path_factory.mktemp("diff")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
-    for threads in (1, 2):
-        write_params(root, {"train": {"num_threads": threads}, "paths": {"trajectory": f"t{threads}.safetensors"}})
-        train(load_params(root / "params.yaml"), root, progress=False)
-    write_params(root)
-    return root
+    return thread_pair(tmp_path_factory.mktemp("diff"), tiny_data, "t")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_params
+from conftest import run_cli, thread_pair, write_params
 
 from flannel_repro.config import load_params
 from flannel_repro.errors import FlannelError
 from flannel_repro.masks import load_masks
 from flannel_repro.trajectory import load_trajectory, manifest, read_header
-from flannel_repro.train import train
 from flannel_repro.verify import Reference, bf16_order, file_reference, log_audit, verify
 
 FLIP_STEP, FLIP_ROW, FLIP_COL = 3, 5, 7
@@ -49,14 +48,7 @@ def flip_bit(src: Path, dst: Path, step: int, row: int, col: int, run: int = 0) 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_data) -> Path:
     """A tiny project with two references: ref1.safetensors (1 thread) and ref2.safetensors (2 threads)."""
-    root = tmp_path_factory.mktemp("verify")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
-    for threads in (1, 2):
-        write_params(root, {"train": {"num_threads": threads}, "paths": {"trajectory": f"ref{threads}.safetensors"}})
-        train(load_params(root / "params.yaml"), root, progress=False)
-    write_params(root)
-    return root
+    return thread_pair(tmp_path_factory.mktemp("verify"), tiny_data, "ref")
 
 
 @pytest.fixture(scope="module")
