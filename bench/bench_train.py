@@ -89,7 +89,8 @@ def main() -> None:
 
     results: dict = {"steps": args.steps, "cpu_threads": os.cpu_count()}
     print(f"notebook procedure, {args.steps} steps ...", flush=True)
-    results["notebook"] = run([sys.executable, str(REPO / "tests/notebook_reference.py"), str(wd / "notebook.json")], wd)
+    notebook = [sys.executable, str(REPO / "tests/notebook_reference.py"), str(wd / "notebook.json")]
+    results["notebook"] = run(notebook, wd)
     print(f"flannel-repro train, {args.steps} steps ...", flush=True)
     ours = run([*exe, "train", "-q", *sum((["-S", s] for s in steps), [])], wd)
     ours["train_s"] = json.loads((wd / "metrics/train.json").read_text())["runtime_s"]
@@ -119,12 +120,14 @@ def main() -> None:
 
     print(f"\n{'':24}{'train loop s':>14}{'process s':>12}{'steps/s':>10}{'peak RSS MB':>13}")
     for name, r in (("notebook", nb), ("flannel-repro", fr), ("flannel-repro, no record", off)):
-        print(f"{name:24}{r['train_s']:>14.1f}{r['wall_s']:>12.1f}{args.steps / r['train_s']:>10.2f}{r['peak_rss_mb']:>13.0f}")
+        print(f"{name:24}{r['train_s']:>14.1f}{r['wall_s']:>12.1f}{args.steps / r['train_s']:>10.2f}"
+              f"{r['peak_rss_mb']:>13.0f}")
     print(f"\nspeed-up vs notebook: {results['speedup_train_loop']:.3f}x (training loop), "
           f"{results['speedup_process']:.3f}x (whole process)")
     print(f"recording overhead: {100 * results['recording_overhead']:+.2f}% vs the same run with recording off")
     print(f"peak RSS: {fr['peak_rss_mb']:.0f} MB vs notebook {nb['peak_rss_mb']:.0f} MB "
-          f"({results['rss_ratio']:.2f}x); flat in steps: " + ", ".join(f"{k} steps {v:.0f} MB" for k, v in flat.items()))
+          f"({results['rss_ratio']:.2f}x); flat in steps: "
+          + ", ".join(f"{k} steps {v:.0f} MB" for k, v in flat.items()))
     print(f"notebook keys bit-identical: {all(identical.values())} ({sum(identical.values())}/{len(identical)})")
 
 

@@ -1,6 +1,6 @@
 """What MLflow tracking costs a train run: the time spent inside tracking code, against the run's total time.
 
-Runs the train stage with tracking (`tracking.track_train`, what `flannel-repro train` calls) once, in this
+Runs the train stage with tracking (`train.run_train_stage`, what `flannel-repro train` calls) once, in this
 process, with a timer around every tracking entry point: opening the store (importing mlflow, creating the run),
 the params/git/DVC tags, the per-step metrics sink, run start/end, the final hashes, inputs and artifacts, and
 closing the run. Prints the tracking seconds and their share of the run; a fresh SQLite store in a scratch folder.
@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from flannel_repro import tracking
+from flannel_repro import mlflow_tracker, train, train_log
 from flannel_repro.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,22 +57,21 @@ def main() -> None:
         from flannel_repro.masks import masks
         from flannel_repro.tokenizer import tokenizer
 
-        p = params.paths
-        corpus(params.corpus, wd / p.corpus, wd)
-        tokenizer(params.tokenizer, params.model.vocab_size, wd / p.corpus, wd / p.tokenizer, wd)
-        masks(wd / p.corpus, wd / p.tokenizer, params.model.vocab_size, wd / p.masks)
+        corpus(params, wd)
+        tokenizer(params, wd)
+        masks(params, wd)
 
     # Every way into tracking code during a run, each under its own timer.
-    tracking.open_tracker = timed("open store and create run", tracking.open_tracker)
-    tracking.log_run_start = timed("params, git and DVC tags", tracking.log_run_start)
-    tracking.log_train_result = timed("hashes, inputs, artifacts", tracking.log_train_result)
-    tracking.StepMetrics.__call__ = timed("per-step metrics", tracking.StepMetrics.__call__)
+    train_log.open_tracker = timed("open store and create run", train_log.open_tracker)
+    train_log.log_run_start = timed("params, git and DVC tags", train_log.log_run_start)
+    train.log_train_result = timed("hashes, inputs, artifacts", train.log_train_result)
+    train_log.StepMetrics.__call__ = timed("per-step metrics", train_log.StepMetrics.__call__)
     for method in ("start_run", "end_run", "finish"):
-        cls = tracking.MlflowTracker
+        cls = mlflow_tracker.MlflowTracker
         setattr(cls, method, timed(f"run {method}", getattr(cls, method)))
 
     start = time.perf_counter()
-    result, run_id = tracking.track_train(params, wd, progress=False)
+    result, run_id = train.run_train_stage(params, wd, progress=False)
     total = time.perf_counter() - start
     spent = sum(SPENT.values())
     doc = {

@@ -71,7 +71,8 @@ def main() -> None:
         t_train.append(timed(lambda: train(at("train.safetensors"), root, progress=False))[0])
         s, report = timed(lambda: verify(file_reference(reference), root))
         if not report.identical:
-            raise SystemExit(f"the rerun diverged from its own reference at step {report.first.step}: not deterministic")
+            raise SystemExit(f"the rerun diverged from its own reference at step {report.first.step}: "
+                             "not deterministic")
         t_verify.append(s)
         s, report = timed(lambda: verify(file_reference(diverging), root))
         if report.first is None or report.first.step != k:

@@ -3,9 +3,28 @@
     from flannel_repro import load_trajectory
     traj = load_trajectory("tensors/Flannel/1.20h_flannel_7.safetensors")
     w_250 = traj.step("W", 250)  # (vocab, hidden) bf16, read lazily from the mapped file
-"""
 
-from .trajectory import Trajectory, load_trajectory
+Module map. Each `flannel-repro X` command (and dvc.yaml stage X) is `X(params, root)` in `X.py`:
+- stages: corpus.py, tokenizer.py, masks.py, train.py (`run_train_stage`: tracking, training, reports; `train`:
+  the training itself); model.py is the notebook's model, data windows and device.
+- recording: output.py (the output's lock, resume point, temporary file, commit or abort), recorder.py (the
+  Trainer callback that captures each step), trajectory.py (the file format, written and read), checkpoint.py
+  (resumable checkpoints and their marker), progress.py.
+- tracking: tracking.py (the interfaces), train_log.py (what a train run logs), mlflow_tracker.py (MLflow, the
+  only module that imports it), provenance.py (versions, device fingerprint, git and DVC tags).
+- audit: verify.py (`flannel-repro verify`), diff.py (`flannel-repro diff`), bits.py (bit-level comparisons).
+- infrastructure: cli.py, config.py (params.yaml as frozen dataclasses), errors.py, fsutil.py (atomic outputs,
+  hashes), safetensors_header.py, plots.py.
+"""
 
 __all__ = ["Trajectory", "load_trajectory"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Imported on first use, so a data stage does not load the trajectory code (nor depend on it in dvc.yaml).
+    if name in __all__:
+        from . import trajectory
+
+        return getattr(trajectory, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

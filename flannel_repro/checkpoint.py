@@ -26,9 +26,9 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from transformers import TrainerCallback
 
@@ -135,7 +135,8 @@ class Checkpoints:
             if not isinstance(params, str):
                 raise ValueError("params")
             # Only bare names inside our own folders: a marker cannot point the writer at another file.
-            if not (isinstance(temp, str) and temp.startswith(TMP_PREFIX + self.out_path.name + ".") and "/" not in temp):
+            ours = TMP_PREFIX + self.out_path.name + "."
+            if not (isinstance(temp, str) and temp.startswith(ours) and "/" not in temp):
                 raise ValueError("temp")
             if step > 0 and not (isinstance(ckpt, str) and re.fullmatch(rf"run-{run}/checkpoint-{step}", ckpt)):
                 raise ValueError("checkpoint")
@@ -163,7 +164,8 @@ class Checkpoints:
             "temp": temp.name,
             "checkpoint": f"run-{run}/checkpoint-{step}" if step > 0 else None,
             "params": params,
-            "history": {k: [[None if math.isnan(x) else x for x in row] for row in rows] for k, rows in history.items()},
+            "history": {k: [[None if math.isnan(x) else x for x in row] for row in rows]
+                        for k, rows in history.items()},
         }
         write_json(self.dir / MARKER, doc)  # temp + fsync + rename: a marker is complete or absent
 
@@ -239,7 +241,8 @@ class CheckpointCallback(TrainerCallback):
             self.writer.flush()
         except OSError as e:
             raise FlannelError(io_error_message(e, "checkpoint")) from None
-        self.checkpoints.write_marker(self.run, state.global_step, self.writer.tmp_path, self.history(), self.params_json)
+        self.checkpoints.write_marker(self.run, state.global_step, self.writer.tmp_path, self.history(),
+                                      self.params_json)
         self.checkpoints.prune(self.run, keep=folder)
 
 

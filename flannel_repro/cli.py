@@ -12,8 +12,8 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .config import Params, load_params
 from .errors import FlannelError
@@ -48,7 +48,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
     params, root = _load(args)
     _refuse_dvc_added(root, params.paths.corpus, "corpus.build")
-    r = corpus(params.corpus, root / params.paths.corpus, root)
+    r = corpus(params, root)
     print(f"corpus: {params.paths.corpus} ({r.n_bytes:,} bytes, sha256 {r.sha256[:12]}, source {r.source})")
     return 0
 
@@ -58,9 +58,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
     params, root = _load(args)
     _refuse_dvc_added(root, params.paths.tokenizer, "tokenizer.build")
-    r = tokenizer(
-        params.tokenizer, params.model.vocab_size, root / params.paths.corpus, root / params.paths.tokenizer, root
-    )
+    r = tokenizer(params, root)
     print(f"tokenizer: {params.paths.tokenizer} ({r.vocab_size:,} tokens, sha256 {r.sha256[:12]}, source {r.source})")
     return 0
 
@@ -69,23 +67,24 @@ def cmd_masks(args: argparse.Namespace) -> int:
     from .masks import masks
 
     params, root = _load(args)
-    p = params.paths
-    r = masks(root / p.corpus, root / p.tokenizer, params.model.vocab_size, root / p.masks)
-    print(f"masks: {p.masks} ({r.n_tokens:,} corpus tokens; live {r.n_live:,} | dead {r.n_dead:,})")
+    r = masks(params, root)
+    print(f"masks: {params.paths.masks} ({r.n_tokens:,} corpus tokens; live {r.n_live:,} | dead {r.n_dead:,})")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .tracking import track_train, tracking_uri
+    from .train import run_train_stage
 
     params, root = _load(args)
     # Opens the tracking run first (an unreachable server fails here), then trains, writes the reports, logs them.
-    result, run_id = track_train(params, root, progress=not args.quiet, resume=args.resume)
+    result, run_id = run_train_stage(params, root, progress=not args.quiet, resume=args.resume)
     print(
         f"trajectory: {params.paths.trajectory} (sha256 {result.sha256}); final loss {result.final_loss:.4f}; "
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
     )
     if run_id is not None:
+        from .mlflow_tracker import tracking_uri
+
         uri = tracking_uri(params.tracking, root)
         print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {uri}")
     return 0
@@ -137,12 +136,14 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("reference", nargs="?", help="reference trajectory file (default: paths.trajectory of params.yaml)")
     p.add_argument("--run-id", help="audit this MLflow run: its logged digests are the reference, or with a file "
                    "the file is (and must match them); the verdict is logged beside the run")
-    p.add_argument("--params", default="params.yaml", help="params file marking the project root (default: params.yaml)")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file marking the project root (default: params.yaml)")
     p.add_argument("--full", action="store_true", help="continue past the first divergent step and report them all")
     p.add_argument("--strict", action="store_true", help="refuse to run (exit 2) if the device or inputs differ")
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="rerun N times, each checked (default 1)")
     p.add_argument("--threads", type=int, metavar="N", help="rerun with N threads instead of the reference's")
-    p.add_argument("--json", action="store_true", help="print the verdict as JSON on stdout (the report goes to stderr)")
+    p.add_argument("--json", action="store_true",
+                   help="print the verdict as JSON on stdout (the report goes to stderr)")
     p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH (e.g. reports/verify.json)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_verify)
@@ -150,7 +151,8 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diff", help=help_text, description=help_text)
     p.add_argument("a", help="trajectory file A (its params name the masks file for the live/dead split)")
     p.add_argument("b", help="trajectory file B, same shape and params except seeds, threads and device")
-    p.add_argument("--params", default="params.yaml", help="params file marking the project root (default: params.yaml)")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file marking the project root (default: params.yaml)")
     p.add_argument("--csv", default="reports/diff.csv", help="per-step curve (default: reports/diff.csv)")
     p.add_argument("--plot", default="reports/diff.png", help="PNG plot of the curve (default: reports/diff.png)")
     p.set_defaults(func=cmd_diff)

@@ -127,7 +127,8 @@ class CorpusConfig(_Section):
         if not self.source:
             self._fail("source", "is empty: use 'generated' or the path of a UTF-8 text file")
         if self.build not in ((), ("synthetic",)):
-            self._fail("build", "must be [synthetic] (dvc repro makes the corpus) or [] (paths.corpus is your own file)")
+            self._fail("build", "must be [synthetic] (dvc repro makes the corpus) or [] (paths.corpus is your own "
+                       "file)")
         if self.n_words < 1:
             self._fail("n_words", "must be at least 1")
         if self.lexicon_size < 1:
@@ -148,7 +149,8 @@ class TokenizerConfig(_Section):
         if not self.source:
             self._fail("source", "is empty: use 'train' or the path of a tokenizer JSON file")
         if self.build not in ((), ("bpe",)):
-            self._fail("build", "must be [bpe] (dvc repro trains the tokenizer) or [] (paths.tokenizer is your own file)")
+            self._fail("build", "must be [bpe] (dvc repro trains the tokenizer) or [] (paths.tokenizer is your "
+                       "own file)")
         if self.min_frequency < 1:
             self._fail("min_frequency", "must be at least 1")
 
@@ -234,7 +236,8 @@ class RecordConfig(_Section):
 
     def _check(self) -> None:
         if self.logits:
-            self._fail("logits", "is not supported (logits are batch x seq x vocab per step, far too large to record); set it to false")
+            self._fail("logits", "is not supported (logits are batch x seq x vocab per step, far too large to "
+                       "record); set it to false")
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,30 @@ class PathsConfig(_Section):
         for f in dataclasses.fields(self):
             if not getattr(self, f.name):
                 self._fail(f.name, "is empty: give a file path relative to the project root")
+
+    def under(self, root: Path) -> ResolvedPaths:
+        """Every path joined to the project root `root`, once, for the stages to use."""
+        return ResolvedPaths(**{f.name: Path(root) / getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+# The files training reads, in pipeline order: paths.<name> each, recorded as `<name>_sha256` in a trajectory.
+INPUTS = ("corpus", "tokenizer", "masks")
+
+
+@dataclass(frozen=True)
+class ResolvedPaths:
+    """`paths` under the project root (`PathsConfig.under(root)`); the fields and their meaning are the same."""
+
+    corpus: Path
+    tokenizer: Path
+    masks: Path
+    trajectory: Path
+    metrics: Path
+    loss_curve: Path
+
+    def inputs(self) -> dict[str, Path]:
+        """{"corpus": path, "tokenizer": path, "masks": path}"""
+        return {name: getattr(self, name) for name in INPUTS}
 
 
 @dataclass(frozen=True)

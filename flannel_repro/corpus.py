@@ -8,7 +8,7 @@ and numpy version (its sha256 is pinned in the tests).
 
 With `corpus.source` set to a path, the stage checks that the file is UTF-8 text and copies it into place instead.
 
-    corpus(CorpusConfig(n_words=1000), Path("data/corpus.txt"))
+    corpus(load_params("params.yaml"), root=Path("."))  # -> paths.corpus
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CorpusConfig
+from .config import CorpusConfig, Params
 from .errors import FlannelError
 from .fsutil import atomic_output
 
@@ -128,9 +128,10 @@ def read_text(path: Path, what: str, key: str) -> str:
         raise FlannelError(f"{path}: cannot read {what} ({e.strerror}); fix {key} in params.yaml") from None
 
 
-def corpus(cfg: CorpusConfig, out_path: Path, root: Path = Path(".")) -> CorpusResult:
-    """Write the model corpus to `out_path` (atomically) and return its size and sha256. A relative
-    `corpus.source` path is relative to `root`, the folder of params.yaml."""
+def corpus(params: Params, root: Path = Path(".")) -> CorpusResult:
+    """Write the model corpus to `paths.corpus` under `root`, the folder of params.yaml (atomically), and return
+    its size and sha256. A relative `corpus.source` path is relative to `root` too."""
+    cfg, out_path = params.corpus, params.paths.under(root).corpus
     if cfg.source == "generated":
         data = generate_text(cfg).encode("utf-8")
         with atomic_output(out_path) as tmp:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from .bits import CHECK_ORDER, f32_bits
 from .errors import FlannelError
 from .fsutil import atomic_output, sha256_file
 from .masks import load_masks
+from .plots import figure, save_png
 from .recorder import recorded_tensors
 from .trajectory import Trajectory, load_trajectory
-from .verify import CHECK_ORDER, f32_bits
 
 # Params that may differ between A and B: the point of a diff. Sections listed whole are locations and logging.
 ALLOWED = {"train.init_seed", "train.train_seed", "train.num_threads", "train.device", "train.log_every"}
@@ -73,7 +74,8 @@ class DiffResult:
         run, step, tensor = self.first
         last = self.rows[-1]
         n_div = sum(bool(r.differs) for r in self.rows)
-        out.append(f"first divergence: run {run}, step {step}, tensor {tensor}; {n_div} of {len(self.rows)} steps differ")
+        out.append(f"first divergence: run {run}, step {step}, tensor {tensor}; {n_div} of {len(self.rows)} "
+                   "steps differ")
         split = f" (live {last.mean_dist_live:.4g}, dead {last.mean_dist_dead:.4g})" if self.split else ""
         out.append(f"at the last step: {last.n_differ} of {self.numel} W elements differ, max |diff| "
                    f"{last.max_abs_diff:.4g}, mean token distance {last.mean_dist:.4g}{split}")
@@ -169,12 +171,7 @@ def write_csv(result: DiffResult, out_path: Path) -> None:
 
 def write_plot(result: DiffResult, out_path: Path) -> None:
     """Mean token distance of W (all, live, dead) and the fraction of differing W elements, against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
+    fig, (top, bottom) = figure(nrows=2, figsize=(8, 6), sharex=True)
     runs = sorted({r.run for r in result.rows})
     for run in runs:
         rows = [r for r in result.rows if r.run == run]
@@ -190,7 +187,4 @@ def write_plot(result: DiffResult, out_path: Path) -> None:
     top.legend()
     bottom.set_ylabel("fraction of W elements differing")
     bottom.set_xlabel("step")
-    fig.tight_layout()
-    with atomic_output(out_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, out_path)

@@ -11,27 +11,47 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import FlannelError
 
 TMP_PREFIX = ".flannel-tmp-"
 
 
-def temp_path_for(out_path: Path) -> Path:
-    """A new, empty temporary file beside `out_path` (same filesystem, so the final rename is atomic)."""
+def temp_path_for(out_path: Path, owner_key: str | None = None) -> Path:
+    """A new, empty temporary file beside `out_path` (same filesystem, so the final rename is atomic).
+
+    With `owner_key`, the params key naming the output, the file is `.flannel-tmp-<name>.<pid>.<random>` so that
+    the next run can tell a dead run's leftover from a live one's, and a folder that cannot be made names the key.
+    """
     out_path = Path(out_path)
+    prefix = f"{TMP_PREFIX}{out_path.name}." + (f"{os.getpid()}." if owner_key else "")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{out_path.name}.", dir=out_path.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=out_path.parent)
     except OSError as e:
-        raise FlannelError(
-            f"{out_path.parent}: cannot write the output folder ({e.strerror}); check its permissions or choose "
-            "another path in params.yaml"
-        ) from None
+        raise _folder_error(out_path, e, owner_key) from None
     os.close(fd)
     return Path(name)
+
+
+def _folder_error(out_path: Path, e: OSError, owner_key: str | None) -> FlannelError:
+    if owner_key is None:
+        return FlannelError(
+            f"{out_path.parent}: cannot write the output folder ({e.strerror}); check its permissions or choose "
+            "another path in params.yaml"
+        )
+    blocker = next((p for p in out_path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return FlannelError(
+            f"{out_path.parent}: cannot create the output folder: {blocker} is a file, not a folder; move it or "
+            f"fix {owner_key} in params.yaml"
+        )
+    return FlannelError(
+        f"{out_path.parent}: cannot write the output folder ({e.strerror}); check it or fix {owner_key} in params.yaml"
+    )
 
 
 def commit_file(tmp: Path, out_path: Path) -> None:

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import json
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from .config import Params
 from .corpus import read_text
 from .errors import FlannelError
 from .fsutil import atomic_output, sha256_file
+from .safetensors_header import read_header
 from .tokenizer import load_tokenizer
 
 MASK_KEYS = ("live_mask", "dead_mask", "live_indices", "dead_indices", "counts")
@@ -107,7 +109,10 @@ def masks_from_tokens(tokens: torch.Tensor, vocab_size: int) -> Masks:
     return Masks(live_mask=live, dead_mask=~live, counts=counts)
 
 
-def masks(corpus_path: Path, tokenizer_path: Path, vocab_size: int, out_path: Path) -> MasksResult:
+def masks(params: Params, root: Path = Path(".")) -> MasksResult:
+    """Write the masks of `paths.corpus` encoded with `paths.tokenizer` to `paths.masks`, all under `root`."""
+    paths, vocab_size = params.paths.under(root), params.model.vocab_size
+    corpus_path, tokenizer_path, out_path = paths.corpus, paths.tokenizer, paths.masks
     tokens = encode_corpus(corpus_path, tokenizer_path, vocab_size)
     m = masks_from_tokens(tokens, vocab_size)
     tensors = {
@@ -133,8 +138,6 @@ def load_masks(path: Path, vocab_size: int) -> Masks:
     path = Path(path)
     if not path.is_file():
         raise FlannelError(f"{path}: masks file not found; run `flannel-repro masks` or fix paths.masks")
-    from .trajectory import read_header
-
     read_header(path, "masks file")  # sizes and offsets checked against the file before safetensors maps it
     with safe_open(str(path), framework="pt") as f:
         missing = [k for k in MASK_KEYS if k not in f.keys()]

@@ -42,15 +42,15 @@ class TokenDataset(Dataset):
         return {"input_ids": chunk[:-1], "labels": labels, "sample_index": idx}
 
 
+def device_available(device_type: str) -> bool:
+    """Whether this machine has a `device_type` ("cpu", "cuda" or "mps") device."""
+    return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device_type]
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[name]:
+        return torch.device(next(t for t in ("cuda", "mps", "cpu") if device_available(t)))
+    if not device_available(name):
         raise FlannelError(f"params: train.device = {name!r} is not available on this machine; use auto or cpu")
     return torch.device(name)
 

@@ -4,7 +4,7 @@ Trains a byte-level BPE tokenizer on the corpus with the `tokenizers` library to
 (the embedding matrix has one row per token), or checks an existing tokenizer file the user names. Training is
 byte-identical across reruns (pinned in the tests).
 
-    tokenizer(TokenizerConfig(), vocab_size=10_000, corpus_path=..., out_path=...)
+    tokenizer(load_params("params.yaml"), root=Path("."))  # paths.corpus -> paths.tokenizer
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .config import TokenizerConfig
+from .config import Params
 from .corpus import read_text
 from .errors import FlannelError
 from .fsutil import atomic_output, sha256_file
@@ -70,11 +70,12 @@ def train_bpe(text: str, vocab_size: int, min_frequency: int) -> Tokenizer:
     return tok
 
 
-def tokenizer(
-    cfg: TokenizerConfig, vocab_size: int, corpus_path: Path, out_path: Path, root: Path = Path(".")
-) -> TokenizerResult:
-    """Write the tokenizer for `corpus_path` to `out_path` and return its size and sha256. A relative
-    `tokenizer.source` path is relative to `root`, the folder of params.yaml."""
+def tokenizer(params: Params, root: Path = Path(".")) -> TokenizerResult:
+    """Write the tokenizer for `paths.corpus` to `paths.tokenizer`, both under `root`, the folder of params.yaml,
+    and return its size and sha256. A relative `tokenizer.source` path is relative to `root` too."""
+    cfg, vocab_size = params.tokenizer, params.model.vocab_size
+    paths = params.paths.under(root)
+    corpus_path, out_path = paths.corpus, paths.tokenizer
     if cfg.source == "train":
         text = read_text(Path(corpus_path), "corpus", "paths.corpus")
         tok = train_bpe(text, vocab_size, cfg.min_frequency)

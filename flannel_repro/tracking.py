@@ -1,56 +1,19 @@
-"""Tracking: every `train` run in MLflow, comparable in its UI, and audits logged beside it.
+"""Tracking, as the training and audit code see it: small interfaces and a no-op.
 
-`track_train(params, root)` is the train stage with tracking around it. It opens the tracking run before any
-training (an unreachable server fails there, in seconds), streams per-step metrics into it in batches, and once the
-reports are written logs the file hashes, inputs and artifacts and closes the run FINISHED; a run that raises or is
-interrupted is closed FAILED with the error as a tag. The CLI's `train` and the tests call it:
-
-    result, run_id = track_train(load_params("params.yaml"), root=Path("."))
-
-The training side talks only to the small `Tracker` interface. `MlflowTracker` is its one implementation and the
-only code in the package that imports mlflow; `NullTracker` stands in when `tracking.enabled` is false. With
-`num_runs > 1` the file's run is a parent with one child run per seed: the parent holds the artifacts of the whole
-file, each child its own loss curve, and every child carries the parent's params and tags so runs of different
-files, seeds and devices line up in the compare view.
+`Tracker` is where a train run reports to (params, per-step metrics, tags, inputs, artifacts, finish); it is also a
+`train()` observer, told when each run of a file starts and ends. `NullTracker` stands in when `tracking.enabled`
+is false. `AuditStore` is where `verify` finds the run it audits and logs its verdict. The one implementation of
+each is MLflow's, in mlflow_tracker.py, the only module that imports mlflow; what a train run logs is decided in
+train_log.py.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
-import json
-import math
-import os
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit
-
-import torch
-import yaml
-
-from .config import Params, TrackingConfig
-from .errors import FlannelError
-from .fsutil import project_root
-from .provenance import dvc_tags, fingerprint_tags, git_tags
-from .masks import Masks, load_masks
-from .recorder import StepRecord, StepSink
-
-if TYPE_CHECKING:
-    from .train import TrainResult
-
-FLUSH_EVERY = 50  # steps of metrics per MLflow call: ~22 s of the default run, so the UI's charts stay live
-PROBE_TIMEOUT_S = 3.0
-_BATCH_LIMIT = 1000  # MLflow's limit on metrics in one log_batch call
-_PARAMS_TAGS_LIMIT = 100  # ... and on params or tags
-_TAG_LIMIT = 5000  # error messages are cut to this (MLflow tag values hold 8000 characters)
-_DIGEST_LIMIT = 36  # MLflow stores a dataset digest in a 36-character column
-PARENT_TAG = "mlflow.parentRunId"
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -63,7 +26,7 @@ class InputFile:
 
 
 class Tracker(abc.ABC):
-    """Where a training run reports to. Also a `train()` run sink: `start_run(run, seed)` / `end_run(run)` bracket
+    """Where a training run reports to. Also a `train()` observer: `start_run(run, seed)` / `end_run(run)` bracket
     each of the `num_runs` runs of one file."""
 
     run_id: str | None = None  # the tracking run of the whole file; None when nothing is tracked
@@ -123,460 +86,31 @@ class NullTracker(Tracker):
         pass
 
 
-def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
-    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the SQLite file `mlflow.db` at the project root (where
-    `mlflow ui` looks by default). A relative sqlite path in params.yaml is relative to the project root."""
-    home = project_root(Path(root))
-    if cfg.uri:
-        prefix = "sqlite:///"
-        rel = cfg.uri[len(prefix):] if cfg.uri.startswith(prefix) else ""
-        if rel and not rel.startswith("/") and rel != ":memory:":
-            return f"{prefix}{home / rel}"
-        return cfg.uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}"
+class AuditStore(abc.ABC):
+    """Where `verify` finds the train run it audits, and logs its verdict beside it as an audit run."""
 
+    uri: str
 
-def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Fail in seconds if an http(s) tracking server does not answer: MLflow's own client retries for minutes."""
-    if urlsplit(uri).scheme not in ("http", "https"):
-        return
-    fix = "start it, point tracking.uri or MLFLOW_TRACKING_URI at a running server, or set tracking.enabled: false"
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            return
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):  # up, behind authentication: MLflow's credentials settle the rest
-            return
-        raise FlannelError(f"tracking server {uri} answered HTTP {e.code} to /health, so it is not an MLflow "
-                           f"server; {fix}") from None
-    except OSError as e:  # refused, unknown host, timed out (URLError is an OSError)
-        reason = getattr(e, "reason", None) or e
-        raise FlannelError(f"tracking server {uri} is not reachable ({reason}); {fix}") from None
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """Whether the store holds anything yet (a SQLite file not yet created holds no run to audit)."""
 
+    @abc.abstractmethod
+    def run_manifest(self, run_id: str) -> dict[str, Any]:
+        """The `digests.json` manifest train run `run_id` logged (`trajectory.manifest` form)."""
 
-def _store_errors() -> tuple[type[Exception], ...]:
-    """What a store that cannot be used raises: MLflow's own errors, and for a SQLite file the OS's and the
-    database's (a path that cannot be created, a file that is not a database)."""
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError
+    @abc.abstractmethod
+    def find_train_run(self, trajectory_sha256: str) -> str | None:
+        """The newest finished train run that wrote a file with this sha256, if any."""
 
-    return MlflowException, OSError, SQLAlchemyError
-
-
-def _client(uri: str):
-    """An MlflowClient for `uri`; an http server is probed first, a SQLite store is opened (and created) here."""
-    check_reachable(uri)
-    from mlflow import MlflowClient
-
-    try:
-        return _GuardedClient(MlflowClient(tracking_uri=uri), uri)
-    except _store_errors() as e:
-        raise _store_error(uri, e) from None
-
-
-class StoreError(FlannelError):
-    """A tracking store call failed; `error_code` is MLflow's (e.g. RESOURCE_ALREADY_EXISTS) where it gave one."""
-
-    def __init__(self, message: str, error_code: str | None = None) -> None:
-        super().__init__(message)
-        self.error_code = error_code
-
-
-class _GuardedClient:
-    """An MlflowClient whose every call turns a store failure into one FlannelError line, not a traceback."""
-
-    def __init__(self, client: Any, uri: str) -> None:
-        self._client, self._uri, self._errors = client, uri, _store_errors()
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return attr(*args, **kwargs)
-            except self._errors as e:
-                raise StoreError(str(_store_error(self._uri, e)), getattr(e, "error_code", None)) from None
-
-        return call
-
-
-@contextlib.contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive lock beside a SQLite store while it is opened (created and migrated on first use)."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    import fcntl
-
-    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a")
-    except OSError as e:
-        raise _store_error(uri, e) from None
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _store_error(uri: str, e: Exception) -> FlannelError:
-    why = str(getattr(e, "message", e)).splitlines()[0]
-    return FlannelError(f"tracking store {uri} cannot be used ({why}); fix tracking.uri or MLFLOW_TRACKING_URI, or "
-                        "set tracking.enabled: false")
-
-
-class MlflowTracker(Tracker):
-    """One MLflow run for the file (a parent with a child per seed when `child_names` is given)."""
-
-    def __init__(
+    @abc.abstractmethod
+    def log_audit_run(
         self,
-        uri: str,
-        experiment: str,
-        run_name: str,
-        child_names: Mapping[int, str] | None = None,
-        flush_every: int = FLUSH_EVERY,
-    ) -> None:
-        self.uri = uri
-        with _store_lock(uri):  # two runs creating a fresh SQLite store at once would race its schema migration
-            self._open(uri, experiment, run_name)
-        self.child_names = dict(child_names or {})
-        self.flush_every = flush_every
-        self._params: dict[str, str] = {}
-        self._pending: list[Any] = []  # mlflow Metric objects not yet sent
-        self._pending_steps = 0
-        self._children: list[str] = []
-        self._current = self.run_id  # where metrics go: the open child run, else the file's run
-
-    def _open(self, uri: str, experiment: str, run_name: str) -> None:
-        self.client = _client(uri)  # probes an http server first
-        try:
-            self.experiment_id = self._experiment(experiment)
-            tags = {"mlflow.source.name": "flannel-repro train", "mlflow.source.type": "LOCAL", "flannel.kind": "train"}
-            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
-        except _store_errors() as e:
-            raise _store_error(uri, e) from None
-        self._tags: dict[str, str] = dict(tags)
-
-    def _experiment(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                raise FlannelError(f"MLflow experiment {name!r} is deleted in {self.uri}; restore it with `mlflow "
-                                   "experiments restore` or choose another tracking.experiment")
-            return exp.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in whatever folder we run from
-            location = (Path(self.uri[len("sqlite:///"):]).parent / "mlruns").as_uri()
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except StoreError as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # a queued run beside us created it first
-                raise
-            return self.client.get_experiment_by_name(name).experiment_id
-
-    def _runs(self) -> list[str]:
-        return [self.run_id, *self._children]
-
-    def _log_batch(self, run_id: str, params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None):
-        from mlflow.entities import Param, RunTag
-
-        for kind, items in (("params", [Param(k, v) for k, v in (params or {}).items()]),
-                            ("tags", [RunTag(k, v) for k, v in (tags or {}).items()])):
-            for i in range(0, len(items), _PARAMS_TAGS_LIMIT):
-                self.client.log_batch(run_id, **{kind: items[i : i + _PARAMS_TAGS_LIMIT]})
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        params = {k: str(v) for k, v in params.items()}
-        self._params.update(params)
-        for run_id in self._runs():
-            self._log_batch(run_id, params=params)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._tags.update(tags)
-        for run_id in self._runs():
-            self._log_batch(run_id, tags=tags)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        if len(self._pending) + len(metrics) > _BATCH_LIMIT:
-            self.flush()
-        now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        self._pending_steps += 1
-        if self._pending_steps >= self.flush_every:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._pending:
-            self.client.log_batch(self._current, metrics=self._pending)
-        self._pending, self._pending_steps = [], 0
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_inputs(self, files: Sequence[InputFile]) -> None:
-        from mlflow.entities import DatasetInput, InputTag
-
-        inputs = [DatasetInput(_file_dataset(f), [InputTag("mlflow.data.context", "train")]) for f in files]
-        for run_id in self._runs():
-            self.client.log_inputs(run_id, datasets=inputs)
-
-    def start_run(self, run: int, seed: int) -> None:
-        if run not in self.child_names:
-            return
-        self.flush()
-        name = self.child_names[run]
-        child = self.client.create_run(self.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id}).info.run_id
-        self._log_batch(child, params={**self._params, "run.index": str(run), "run.seed": str(seed)}, tags=self._tags)
-        self._children.append(child)
-        self._current = child
-
-    def end_run(self, run: int) -> None:
-        self.flush()
-        if self._current != self.run_id:
-            self.client.set_terminated(self._current, "FINISHED")
-            self._current = self.run_id
-
-    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
-        self.flush()
-        open_runs = [self.run_id] if self._current == self.run_id else [self._current, self.run_id]
-        for run_id in open_runs:
-            if error is not None:
-                self._log_batch(run_id, tags={"flannel.error": error[:_TAG_LIMIT]})
-            self.client.set_terminated(run_id, status)
-
-
-def _file_dataset(f: InputFile):
-    """An MLflow dataset entity for a file. MLflow's digest column holds 36 characters, so the digest is the first
-    36 hex digits of the sha256; the full sha256 is in the profile (and in the run's `inputs.<name>.sha256` tag)."""
-    from mlflow.entities import Dataset
-
-    profile = {"sha256": f.sha256, "bytes": f.path.stat().st_size}
-    return Dataset(
-        name=f.name,
-        digest=f.sha256[:_DIGEST_LIMIT],
-        source_type="local",
-        source=json.dumps({"uri": f.path.resolve().as_uri()}),
-        profile=json.dumps(profile),
-    )
-
-
-class StepMetrics:
-    """The per-step sink: loss, gradient norm and learning rate (steps 1..N), and the mean L2 norm of the live and
-    of the dead rows of W (steps 0..N, when W is recorded), computed in float32."""
-
-    def __init__(self, tracker: Tracker, masks: Masks) -> None:
-        self.tracker = tracker
-        self.names = [n for n, count in (("W_norm_live", masks.n_live), ("W_norm_dead", masks.n_dead)) if count]
-        live, dead = masks.live_mask.float(), masks.dead_mask.float()
-        # (V, 2): row norms @ weights = (mean over live rows, mean over dead rows)
-        self.weights = torch.stack([live / max(masks.n_live, 1), dead / max(masks.n_dead, 1)], dim=1)
-
-    def __call__(self, rec: StepRecord) -> None:
-        metrics: dict[str, float] = {}
-        if rec.step > 0:
-            metrics.update(loss=rec.loss, grad_norm=rec.grad_norm, learning_rate=rec.learning_rate)
-        w = rec.tensors.get("W")
-        if w is not None:
-            live, dead = (w.float().norm(dim=1) @ self.weights).tolist()
-            metrics.update({n: v for n, v in (("W_norm_live", live), ("W_norm_dead", dead)) if n in self.names})
-        if metrics:
-            self.tracker.log_metrics(metrics, rec.step)
-
-
-def run_names(params: Params, device_type: str) -> tuple[str, dict[int, str] | None]:
-    """`flannel7-seed42-cpu` for one run; with num_runs > 1 the parent is `flannel7-seeds42-44-cpu` and each child
-    is named for its own seed. A label mode other than the notebook's is appended."""
-    t = params.train
-    suffix = device_type if t.label_mode == "notebook" else f"{device_type}-{t.label_mode}"
-    if t.num_runs == 1:
-        return f"flannel7-seed{t.train_seed}-{suffix}", None
-    children = {r: f"flannel7-seed{t.train_seed + r}-{suffix}" for r in range(t.num_runs)}
-    return f"flannel7-seeds{t.train_seed}-{t.train_seed + t.num_runs - 1}-{suffix}", children
-
-
-def open_tracker(params: Params, root: Path, device_type: str) -> Tracker:
-    """The run's tracker, opened before training: an unreachable server or unusable store fails here."""
-    cfg = params.tracking
-    if not cfg.enabled:
-        return NullTracker()
-    name, children = run_names(params, device_type)
-    return MlflowTracker(tracking_uri(cfg, root), cfg.experiment, name, children)
-
-
-def log_run_start(tracker: Tracker, params: Params, root: Path) -> None:
-    """Before training: every resolved param, where the trajectory goes, the code (git) and the DVC experiment."""
-    tracker.log_params(params.flat())
-    tracker.set_tags({"trajectory.path": params.paths.trajectory, **git_tags(Path(root)), **dvc_tags(os.environ)})
-
-
-def log_train_result(tracker: Tracker, params: Params, root: Path, result: TrainResult) -> None:
-    """After the reports are written: hashes, provenance, inputs, summary metrics and artifacts."""
-    if tracker.run_id is None:
-        return
-    from .trajectory import load_trajectory, manifest
-
-    root = Path(root)
-    with load_trajectory(result.trajectory) as traj:
-        doc = manifest(traj)
-    inputs = [InputFile(name, root / getattr(params.paths, name), doc["inputs"][f"{name}_sha256"])
-              for name in ("corpus", "tokenizer", "masks")]
-    tracker.set_tags({
-        "trajectory.sha256": result.sha256,
-        **fingerprint_tags(result.fingerprint),
-        **{f"version.{k}": v for k, v in doc["versions"].items()},
-        **{f"inputs.{f.name}.sha256": f.sha256 for f in inputs},
-    })
-    tracker.log_inputs(inputs)
-    summary = {k: v for k, v in result.metrics().items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    tracker.log_metrics(summary, step=params.train.steps)
-    with tempfile.TemporaryDirectory(prefix="flannel-tracking-") as tmp:
-        staged = Path(tmp)
-        (staged / "params.yaml").write_text(yaml.safe_dump(params.to_dict(), sort_keys=False), encoding="utf-8")
-        (staged / "digests.json").write_text(json.dumps(doc, sort_keys=True), encoding="utf-8")
-        name, _ = run_names(params, result.fingerprint["device_type"])
-        loss_curve_png(result.losses, params.train.train_seed, staged / "loss_curve.png", title=name)
-        for name in ("params.yaml", "digests.json", "loss_curve.png"):
-            tracker.log_artifact(staged / name)
-    tracker.log_artifact(root / params.paths.metrics, "metrics")
-    tracker.log_artifact(root / params.paths.loss_curve, "metrics")
-    if params.tracking.upload_trajectory:
-        tracker.log_artifact(result.trajectory, "trajectory")
-
-
-def loss_curve_png(losses: list[list[float]], first_seed: int, out: Path, title: str) -> None:
-    """Training loss by step, one line per run (seed); `losses` is (runs, steps+1) with NaN at t = 0."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
-
-    fig = Figure(figsize=(7, 4), dpi=100, layout="tight")
-    ax = fig.add_subplot()
-    for run, curve in enumerate(losses):
-        ax.plot(range(1, len(curve)), curve[1:], lw=1, label=f"seed {first_seed + run}")
-    ax.set(xlabel="step", ylabel="training loss", title=title)
-    if len(losses) > 1:
-        ax.legend()
-    fig.savefig(out, format="png")
-
-
-def track_train(
-    params: Params, root: Path, *, sinks: Sequence[StepSink] = (), progress: bool = True, resume: bool = False
-) -> tuple[TrainResult, str | None]:
-    """The train stage with tracking: returns the training result and the tracking run id (None when disabled).
-
-    A resumed run (`resume=True`) is a new tracking run: train() replays the steps before the resume point to the
-    sinks, so its metrics are complete; the interrupted run stays in the store, FAILED."""
-    from .model import pick_device
-    from .train import train, write_reports
-
-    root = Path(root)
-    masks = None
-    if params.tracking.enabled:  # read before a run exists, so a missing masks file leaves no run behind
-        masks = load_masks(root / params.paths.masks, params.model.vocab_size)
-    tracker = open_tracker(params, root, pick_device(params.train.device).type)
-    step_sinks = [StepMetrics(tracker, masks), *sinks] if masks is not None else list(sinks)
-    try:
-        log_run_start(tracker, params, root)
-        if resume:
-            tracker.set_tags({"flannel.resumed": "true"})
-        result = train(params, root, sinks=step_sinks, run_sinks=[tracker], progress=progress, resume=resume)
-        write_reports(params, result, root)
-        log_train_result(tracker, params, root, result)
-    except BaseException as e:
-        _close_failed(tracker, e)
-        raise
-    tracker.finish("FINISHED")
-    return result, tracker.run_id
-
-
-def _close_failed(tracker: Tracker, error: BaseException) -> None:
-    what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    try:
-        tracker.finish("FAILED", error=what)
-    except Exception as e:  # the store failing too must not hide the training error, which is re-raised
-        print(f"tracking: could not mark run {tracker.run_id} FAILED ({e})", file=sys.stderr)
-
-
-def _get_run(client, run_id: str, uri: str):
-    try:
-        return client.get_run(run_id)
-    except StoreError as e:
-        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise FlannelError(f"MLflow run {run_id!r} not found in {uri}; check the run id and the tracking uri "
-                           "(tracking.uri or MLFLOW_TRACKING_URI)") from None
-
-
-@contextlib.contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
-
-
-def load_run_reference(run_id: str, uri: str) -> dict[str, Any]:
-    """The `digests.json` manifest a train run logged (`trajectory.manifest`): what `verify` audits a rerun
-    against when only the run id is known. A child run's manifest is its parent's (one file for all seeds)."""
-    client = _client(uri)
-    run = _get_run(client, run_id, uri)
-    owner = run.data.tags.get(PARENT_TAG, run_id)
-    with tempfile.TemporaryDirectory(prefix="flannel-reference-") as tmp, _no_progress_bar():
-        try:
-            local = client.download_artifacts(owner, "digests.json", tmp)
-        except StoreError:
-            raise FlannelError(f"MLflow run {owner} in {uri} has no digests.json artifact; give the id of a run "
-                               "logged by `flannel-repro train`") from None
-        return json.loads(Path(local).read_text(encoding="utf-8"))
-
-
-def find_train_run(uri: str, trajectory_sha256: str) -> str | None:
-    """The newest finished train run that wrote a file with this sha256 (its `trajectory.sha256` tag), if any."""
-    client = _client(uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return None
-    runs = client.search_runs(
-        experiments, filter_string=f"tags.`trajectory.sha256` = '{trajectory_sha256}' and status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
-
-
-def log_audit(
-    uri: str,
-    audited_run_id: str,
-    *,
-    verdict: str,
-    first_divergent_step: int | None,
-    fingerprint: Mapping[str, Any],
-    report: Path | None = None,
-) -> str:
-    """Log a verify result as its own run in the audited run's experiment, tagged `flannel.audit_of`; returns its id."""
-    client = _client(uri)
-    audited = _get_run(client, audited_run_id, uri)
-    tags = {
-        "mlflow.source.name": "flannel-repro verify",
-        "mlflow.source.type": "LOCAL",
-        "flannel.kind": "audit",
-        "flannel.audit_of": audited_run_id,
-        "flannel.verdict": verdict,
-        "flannel.first_divergent_step": "none" if first_divergent_step is None else str(first_divergent_step),
-        **fingerprint_tags(fingerprint),
-    }
-    run_id = client.create_run(
-        audited.info.experiment_id, run_name=f"audit-{audited.info.run_name}", tags=tags
-    ).info.run_id
-    if first_divergent_step is not None:
-        client.log_metric(run_id, "first_divergent_step", first_divergent_step, step=0)
-    if report is not None:
-        client.log_artifact(run_id, str(report))
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+        audited_run_id: str,
+        *,
+        verdict: str,
+        first_divergent_step: int | None,
+        fingerprint: Mapping[str, Any],
+        report: Path | None = None,
+    ) -> str:
+        """Log a verify result as its own run linked to the audited run; returns its id."""

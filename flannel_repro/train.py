@@ -1,11 +1,16 @@
-"""Stage 4: the Flannel 7 training run, recorded step by step.
+"""Stage 4, `flannel-repro train`: the Flannel 7 training run, recorded step by step, tracked and reported.
+
+`run_train_stage(params, root)` is the stage as the CLI, dvc.yaml and the tests run it: it opens the tracking run
+(train_log.py), trains, writes the DVC metrics and loss curve, and logs the results. `train(params, root)` is the
+training itself, also used untracked by `verify`'s rerun and the benchmarks.
 
 The notebook's procedure exactly: GPT2LMHeadModel with tied embeddings, dropouts 0 and bfloat16 weights; W_initial
 drawn in float32 from `init_seed` and cast to bfloat16; the notebook's TokenDataset windows; HF Trainer with the
 notebook's TrainingArguments (adamw_torch, bf16, linear schedule, default clipping) and the same seeds, so the same
-data order. Recording happens in `recorder.TrajectoryCallback`; the trajectory streams into the output file.
+data order. Recording happens in `recorder.TrajectoryCallback`; the trajectory streams into the output file, whose
+lifecycle (lock, resume point, checkpoints, commit or abort) is output.py's.
 
-    result = train(load_params("params.yaml"), root=Path("."))
+    result, run_id = run_train_stage(load_params("params.yaml"), root=Path("."))
     result.sha256, result.final_loss
 """
 
@@ -13,31 +18,62 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from transformers.utils import logging as hf_logging
 
-from .checkpoint import HISTORY_KEYS, Checkpoints, CheckpointCallback, Marker, io_error_message, notice, run_done
+from .checkpoint import HISTORY_KEYS
 from .config import Params, TrainConfig
 from .errors import FlannelError
 from .fsutil import atomic_output, sha256_file, write_json
 from .masks import Masks, encode_corpus, load_masks
 from .model import TokenDataset, build_model, check_single_device, initial_embedding, pick_device, set_determinism
+from .output import RecordedOutput, metadata_scalars, recorded_output
 from .progress import Progress
-from .provenance import fingerprint, versions
-from .recorder import STEP_TENSORS, FileSink, StepObserver, StepRecord, StepSink, TrajectoryCallback, trajectory_specs
-from .trajectory import FORMAT, TensorSpec, TrajectoryWriter
+from .provenance import fingerprint
+from .recorder import STEP_TENSORS, StepObserver, StepRecord, StepSink, TrajectoryCallback
+from .train_log import log_train_result, tracked_run
+from .trajectory import TrajectoryWriter
+
+
+def run_train_stage(
+    params: Params, root: Path, *, observers: Sequence[Any] = (), progress: bool = True, resume: bool = False
+) -> tuple[TrainResult, str | None]:
+    """The train stage: returns the training result and the tracking run id (None when tracking is disabled).
+
+    observers: extra `train()` observers (tests). A resumed run (`resume=True`) is a new tracking run: train()
+    replays the steps before the resume point to the observers, so its metrics are complete."""
+    root = Path(root)
+    with tracked_run(params, root, resume=resume) as (tracker, metrics):
+        result = train(params, root, observers=[*metrics, *observers, tracker], progress=progress, resume=resume)
+        write_reports(params, result, root)
+        log_train_result(tracker, params, root, result)
+    return result, tracker.run_id
+
+
+def write_reports(params: Params, result: TrainResult, root: Path) -> None:
+    """metrics/train.json (DVC metrics) and the per-step loss curve CSV (DVC plots)."""
+    paths = params.paths.under(root)
+    write_json(paths.metrics, result.metrics())
+    with atomic_output(paths.loss_curve) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "step", "loss", "grad_norm", "learning_rate"])
+            for run, losses in enumerate(result.losses):
+                for step in range(1, len(losses)):
+                    w.writerow([run, step, repr(losses[step]), repr(result.grad_norms[run][step]),
+                                repr(result.learning_rates[run][step])])
 
 
 @dataclass(frozen=True)
@@ -71,8 +107,9 @@ def check_output_paths(params: Params, root: Path, write: bool) -> None:
     """Fail before training, not after it, when an output path is a folder."""
     if not write:
         return
+    paths = params.paths.under(root)
     for key in ("trajectory", "metrics", "loss_curve"):
-        path = root / getattr(params.paths, key)
+        path = getattr(paths, key)
         if path.is_dir():
             raise FlannelError(f"{path}: is a folder; paths.{key} must name a file, fix it in params.yaml")
 
@@ -151,8 +188,8 @@ class _Inputs:
 
 def load_inputs(params: Params, root: Path) -> _Inputs:
     """Read and check every input before any training starts."""
-    p, v = params.paths, params.model.vocab_size
-    corpus_path, tok_path, masks_path = root / p.corpus, root / p.tokenizer, root / p.masks
+    paths, v = params.paths.under(root), params.model.vocab_size
+    corpus_path, tok_path, masks_path = paths.corpus, paths.tokenizer, paths.masks
     tokens = encode_corpus(corpus_path, tok_path, v)
     need = params.model.max_seq_len + 1
     if len(tokens) < need:
@@ -161,11 +198,7 @@ def load_inputs(params: Params, root: Path) -> _Inputs:
             "longer corpus or a smaller max_seq_len"
         )
     masks = load_masks(masks_path, v)
-    digests = {
-        "corpus_sha256": sha256_file(corpus_path),
-        "tokenizer_sha256": sha256_file(tok_path),
-        "masks_sha256": sha256_file(masks_path),
-    }
+    digests = {f"{name}_sha256": sha256_file(path) for name, path in paths.inputs().items()}
     made_from = _masks_made_from(masks_path)
     for key, what, path in (("corpus_sha256", "corpus", corpus_path), ("tokenizer_sha256", "tokenizer", tok_path)):
         if made_from.get(key) is not None and made_from[key] != digests[key]:
@@ -184,35 +217,6 @@ def _masks_made_from(path: Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def metadata_scalars(params: Params, masks: Masks, w_initial: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every scalar of the notebook's save cell, W_initial included, with the notebook's dtypes."""
-    t, m, r = params.train, params.model, params.record
-    i64 = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-    b = lambda x: torch.tensor(x, dtype=torch.bool)  # noqa: E731
-    return {
-        "n_runs": i64(t.num_runs),
-        "init_seed": i64(t.init_seed),
-        "train_seed": i64(t.train_seed),
-        "n_steps": i64(t.steps),
-        "n_live": i64(masks.n_live),
-        "n_dead": i64(masks.n_dead),
-        "vocab_size": i64(m.vocab_size),
-        "hidden_dim": i64(m.hidden_dim),
-        "init_scale": f32(t.init_scale),
-        "learning_rate": f32(t.learning_rate),
-        "weight_decay": f32(t.weight_decay),
-        "adam_beta1": f32(t.adam_beta1),
-        "adam_beta2": f32(t.adam_beta2),
-        "W_initial": w_initial,
-        "recorded_W": b(r.W),
-        "recorded_grads": b(r.grads),
-        "recorded_losses": b(r.losses),
-        "recorded_momentum": b(r.momentum),
-        "recorded_variance": b(r.variance),
-    }
-
-
 class _Collect:
     """Keeps the per-step scalars for metrics, the loss curve and tracking summaries."""
 
@@ -226,8 +230,9 @@ class _Collect:
 
     def restore(self, history: dict[str, list[list[float]]]) -> None:
         """Scalars of the steps before a resume point, from the resume marker (exact floats)."""
-        for mine, theirs in zip((self.losses, self.grad_norms, self.lrs), (history[k] for k in HISTORY_KEYS)):
-            for row, saved in zip(mine, theirs):
+        saved_rows = [history[k] for k in HISTORY_KEYS]
+        for mine, theirs in zip((self.losses, self.grad_norms, self.lrs), saved_rows, strict=True):
+            for row, saved in zip(mine, theirs, strict=False):
                 row[: len(saved)] = saved[: len(row)]
 
     def __call__(self, rec: StepRecord) -> None:
@@ -240,8 +245,7 @@ def train(
     params: Params,
     root: Path = Path("."),
     *,
-    sinks: list[StepSink] | None = None,
-    run_sinks: list[Any] | None = None,
+    observers: Sequence[Any] = (),
     write: bool = True,
     record: bool = True,
     progress: bool = True,
@@ -249,115 +253,59 @@ def train(
 ) -> TrainResult:
     """Run training with `params` and record the trajectory to `params.paths.trajectory` (under `root`).
 
-    sinks: extra per-step consumers (tracking, verify). run_sinks: objects with `start_run(run, seed)` and
-    `end_run(run)`, told when each of the `num_runs` runs begins and ends. write=False records nothing to disk
-    (verify); record=False turns recording off entirely (the benchmark's baseline). resume=True continues the
-    interrupted run of this output from its last checkpoint (see checkpoint.py); the steps before it are replayed
-    to the sinks from the partial trajectory, so they see exactly what an uninterrupted run shows them.
+    observers: what watches the run besides the file (tracking, verify), each with any of `start_run(run, seed)`
+    and `end_run(run)`, told when each of the `num_runs` runs begins and ends, and `__call__(StepRecord)`, given
+    every step. write=False records nothing to disk (verify); record=False turns recording off entirely (the
+    benchmark's baseline). resume=True continues the interrupted run of this output from its last checkpoint (see
+    checkpoint.py); the steps before it are replayed to the observers from the partial trajectory, so they see
+    exactly what an uninterrupted run shows them.
     """
-    root = Path(root)
-    cfg, mcfg = params.train, params.model
-    set_determinism(cfg)
-    device = pick_device(cfg.device)
-    check_single_device(device)
-    check_output_paths(params, root, write)
+    root, cfg = Path(root), params.train
+    # Device and inputs, checked before anything is opened or trained.
+    device = _prepare(params, root, write)
     inputs = load_inputs(params, root)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar on stderr at every checkpoint
     fp = fingerprint(device)
-
-    w_initial = initial_embedding(mcfg, cfg)
+    w_initial = initial_embedding(params.model, cfg)
     scalars = metadata_scalars(params, inputs.masks, w_initial)
     collect = _Collect(cfg.num_runs, cfg.steps)
-    extra_sinks: list[StepSink] = [collect, *(sinks or [])]
-    all_sinks: list[StepSink] = list(extra_sinks)
-    writer = checkpoints = marker = None
-    out_path = root / params.paths.trajectory
-    if write and record:
-        specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in scalars.items()}
-        specs.update(trajectory_specs(params.record, cfg.num_runs, cfg.steps, mcfg.vocab_size, mcfg.hidden_dim, cfg.batch_size))
-        metadata = {
-            "format": FORMAT,
-            "params": params.to_json(),
-            "versions": json.dumps(versions(), sort_keys=True),
-            "fingerprint": json.dumps(fp, sort_keys=True),
-            "inputs": json.dumps(inputs.input_digests, sort_keys=True),
-        }
-        checkpoints = Checkpoints(root, params.paths.trajectory, out_path)
-        checkpoints.acquire()
-        try:
-            marker = _resume_point(checkpoints, params, resume)
-            checkpoints.clear(keep=marker.temp if marker else None)
-            writer = TrajectoryWriter(out_path, specs, metadata, resume_from=marker.temp if marker else None)
-        except BaseException:
-            checkpoints.release()  # the marker and partial file stay as they were
-            raise
-        all_sinks.insert(0, FileSink(writer, params.record))
-    if progress:
-        all_sinks.append(Progress(cfg.num_runs, cfg.steps, cfg.log_every))
-
-    first_run, first_step = (marker.run, marker.step) if marker else (0, 0)
-    if marker:
-        collect.restore(marker.history)
-    checkpointing = checkpoints is not None and cfg.checkpoint_every > 0
-    try:
-        if writer is not None and not marker:
-            for name, value in scalars.items():
-                writer.write(name, (), value)
-        tokens = inputs.tokens.to(device)
-        dataset = TokenDataset(tokens, mcfg.max_seq_len, cfg.label_mode)
+    # The output: lock, resume point, temporary file and checkpoints; committed when the block ends, else kept
+    # for --resume or removed.
+    with recorded_output(params, root, scalars, fp, inputs.input_digests, write=write and record,
+                         resume=resume) as out:
+        if out.marker:
+            collect.restore(out.marker.history)
+        sinks = [o for o in observers if callable(o)]  # per-step observers; the others have run hooks only
+        replayed = [collect, *sinks]  # the file has these steps already, and progress is not shown again
+        steps = [*out.observers, *replayed, *([Progress(cfg.num_runs, cfg.steps, cfg.log_every)] if progress else [])]
+        dataset = TokenDataset(inputs.tokens.to(device), params.model.max_seq_len, cfg.label_mode)
+        setup = _Setup(params, device, w_initial, dataset, record, steps)
         start = time.perf_counter()
         for run in range(cfg.num_runs):
-            seed = cfg.train_seed + run
-            for s in run_sinks or []:
-                s.start_run(run, seed)
-            # Steps of this run already in the partial trajectory: all of an earlier run, 0..K of the resumed one.
-            done = cfg.steps if run < first_run else first_step if run == first_run and first_step > 0 else -1
-            if done >= 0 and extra_sinks:
-                _replay(writer, run, done, collect, extra_sinks, with_tensors=bool(sinks))
+            _each(observers, "start_run", run, cfg.train_seed + run)
+            done = out.steps_done(run)
+            if done >= 0:
+                _replay(out.writer, run, done, collect, replayed, with_tensors=bool(sinks))
             if done < cfg.steps:
-                resume_dir = marker.checkpoint if marker and run == first_run and first_step > 0 else None
-                extra_callbacks = []
-                if checkpointing:
-                    extra_callbacks.append(
-                        CheckpointCallback(checkpoints, writer, run, params.to_json(), collect.history)
-                    )
-                out_dir = checkpoints.dir / f"run-{run}" if checkpointing else None
-                _train_one(params, run, seed, w_initial, dataset, device, all_sinks, record,
-                           resume_dir=resume_dir, output_dir=out_dir, callbacks=extra_callbacks)
-                if checkpointing and run + 1 < cfg.num_runs:
-                    run_done(checkpoints, writer, run, params.to_json(), collect.history())
-            for s in run_sinks or []:
-                s.end_run(run)
+                _train_one(setup, run, out, collect.history)
+                out.run_done(run, collect.history)
+            _each(observers, "end_run", run)
         runtime = time.perf_counter() - start
-        sha = None
-        if writer is not None:
-            writer.commit()
-            checkpoints.finish()
-            sha = sha256_file(out_path)
-    except BaseException as e:
-        kept = _stop(writer, checkpoints) if writer is not None else None
-        if kept is None and not isinstance(e, OSError):
-            raise
-        hint = f"; {kept}" if kept else ""
-        if isinstance(e, KeyboardInterrupt):
-            raise KeyboardInterrupt(f"interrupted; no output was written{hint}") from None
-        if isinstance(e, FlannelError):
-            raise FlannelError(f"{e}{hint}") from None
-        if isinstance(e, OSError):
-            raise FlannelError(io_error_message(e, "trajectory") + hint) from None
-        raise
+    return _result(out, inputs.masks, collect, runtime, device, fp)
 
-    final = collect.losses[-1][-1]
-    trained = cfg.num_runs * cfg.steps - (first_run * cfg.steps + first_step)
+
+def _result(out: RecordedOutput, masks: Masks, collect: _Collect, runtime: float, device: torch.device,
+            fp: dict[str, Any]) -> TrainResult:
+    cfg = out.params.train
+    first_run, first_step = (out.marker.run, out.marker.step) if out.marker else (0, 0)
+    trained = cfg.num_runs * cfg.steps - (first_run * cfg.steps + first_step)  # a resumed run trains fewer steps
     return TrainResult(
-        trajectory=out_path if writer is not None else None,
-        sha256=sha,
-        final_loss=final,
+        trajectory=out.path if out.writer is not None else None,
+        sha256=out.sha256,
+        final_loss=collect.losses[-1][-1],
         runtime_s=runtime,
         steps_per_s=trained / runtime if trained else math.nan,
-        n_live=inputs.masks.n_live,
-        n_dead=inputs.masks.n_dead,
+        n_live=masks.n_live,
+        n_dead=masks.n_dead,
         device=f"{device.type}: {fp['device_name']}",
         fingerprint=fp,
         losses=collect.losses,
@@ -366,42 +314,38 @@ def train(
     )
 
 
-def _resume_point(checkpoints: Checkpoints, params: Params, resume: bool) -> Marker | None:
-    """The marker a resume continues from; None starts from step 0 (and the caller clears what is left)."""
-    if not resume:
-        return None
-    marker = checkpoints.read_marker()
-    if marker is None:
-        notice("no interrupted run of this output to resume; starting from step 0")
-        return None
-    if marker.params != params.to_json():
-        old, new = json.loads(marker.params), json.loads(params.to_json())
-        diff = next((f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s, sec in new.items()
-                     for k, v in sec.items() if old.get(s, {}).get(k) != v), "the params differ")
-        raise FlannelError(
-            f"{checkpoints.dir / 'resume.json'}: the interrupted run used other params ({diff}); restore them, or "
-            "run `flannel-repro train` without --resume to start over"
-        )
-    notice(f"resuming run {marker.run + 1}/{params.train.num_runs} after step {marker.step}")
-    return marker
+def _prepare(params: Params, root: Path, write: bool) -> torch.device:
+    """Determinism switches, the device, and output paths that cannot be written; quiets the Trainer's logs."""
+    set_determinism(params.train)
+    device = pick_device(params.train.device)
+    check_single_device(device)
+    check_output_paths(params, root, write)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar on stderr at every checkpoint
+    return device
 
 
-def _stop(writer: TrajectoryWriter, checkpoints: Checkpoints) -> str | None:
-    """A failed or interrupted run: keep the partial trajectory only if a checkpoint can resume it, and say how."""
-    with contextlib.suppress(FlannelError, OSError):
-        marker = checkpoints.read_marker()
-        if marker is not None and marker.temp == writer.tmp_path:
-            writer.close()
-            checkpoints.release()
-            where = f"after run {marker.run + 1}, step {marker.step}" if marker.step else f"with run {marker.run + 1}"
-            return f"`flannel-repro train --resume` continues {where}"
-    writer.abort()
-    checkpoints.clear()
-    checkpoints.release()
-    return None
+def _each(observers: Sequence[Any], hook: str, *args: Any) -> None:
+    """Call `hook` on every observer that has it."""
+    for o in observers:
+        method = getattr(o, hook, None)
+        if method is not None:
+            method(*args)
 
 
-def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: "_Collect", sinks, with_tensors: bool) -> None:
+@dataclass(frozen=True)
+class _Setup:
+    """What every run of one file shares."""
+
+    params: Params
+    device: torch.device
+    w_initial: torch.Tensor  # (V, H) bf16
+    dataset: Dataset
+    record: bool  # False: train without the recorder (the benchmark's baseline)
+    sinks: list[StepSink]  # every per-step observer, the file's first
+
+
+def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: _Collect, sinks, with_tensors: bool) -> None:
     """Feed steps 0..upto of `run`, already in the partial trajectory, to the sinks (not to the file again)."""
     names = [n for n in writer.specs if n in STEP_TENSORS]
     for t in range(upto + 1):
@@ -417,36 +361,27 @@ def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: "_Collect", 
             sink(rec)
 
 
-def _train_one(params, run, seed, w_initial, dataset, device, sinks, record: bool, *,
-               resume_dir: Path | None = None, output_dir: Path | None = None, callbacks=()) -> None:
+def _train_one(setup: _Setup, run: int, out: RecordedOutput, history) -> None:
+    """Train run `run` (seed train_seed + run), from step 0 or from the output's resume checkpoint."""
+    params, seed = setup.params, setup.params.train.train_seed + run
+    resume_dir, output_dir = out.resume_checkpoint(run), out.checkpoint_dir(run)
     # The order of every RNG draw matches the notebook: seed, build the model, then the Trainer (which seeds again).
     # A resumed run draws the same, then the Trainer restores the checkpoint's weights, optimizer and RNG states.
     torch.manual_seed(seed)
     np.random.seed(seed)
-    model = build_model(params.model, w_initial, device)
+    model = build_model(params.model, setup.w_initial, setup.device)
     observer = StepObserver()
     # record=False (the benchmark's baseline) trains without the recorder: no per-step copies of W or grad_W.
-    callback = TrajectoryCallback(run, params.record, observer, sinks, want_digests=True) if record else None
+    callback = None
+    if setup.record:
+        callback = TrajectoryCallback(run, params.record, observer, setup.sinks, want_digests=True)
     with contextlib.ExitStack() as stack:
         scratch = str(output_dir) if output_dir is not None else stack.enter_context(_scratch_dir())
-        args = training_arguments(params.train, device, seed, scratch, checkpoint_every=params.train.checkpoint_every
-                                  if output_dir is not None else 0)
-        trainer = make_trainer(model, args, dataset, observer, [callback] if callback else [])
-        for cb in callbacks:
+        every = params.train.checkpoint_every if output_dir is not None else 0
+        args = training_arguments(params.train, setup.device, seed, scratch, checkpoint_every=every)
+        trainer = make_trainer(model, args, setup.dataset, observer, [callback] if callback else [])
+        for cb in out.callbacks(run, history):
             trainer.add_callback(cb)
-        if record and resume_dir is None:
+        if setup.record and resume_dir is None:
             callback.emit_initial(model.transformer.wte.weight)
         trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir is not None else None)
-
-
-def write_reports(params: Params, result: TrainResult, root: Path) -> None:
-    """metrics/train.json (DVC metrics) and the per-step loss curve CSV (DVC plots)."""
-    write_json(root / params.paths.metrics, result.metrics())
-    with atomic_output(root / params.paths.loss_curve) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["run", "step", "loss", "grad_norm", "learning_rate"])
-            for run, losses in enumerate(result.losses):
-                for step in range(1, len(losses)):
-                    w.writerow([run, step, repr(losses[step]), repr(result.grad_norms[run][step]),
-                                repr(result.learning_rates[run][step])])

@@ -25,30 +25,22 @@ import json
 import math
 import os
 import struct
-import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from .config import Params, params_from_json
 from .errors import FlannelError
-from .fsutil import TMP_PREFIX, commit_file
+from .fsutil import commit_file, temp_path_for
+from .safetensors_header import DTYPES, read_header
 
 FORMAT = "flannel-trajectory/1"
 DIGEST_BYTES = 32  # sha256
-_DTYPES = {
-    torch.int64: "I64",
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.bool: "BOOL",
-    torch.uint8: "U8",
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 @dataclass(frozen=True)
@@ -59,27 +51,6 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
-
-
-def owned_temp_path(out_path: Path) -> Path:
-    """A new temporary file beside `out_path`, named `.flannel-tmp-<name>.<pid>.<random>` so that the next run
-    can tell a dead run's leftover from a live one's (same filesystem, so the final rename is atomic)."""
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{out_path.name}.{os.getpid()}.", dir=out_path.parent)
-    except OSError as e:
-        blocker = next((p for p in out_path.parents if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            raise FlannelError(
-                f"{out_path.parent}: cannot create the output folder: {blocker} is a file, not a folder; move it or "
-                "fix paths.trajectory in params.yaml"
-            ) from None
-        raise FlannelError(
-            f"{out_path.parent}: cannot write the output folder ({e.strerror}); check it or fix paths.trajectory "
-            "in params.yaml"
-        ) from None
-    os.close(fd)
-    return Path(name)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
@@ -114,7 +85,7 @@ class TrajectoryWriter:
         for name in order:
             spec = specs[name]
             header[name] = {
-                "dtype": _DTYPES[spec.dtype],
+                "dtype": DTYPES[spec.dtype],
                 "shape": list(spec.shape),
                 "data_offsets": [pos, pos + spec.nbytes],
             }
@@ -126,7 +97,7 @@ class TrajectoryWriter:
         self.data_start = len(head)
         self.size = self.data_start + pos
         if resume_from is None:
-            self.tmp_path = owned_temp_path(self.out_path)
+            self.tmp_path = temp_path_for(self.out_path, owner_key="paths.trajectory")
             self._file = open(self.tmp_path, "r+b")
         else:
             self.tmp_path = Path(resume_from)
@@ -186,7 +157,7 @@ class TrajectoryWriter:
         spec = self.specs[name]
         trailing = spec.shape[len(index) :]
         flat = 0
-        for i, n in zip(index, spec.shape):
+        for i, n in zip(index, spec.shape, strict=False):  # `index` covers the leading dimensions only
             flat = flat * n + i
         n_bytes = math.prod(trailing) * spec.dtype.itemsize
         return trailing, self.data_start + self.offsets[name] + flat * n_bytes, n_bytes
@@ -217,54 +188,6 @@ class TrajectoryWriter:
         if f is not None and not f.closed:
             f.close()
         self.tmp_path.unlink(missing_ok=True)
-
-
-def read_header(path: Path, what: str = "trajectory file") -> dict[str, Any]:
-    """Parse and check a safetensors header against the file's length before anything trusts it."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise FlannelError(f"{path}: {what} is too short to be safetensors ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _HEADER_LIMIT or 8 + n > size:
-                raise FlannelError(
-                    f"{path}: {what} is not a safetensors file or is truncated (header of {n} bytes, file of {size})"
-                )
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise FlannelError(f"{path}: {what} not found; check the path") from None
-    except IsADirectoryError:
-        raise FlannelError(f"{path}: {what} is a directory, not a file") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not a JSON object)")
-    data_len = size - 8 - n
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPE_NAMES.get(info["dtype"])
-            lo, hi = (int(x) for x in info["data_offsets"])
-            numel = math.prod(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise FlannelError(f"{path}: {what} has a malformed header entry for {name!r}") from None
-        if not 0 <= lo <= hi <= data_len:
-            raise FlannelError(
-                f"{path}: {what} is truncated or corrupt: {name} ends at byte {hi} of a {data_len}-byte data region"
-            )
-        if dtype is not None and hi - lo != numel * dtype.itemsize:
-            raise FlannelError(f"{path}: {what} is corrupt: {name}'s size does not match its shape")
-        end = max(end, hi)
-    if end != data_len:
-        raise FlannelError(f"{path}: {what} is corrupt: {data_len - end} bytes after the last tensor")
-    return header
 
 
 class Trajectory:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +25,15 @@ from typing import Any
 
 import torch
 
-from .config import Params, params_from_dict
+from .bits import CHECK_ORDER, compare_slices, f32_bits
+from .config import INPUTS, Params, params_from_dict
 from .errors import FlannelError
 from .fsutil import sha256_file
 from .masks import load_masks
 from .provenance import fingerprint, fingerprint_mismatches
 from .recorder import StepRecord, recorded_tensors
+from .tracking import AuditStore
 from .trajectory import MANIFEST_FORMAT, Trajectory, digest, load_trajectory, manifest
-
-# Causal order within one step: the loss comes from the forward pass, grad_W from backward, then the update.
-CHECK_ORDER = ("loss", "grad_W", "W", "momentum", "variance")
-INPUTS = (("corpus_sha256", "corpus"), ("tokenizer_sha256", "tokenizer"), ("masks_sha256", "masks"))
-SHOW_ROWS = 10  # differing token rows listed in a report
 
 
 @dataclass
@@ -55,14 +51,13 @@ def file_reference(path: Path) -> Reference:
     try:
         doc = manifest(traj)
     except (KeyError, ValueError, TypeError) as e:
-        raise FlannelError(f"{path}: trajectory header is incomplete or corrupt ({e}); re-record it with `flannel-repro train`") from None
+        raise FlannelError(f"{path}: trajectory header is incomplete or corrupt ({e}); re-record it with "
+                           "`flannel-repro train`") from None
     return _checked(Reference(str(path), doc, params, trajectory=traj))
 
 
-def run_reference(run_id: str, uri: str | None) -> Reference:
-    from .tracking import load_run_reference
-
-    doc = load_run_reference(run_id, uri)
+def run_reference(run_id: str, store: AuditStore) -> Reference:
+    doc = store.run_manifest(run_id)
     params = params_from_dict(doc.get("params"), f"MLflow run {run_id} (recorded params)")
     return _checked(Reference(f"MLflow run {run_id}", doc, params, run_id=run_id))
 
@@ -75,7 +70,8 @@ def _checked(ref: Reference) -> Reference:
     want = set(recorded_tensors(ref.params.record))
     have = set(m.get("digests") or {})
     if have != want:
-        raise FlannelError(f"{ref.source}: digests for {sorted(have)} but the recorded params say {sorted(want)}; the reference is corrupt")
+        raise FlannelError(f"{ref.source}: digests for {sorted(have)} but the recorded params say {sorted(want)}; "
+                           "the reference is corrupt")
     series = {f"digests.{k}": v for k, v in m["digests"].items()}
     if "losses_f32" in m:
         series["losses_f32"] = m["losses_f32"]
@@ -224,43 +220,6 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def f32_bits(x: float | None) -> int | None:
-    """The float32 bit pattern; every NaN (and a missing value) counts as the same NaN."""
-    if x is None or math.isnan(x):
-        return None
-    return struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-def bf16_order(t: torch.Tensor) -> torch.Tensor:
-    """bf16 bit patterns mapped to integers in the order of the values: adjacent floats differ by 1 (one ULP)."""
-    bits = t.view(torch.int16).to(torch.int32)  # sign-magnitude, sign-extended
-    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-
-def compare_slices(ours: torch.Tensor, theirs: torch.Tensor, live: torch.Tensor | None) -> dict[str, Any]:
-    """Elementwise comparison of two (V, H) bf16 slices; `live` is bool[V] or None."""
-    differ = ours.view(torch.int16) != theirs.view(torch.int16)  # (V, H)
-    n = int(differ.sum())
-    absdiff = (ours.float() - theirs.float()).abs()[differ]
-    ulp = (bf16_order(ours) - bf16_order(theirs)).abs()
-    rows = differ.any(dim=1).nonzero().flatten().tolist()
-    return {
-        "numel": differ.numel(),
-        "n_differ": n,
-        "max_abs_diff": float(absdiff.max()) if n else 0.0,
-        "max_ulp": int(ulp.max()) if n else 0,
-        "n_rows": len(rows),
-        "rows": [
-            {
-                "row": r,
-                "kind": "unknown" if live is None else ("live" if live[r] else "dead"),
-                "n_differ": int(differ[r].sum()),
-            }
-            for r in rows[:SHOW_ROWS]
-        ],
-    }
-
-
 class _Diverged(Exception):
     """Raised from the sink to end the rerun at the first divergent step."""
 
@@ -355,7 +314,7 @@ def verify(
         check = StepCheck(ref, live, stop=not full)
         start = time.perf_counter()
         try:
-            train(params, root, sinks=[check], write=False, progress=progress)
+            train(params, root, observers=[check], write=False, progress=progress)
         except _Diverged:
             pass
         expected = params.train.num_runs * (params.train.steps + 1)
@@ -382,22 +341,21 @@ def _rerun_params(ref: Reference, threads: int | None) -> tuple[Params, list[str
     else:
         threads = t.num_threads
         notes.append("the reference recorded no thread count; using its params' train.num_threads")
+    from .model import device_available
+
     device = t.device
-    if device == "auto" and fp.get("device_type") in ("cpu", "cuda", "mps") and _available(fp["device_type"]):
+    if device == "auto" and fp.get("device_type") in ("cpu", "cuda", "mps") and device_available(fp["device_type"]):
         device = fp["device_type"]  # the device the reference actually ran on
     train_cfg = dataclasses.replace(t, num_threads=threads, device=device)
     return dataclasses.replace(ref.params, train=train_cfg), notes
-
-
-def _available(device_type: str) -> bool:
-    return {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[device_type]
 
 
 def _input_mismatches(ref: Reference, root: Path) -> list[tuple[str, str, str | None]]:
     """Corpus, tokenizer and masks under `root` whose sha256 differs from what the reference recorded."""
     recorded = ref.manifest.get("inputs") or {}
     out = []
-    for key, attr in INPUTS:
+    for attr in INPUTS:
+        key = f"{attr}_sha256"
         rel = getattr(ref.params.paths, attr)
         path = root / rel
         if not path.is_file():
@@ -416,14 +374,14 @@ def load_reference(path: Path | None, run_id: str | None, current: Params | None
     A file and a run id together audit that run with its file at hand (for the elementwise detail): the file must
     hold exactly the digests the run logged."""
     if path is None and run_id is not None:
-        return run_reference(run_id, tracking_uri_for(current, root))
+        return run_reference(run_id, audit_store(current, root))
     if path is None:
         if current is None:
             raise FlannelError("no reference: give a trajectory file or --run-id, or run where params.yaml is")
         path = root / current.paths.trajectory
     ref = file_reference(path)
     if run_id is not None:
-        logged = run_reference(run_id, tracking_uri_for(current, root))
+        logged = run_reference(run_id, audit_store(current, root))
         if logged.manifest.get("digests") != ref.manifest["digests"]:
             raise FlannelError(f"{path}: not the trajectory of MLflow run {run_id} (its digests differ from the "
                                "run's digests.json); give that run's file, or leave out one of the two")
@@ -431,11 +389,12 @@ def load_reference(path: Path | None, run_id: str | None, current: Params | None
     return ref
 
 
-def tracking_uri_for(current: Params | None, root: Path) -> str:
+def audit_store(current: Params | None, root: Path) -> AuditStore:
+    """The tracking store of params.yaml (its defaults when there is none) under `root`."""
     from .config import TrackingConfig
-    from .tracking import tracking_uri
+    from .mlflow_tracker import MlflowAuditStore, tracking_uri
 
-    return tracking_uri(current.tracking if current is not None else TrackingConfig(), root)
+    return MlflowAuditStore(tracking_uri(current.tracking if current is not None else TrackingConfig(), root))
 
 
 def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
@@ -445,17 +404,15 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
         return "tracking is disabled (tracking.enabled: false in params.yaml); the verdict is not logged"
     import tempfile
 
-    from .fsutil import sha256_file, write_json
-    from .tracking import find_train_run
-    from .tracking import log_audit as log_audit_run
+    from .fsutil import write_json
 
-    uri = tracking_uri_for(current, root)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        return f"no tracking store at {uri} yet; the verdict is not logged"
+    store = audit_store(current, root)
+    if not store.exists():
+        return f"no tracking store at {store.uri} yet; the verdict is not logged"
     run_id = report.reference.run_id
     traj = report.reference.trajectory
     if run_id is None and traj is not None:  # a file: find the run that wrote it by the file's sha256
-        run_id = find_train_run(uri, sha256_file(traj.path))
+        run_id = store.find_train_run(sha256_file(traj.path))
     if run_id is None:
         return ("the verdict is not logged to tracking: no train run in the store wrote this file; name the audited "
                 "run with --run-id ID")
@@ -464,8 +421,8 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
     with tempfile.TemporaryDirectory(prefix="flannel-verify-") as tmp:
         doc = Path(tmp) / "verify.json"
         write_json(doc, report.to_json())
-        audit_id = log_audit_run(
-            uri, run_id, verdict=report.to_json()["verdict"],
+        audit_id = store.log_audit_run(
+            run_id, verdict=report.to_json()["verdict"],
             first_divergent_step=first.step if first else None, fingerprint=report.fingerprint, report=doc,
         )
     return f"logged to tracking as audit run {audit_id} of run {run_id}"

@@ -43,10 +43,9 @@ def tiny_data(tmp_path_factory) -> Path:
     """Corpus, tokenizer and masks for the tiny config, made once per session."""
     root = tmp_path_factory.mktemp("tiny_data")
     params = load_params(write_params(root))
-    p = params.paths
-    corpus(params.corpus, root / p.corpus)
-    tokenizer(params.tokenizer, params.model.vocab_size, root / p.corpus, root / p.tokenizer)
-    masks(root / p.corpus, root / p.tokenizer, params.model.vocab_size, root / p.masks)
+    corpus(params, root)
+    tokenizer(params, root)
+    masks(params, root)
     return root
 
 

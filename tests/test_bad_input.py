@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flannel_repro.cli import main
 from flannel_repro.config import ConfigError, params_from_dict, parse_yaml
 from flannel_repro.fsutil import TMP_PREFIX
-
-from conftest import run_cli
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 PREVIOUS = b"a previous trajectory\n"

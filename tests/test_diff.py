@@ -14,8 +14,8 @@ from flannel_repro.config import load_params
 from flannel_repro.diff import diff, write_csv, write_plot
 from flannel_repro.errors import FlannelError
 from flannel_repro.masks import load_masks
-from flannel_repro.trajectory import load_trajectory
 from flannel_repro.train import train
+from flannel_repro.trajectory import load_trajectory
 
 MASKS = "tensors/Flannel/live_dead_tokens.safetensors"
 

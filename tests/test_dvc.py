@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, write_params
 from safetensors import safe_open
 
-from conftest import REPO, write_params
 from flannel_repro.cli import main
 from flannel_repro.config import CorpusConfig, load_params
 from flannel_repro.corpus import generate_text
@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
-TRACKED = ["flannel_repro", "dvc.yaml", "audit/dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml", ".gitignore"]
+TRACKED = ["flannel_repro", "dvc.yaml", "audit/dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+           "pyproject.toml", ".gitignore"]
 STAGES = {"corpus@synthetic", "tokenizer@bpe", "masks", "train"}
 QUEUE_TIMEOUT_S = 600
 

@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_params
 
 from flannel_repro.checkpoint import Checkpoints, checkpoint_root
 from flannel_repro.config import load_params
 from flannel_repro.errors import FlannelError
 from flannel_repro.fsutil import TMP_PREFIX, sha256_file
 from flannel_repro.train import train, write_reports
-
-from conftest import write_params
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 PREVIOUS = b"a previous trajectory that no failed run may touch\n"
@@ -177,7 +176,7 @@ def test_resume_refuses_other_params_and_a_tampered_marker(project):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(params, project, progress=False, sinks=[Stop()])
+        train(params, project, progress=False, observers=[Stop()])
     changed = load_params(project / "params.yaml", ["train.learning_rate=0.002"])
     with pytest.raises(FlannelError, match=r"resume.json: the interrupted run used other params "
                                            r"\(train.learning_rate: 0.001 -> 0.002\)"):

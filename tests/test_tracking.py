@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, write_params
 from mlflow import MlflowClient
 
 from flannel_repro.config import Params, TrackingConfig, load_params
 from flannel_repro.errors import FlannelError
 from flannel_repro.fsutil import sha256_file
 from flannel_repro.masks import load_masks
-from flannel_repro.tracking import load_run_reference, log_audit, track_train, tracking_uri
+from flannel_repro.mlflow_tracker import MlflowAuditStore, tracking_uri
+from flannel_repro.train import run_train_stage
 from flannel_repro.trajectory import load_trajectory, manifest
-from conftest import run_cli, write_params
 
 STEPS = 6  # conftest TINY
 
@@ -115,7 +116,7 @@ def tracked(request, tmp_path_factory, tiny_data) -> Tracked:
     else:
         uri = request.getfixturevalue("mlflow_server")
         git_project(root, tiny_data, {"uri": uri})
-        _, run_id = track_train(load_params(root / "params.yaml"), root, progress=False)
+        _, run_id = run_train_stage(load_params(root / "params.yaml"), root, progress=False)
     return Tracked(root, load_params(root / "params.yaml"), uri, run_id, MlflowClient(uri))
 
 
@@ -190,14 +191,17 @@ def test_artifacts_let_an_audit_work_from_the_run_id_alone(tracked, tmp_path):
 
     with load_trajectory(root / params.paths.trajectory) as traj:
         want = manifest(traj)
-    assert json.dumps(load_run_reference(run_id, tracked.uri), sort_keys=True) == json.dumps(want, sort_keys=True)
+    got = MlflowAuditStore(tracked.uri).run_manifest(run_id)
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
 
 
 def test_audit_is_logged_beside_the_run(tracked, tmp_path):
     report = tmp_path / "verify.json"
     report.write_text('{"verdict": "diverged"}\n')
-    audit_id = log_audit(tracked.uri, tracked.run_id, verdict="diverged", first_divergent_step=3,
-                         fingerprint={"device_type": "cpu", "torch_threads": 2}, report=report)
+    audit_id = MlflowAuditStore(tracked.uri).log_audit_run(
+        tracked.run_id, verdict="diverged", first_divergent_step=3,
+        fingerprint={"device_type": "cpu", "torch_threads": 2}, report=report,
+    )
     audit = tracked.client.get_run(audit_id)
     assert audit.info.experiment_id == tracked.run.info.experiment_id and audit.info.status == "FINISHED"
     assert audit.info.run_name == "audit-flannel7-seed42-cpu"
@@ -228,7 +232,7 @@ def test_a_store_that_cannot_be_used_fails_before_training(tiny_project):
     params = load_params(tiny_project / "params.yaml")
     with pytest.raises(FlannelError, match=r"tracking store sqlite:///.*/params.yaml cannot be used \(.*file is not a "
                                            r"database\); fix tracking.uri or MLFLOW_TRACKING_URI"):
-        track_train(params, tiny_project, progress=False)
+        run_train_stage(params, tiny_project, progress=False)
     assert not (tiny_project / params.paths.trajectory).exists()
 
 
@@ -249,7 +253,7 @@ def test_a_failing_run_ends_failed_with_the_error(tiny_project, error):
     write_params(tiny_project, {"tracking": {"enabled": True, "uri": "sqlite:///runs.db"}})  # relative: project root
     params = load_params(tiny_project / "params.yaml")
     with pytest.raises(type(error)):
-        track_train(params, tiny_project, sinks=[FailAfter(2, error)], progress=False)
+        run_train_stage(params, tiny_project, observers=[FailAfter(2, error)], progress=False)
 
     client = MlflowClient(f"sqlite:///{tiny_project.resolve() / 'runs.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("flannel").experiment_id])
@@ -264,7 +268,7 @@ def test_a_failing_run_ends_failed_with_the_error(tiny_project, error):
 def test_several_runs_are_a_parent_with_a_child_per_seed(tiny_project):
     write_params(tiny_project, {"train": {"num_runs": 2}, "tracking": {"enabled": True, "uri": "sqlite:///runs.db"}})
     params = load_params(tiny_project / "params.yaml")
-    _, parent_id = track_train(params, tiny_project, progress=False)
+    _, parent_id = run_train_stage(params, tiny_project, progress=False)
 
     uri = f"sqlite:///{tiny_project.resolve() / 'runs.db'}"
     client = MlflowClient(uri)
@@ -284,10 +288,10 @@ def test_several_runs_are_a_parent_with_a_child_per_seed(tiny_project):
         assert [m.value for m in history] == [float(x) for x in losses[r, 1:]]
     assert "loss" not in parent.data.metrics  # per-step curves live in the children
     # A child's reference is its parent's manifest: one file holds every seed.
-    got = load_run_reference(children[1].info.run_id, uri)
+    got = MlflowAuditStore(uri).run_manifest(children[1].info.run_id)
     assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
     with pytest.raises(FlannelError, match="MLflow run 'f00' not found in sqlite:///"):
-        load_run_reference("f00", uri)
+        MlflowAuditStore(uri).run_manifest("f00")
 
 
 def test_tracking_uri_resolution(tmp_path, monkeypatch):

@@ -132,7 +132,8 @@ def test_rerun_gives_the_same_file(recorded, tmp_path):
 def test_num_runs_records_each_seed_from_one_initial_w(tiny_project):
     one = train(load_params(write_params(tiny_project)), tiny_project, progress=False)
     one_w = load_file(str(one.trajectory))["W"]
-    params = load_params(write_params(tiny_project, {"train": {"num_runs": 2}, "paths": {"trajectory": "two.safetensors"}}))
+    overrides = {"train": {"num_runs": 2}, "paths": {"trajectory": "two.safetensors"}}
+    params = load_params(write_params(tiny_project, overrides))
     two = train(params, tiny_project, progress=False)
     d = load_file(str(two.trajectory))
     assert d["W"].shape[0] == 2 and int(d["n_runs"]) == 2
@@ -162,7 +163,7 @@ def test_failed_run_leaves_no_file_and_keeps_the_previous_one(tiny_project):
             raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        train(params, tiny_project, sinks=[explode], progress=False)
+        train(params, tiny_project, observers=[explode], progress=False)
     assert first.trajectory.read_bytes() == before
     assert not [p for p in first.trajectory.parent.iterdir() if p.name.startswith(TMP_PREFIX)]
 
@@ -195,7 +196,7 @@ def test_short_last_batch_of_an_epoch_is_recorded(tiny_project):
     tok = Tokenizer.from_file(str(tiny_project / params.paths.tokenizer))
     short = tok.decode(tokens[:40].tolist())  # 40 tokens -> 24 windows of 16
     (tiny_project / params.paths.corpus).write_text(short)
-    masks(tiny_project / params.paths.corpus, tiny_project / params.paths.tokenizer, 300, tiny_project / params.paths.masks)
+    masks(params, tiny_project)
     n = len(encode_corpus(tiny_project / params.paths.corpus, tiny_project / params.paths.tokenizer, 300)) - 16
     assert text and n % 5 != 0 and n < 5 * 6  # the run crosses an epoch boundary after a short batch
     result = train(params, tiny_project, progress=False)

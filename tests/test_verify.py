@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import run_cli, thread_pair, write_params
 
+from flannel_repro.bits import bf16_order
 from flannel_repro.config import load_params
 from flannel_repro.errors import FlannelError
 from flannel_repro.masks import load_masks
 from flannel_repro.trajectory import load_trajectory, manifest, read_header
-from flannel_repro.verify import Reference, bf16_order, file_reference, log_audit, verify
+from flannel_repro.verify import Reference, file_reference, log_audit, verify
 
 FLIP_STEP, FLIP_ROW, FLIP_COL = 3, 5, 7
 
@@ -186,12 +187,12 @@ def test_bf16_order_counts_ulps_across_zero():
 def test_run_id_reference_is_audited_and_the_verdict_logged_beside_the_run(tiny_project, flipped):
     from mlflow import MlflowClient
 
-    from flannel_repro.tracking import track_train
-    from flannel_repro.verify import load_reference, log_audit, tracking_uri_for
+    from flannel_repro.train import run_train_stage
+    from flannel_repro.verify import audit_store, load_reference
 
     write_params(tiny_project, {"tracking": {"enabled": True, "uri": "sqlite:///mlflow.db"}})
     params = load_params(tiny_project / "params.yaml")
-    _, run_id = track_train(params, tiny_project, progress=False)
+    _, run_id = run_train_stage(params, tiny_project, progress=False)
 
     ref = load_reference(None, run_id, params, tiny_project)
     assert (ref.trajectory, ref.run_id, ref.source) == (None, run_id, f"MLflow run {run_id}")
@@ -200,7 +201,7 @@ def test_run_id_reference_is_audited_and_the_verdict_logged_beside_the_run(tiny_
     line = log_audit(report, params, tiny_project)
     assert line.startswith("logged to tracking as audit run ") and line.endswith(f" of run {run_id}")
 
-    client = MlflowClient(tracking_uri_for(params, tiny_project))
+    client = MlflowClient(audit_store(params, tiny_project).uri)
     audit = client.get_run(line.split()[6])
     assert audit.data.tags["flannel.audit_of"] == run_id
     assert audit.data.tags["flannel.verdict"] == "identical"

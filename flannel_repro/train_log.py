@@ -1,0 +1,148 @@
+"""What a train run logs to tracking, around the training itself.
+
+Before training: every resolved param, where the trajectory goes, the code (git) and the DVC experiment. During it:
+loss, gradient norm, learning rate and the mean norms of the live and dead rows of W, step by step (`StepMetrics`,
+a `train()` observer). After the reports are written: the file's hashes, provenance, inputs, summary metrics and
+artifacts (params, digest manifest, the loss curve as CSV and PNG). `tracked_run` opens and closes the run around
+all of it; train.py's `run_train_stage` uses it. Everything goes through the `tracking.Tracker` interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import yaml
+
+from .config import Params
+from .masks import Masks, load_masks
+from .model import pick_device
+from .plots import loss_curve_png
+from .provenance import dvc_tags, fingerprint_tags, git_tags
+from .recorder import StepRecord
+from .tracking import InputFile, NullTracker, Tracker
+from .trajectory import load_trajectory, manifest
+
+if TYPE_CHECKING:
+    from .train import TrainResult
+
+
+@contextlib.contextmanager
+def tracked_run(params: Params, root: Path, *, resume: bool = False) -> Iterator[tuple[Tracker, list[StepMetrics]]]:
+    """The tracking run of one `train` and its per-step metrics observer (none when tracking is off).
+
+    Opened before any training (an unreachable server fails here, in seconds), with the params and tags logged;
+    closed FINISHED when the block ends, FAILED with the error as a tag when it raises or is interrupted. A resumed
+    run is a new tracking run; the interrupted one stays in the store, FAILED."""
+    masks = None
+    if params.tracking.enabled:  # read before a run exists, so a missing masks file leaves no run behind
+        masks = load_masks(params.paths.under(root).masks, params.model.vocab_size)
+    tracker = open_tracker(params, root, pick_device(params.train.device).type)
+    metrics = [StepMetrics(tracker, masks)] if masks is not None else []
+    try:
+        log_run_start(tracker, params, root)
+        if resume:
+            tracker.set_tags({"flannel.resumed": "true"})
+        yield tracker, metrics
+    except BaseException as e:
+        _close_failed(tracker, e)
+        raise
+    tracker.finish("FINISHED")
+
+
+class StepMetrics:
+    """The per-step sink: loss, gradient norm and learning rate (steps 1..N), and the mean L2 norm of the live and
+    of the dead rows of W (steps 0..N, when W is recorded), computed in float32."""
+
+    def __init__(self, tracker: Tracker, masks: Masks) -> None:
+        self.tracker = tracker
+        self.names = [n for n, count in (("W_norm_live", masks.n_live), ("W_norm_dead", masks.n_dead)) if count]
+        live, dead = masks.live_mask.float(), masks.dead_mask.float()
+        # (V, 2): row norms @ weights = (mean over live rows, mean over dead rows)
+        self.weights = torch.stack([live / max(masks.n_live, 1), dead / max(masks.n_dead, 1)], dim=1)
+
+    def __call__(self, rec: StepRecord) -> None:
+        metrics: dict[str, float] = {}
+        if rec.step > 0:
+            metrics.update(loss=rec.loss, grad_norm=rec.grad_norm, learning_rate=rec.learning_rate)
+        w = rec.tensors.get("W")
+        if w is not None:
+            live, dead = (w.float().norm(dim=1) @ self.weights).tolist()
+            metrics.update({n: v for n, v in (("W_norm_live", live), ("W_norm_dead", dead)) if n in self.names})
+        if metrics:
+            self.tracker.log_metrics(metrics, rec.step)
+
+
+def run_names(params: Params, device_type: str) -> tuple[str, dict[int, str] | None]:
+    """`flannel7-seed42-cpu` for one run; with num_runs > 1 the parent is `flannel7-seeds42-44-cpu` and each child
+    is named for its own seed. A label mode other than the notebook's is appended."""
+    t = params.train
+    suffix = device_type if t.label_mode == "notebook" else f"{device_type}-{t.label_mode}"
+    if t.num_runs == 1:
+        return f"flannel7-seed{t.train_seed}-{suffix}", None
+    children = {r: f"flannel7-seed{t.train_seed + r}-{suffix}" for r in range(t.num_runs)}
+    return f"flannel7-seeds{t.train_seed}-{t.train_seed + t.num_runs - 1}-{suffix}", children
+
+
+def open_tracker(params: Params, root: Path, device_type: str) -> Tracker:
+    """The run's tracker, opened before training: an unreachable server or unusable store fails here."""
+    cfg = params.tracking
+    if not cfg.enabled:
+        return NullTracker()
+    from .mlflow_tracker import MlflowTracker, tracking_uri
+
+    name, children = run_names(params, device_type)
+    return MlflowTracker(tracking_uri(cfg, root), cfg.experiment, name, children)
+
+
+def log_run_start(tracker: Tracker, params: Params, root: Path) -> None:
+    """Before training: every resolved param, where the trajectory goes, the code (git) and the DVC experiment."""
+    tracker.log_params(params.flat())
+    tracker.set_tags({"trajectory.path": params.paths.trajectory, **git_tags(Path(root)), **dvc_tags(os.environ)})
+
+
+def log_train_result(tracker: Tracker, params: Params, root: Path, result: TrainResult) -> None:
+    """After the reports are written: hashes, provenance, inputs, summary metrics and artifacts."""
+    if tracker.run_id is None:
+        return
+    paths = params.paths.under(root)
+    with load_trajectory(result.trajectory) as traj:
+        doc = manifest(traj)
+    inputs = [InputFile(name, path, doc["inputs"][f"{name}_sha256"]) for name, path in paths.inputs().items()]
+    tracker.set_tags({
+        "trajectory.sha256": result.sha256,
+        **fingerprint_tags(result.fingerprint),
+        **{f"version.{k}": v for k, v in doc["versions"].items()},
+        **{f"inputs.{f.name}.sha256": f.sha256 for f in inputs},
+    })
+    tracker.log_inputs(inputs)
+    summary = {k: v for k, v in result.metrics().items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    tracker.log_metrics(summary, step=params.train.steps)
+    with tempfile.TemporaryDirectory(prefix="flannel-tracking-") as tmp:
+        staged = Path(tmp)
+        (staged / "params.yaml").write_text(yaml.safe_dump(params.to_dict(), sort_keys=False), encoding="utf-8")
+        (staged / "digests.json").write_text(json.dumps(doc, sort_keys=True), encoding="utf-8")
+        name, _ = run_names(params, result.fingerprint["device_type"])
+        loss_curve_png(result.losses, params.train.train_seed, staged / "loss_curve.png", title=name)
+        for name in ("params.yaml", "digests.json", "loss_curve.png"):
+            tracker.log_artifact(staged / name)
+    tracker.log_artifact(paths.metrics, "metrics")
+    tracker.log_artifact(paths.loss_curve, "metrics")
+    if params.tracking.upload_trajectory:
+        tracker.log_artifact(result.trajectory, "trajectory")
+
+
+def _close_failed(tracker: Tracker, error: BaseException) -> None:
+    what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    try:
+        tracker.finish("FAILED", error=what)
+    except Exception as e:  # the store failing too must not hide the training error, which is re-raised
+        print(f"tracking: could not mark run {tracker.run_id} FAILED ({e})", file=sys.stderr)
