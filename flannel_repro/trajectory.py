@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,7 +36,7 @@ from safetensors import safe_open
 from .config import Params, params_from_json
 from .errors import FlannelError
 from .fsutil import commit_file, temp_path_for
-from .safetensors_header import DTYPES, read_header
+from .safetensors_header import header_bytes, read_header
 
 FORMAT = "flannel-trajectory/1"
 DIGEST_BYTES = 32  # sha256
@@ -76,26 +75,10 @@ class TrajectoryWriter:
         """A new temporary file, or with `resume_from` the partial file of an interrupted run, whose header must
         be byte-identical to the one these specs and metadata give (same params, versions, device and layout)."""
         self.out_path = Path(out_path)
-        # Largest items first keeps every tensor naturally aligned; safetensors requires no holes between tensors.
-        order = sorted(specs, key=lambda k: (-specs[k].dtype.itemsize, k))
-        header: dict[str, Any] = {"__metadata__": dict(metadata)}
-        self.offsets: dict[str, int] = {}
         self.specs = dict(specs)
-        pos = 0
-        for name in order:
-            spec = specs[name]
-            header[name] = {
-                "dtype": DTYPES[spec.dtype],
-                "shape": list(spec.shape),
-                "data_offsets": [pos, pos + spec.nbytes],
-            }
-            self.offsets[name] = pos
-            pos += spec.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        raw += b" " * (-len(raw) % 8)
-        head = struct.pack("<Q", len(raw)) + raw
+        head, self.offsets = header_bytes(specs, metadata)
         self.data_start = len(head)
-        self.size = self.data_start + pos
+        self.size = self.data_start + sum(spec.nbytes for spec in specs.values())
         if resume_from is None:
             self.tmp_path = temp_path_for(self.out_path, owner_key="paths.trajectory")
             self._file = open(self.tmp_path, "r+b")
