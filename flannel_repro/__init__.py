@@ -5,8 +5,9 @@
     w_250 = traj.step("W", 250)  # (vocab, hidden) bf16, read lazily from the mapped file
 
 Module map. Each `flannel-repro X` command (and dvc.yaml stage X) is `X(params, root)` in `X.py`:
-- stages: corpus.py, tokenizer.py, masks.py, train.py (`run_train_stage`: tracking, training, reports; `train`:
-  the training itself); model.py is the notebook's model, data windows and device.
+- stages: corpus.py, tokenizer_corpus.py (`flannel-repro tokenizer-corpus`), tokenizer.py, masks.py, train.py
+  (`run_train_stage`: tracking, training, reports; `train`: the training itself); model.py is the notebook's
+  model, data windows and device.
 - recording: output.py (the output's lock, resume point, temporary file, commit or abort), recorder.py (the
   Trainer callback that captures each step), trajectory.py (the file format, written and read), checkpoint.py
   (resumable checkpoints and their marker), progress.py.

@@ -1,6 +1,6 @@
 """`flannel-repro`: one subcommand per stage. It only parses arguments and calls the stage functions.
 
-    flannel-repro corpus | tokenizer | masks | train   [--params params.yaml] [-S section.key=value ...]
+    flannel-repro corpus | tokenizer-corpus | tokenizer | masks | train   [--params params.yaml] [-S section.key=value]
 
 Paths in params.yaml are relative to the folder holding params.yaml. A problem with the input is one line on
 stderr and exit status 2; no traceback.
@@ -53,6 +53,17 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_corpus(args: argparse.Namespace) -> int:
+    from .tokenizer_corpus import tokenizer_corpus
+
+    params, root = _load(args)
+    _refuse_dvc_added(root, params.paths.tokenizer_corpus, "tokenizer_corpus.build")
+    r = tokenizer_corpus(params, root)
+    print(f"tokenizer corpus: {params.paths.tokenizer_corpus} ({r.n_bytes:,} bytes, sha256 {r.sha256[:12]}, "
+          f"source {r.source})")
+    return 0
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import tokenizer
 
@@ -68,7 +79,9 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
     params, root = _load(args)
     r = masks(params, root)
-    print(f"masks: {params.paths.masks} ({r.n_tokens:,} corpus tokens; live {r.n_live:,} | dead {r.n_dead:,})")
+    share = r.n_dead / (r.n_live + r.n_dead)
+    print(f"masks: {params.paths.masks} ({r.n_tokens:,} corpus tokens; live {r.n_live:,} | dead {r.n_dead:,} "
+          f"({share:.1%}): {r.n_dead_bytes:,} single bytes, {r.n_dead_merges:,} merges)")
     return 0
 
 
@@ -166,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "corpus": (cmd_corpus, "write the model corpus (generated, or the user's own text file)"),
-        "tokenizer": (cmd_tokenizer, "train the byte-level BPE tokenizer, or check the user's tokenizer file"),
+        "tokenizer-corpus": (cmd_tokenizer_corpus, "write the text the tokenizer is trained on (generated, or the "
+                             "user's own text file)"),
+        "tokenizer": (cmd_tokenizer, "train the byte-level BPE tokenizer on the tokenizer corpus, or check the "
+                      "user's tokenizer file"),
         "masks": (cmd_masks, "write the live/dead token masks"),
         "train": (cmd_train, "train and record the trajectory (W, grad_W, losses) to safetensors"),
     }

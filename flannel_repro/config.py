@@ -116,9 +116,10 @@ def _type_name(expected: Any) -> str:
 @dataclass(frozen=True)
 class CorpusConfig(_Section):
     _section = "corpus"
+    _path_key = "paths.corpus"
     source: str = "generated"  # "generated" (built-in English-like text) or a path to the user's UTF-8 text file
     seed: int = 42  # seed of the generator's own PRNG
-    n_words: int = 876_000  # words to generate; the default yields about 1.37 M tokens with the default tokenizer
+    n_words: int = 764_000  # words to generate; the default yields about 1.37 M tokens with the default tokenizer
     lexicon_size: int = 30_000  # distinct word forms, drawn with Zipf (rank ** -1) frequencies
     # dvc.yaml runs the corpus stage once per entry: [synthetic], or [] when paths.corpus is your own `dvc add`ed file
     build: tuple[str, ...] = ("synthetic",)
@@ -127,8 +128,8 @@ class CorpusConfig(_Section):
         if not self.source:
             self._fail("source", "is empty: use 'generated' or the path of a UTF-8 text file")
         if self.build not in ((), ("synthetic",)):
-            self._fail("build", "must be [synthetic] (dvc repro makes the corpus) or [] (paths.corpus is your own "
-                       "file)")
+            self._fail("build", f"must be [synthetic] (dvc repro makes the text) or [] ({self._path_key} is your "
+                       "own file)")
         if self.n_words < 1:
             self._fail("n_words", "must be at least 1")
         if self.lexicon_size < 1:
@@ -138,9 +139,24 @@ class CorpusConfig(_Section):
 
 
 @dataclass(frozen=True)
+class TokenizerCorpusConfig(CorpusConfig):
+    """The text the tokenizer is trained on: the same generator as the model corpus with its own seed (other word
+    forms) and a smaller lexicon, so that most of the vocabulary is whole words the model corpus never uses."""
+
+    _section = "tokenizer_corpus"
+    _path_key = "paths.tokenizer_corpus"
+    source: str = "generated"  # "generated" (built-in English-like text) or a path to a UTF-8 text file
+    seed: int = 7  # seed of the generator's own PRNG; not the model corpus's, so the word forms differ
+    n_words: int = 1_000_000  # words to generate
+    lexicon_size: int = 9_700  # distinct word forms (Zipf); the default makes about 37% of the vocabulary dead
+    # dvc.yaml runs this stage once per entry: [synthetic], or [] when paths.tokenizer_corpus is your own file
+    build: tuple[str, ...] = ("synthetic",)
+
+
+@dataclass(frozen=True)
 class TokenizerConfig(_Section):
     _section = "tokenizer"
-    source: str = "train"  # "train" (byte-level BPE trained on the corpus) or a path to an existing tokenizer.json
+    source: str = "train"  # "train" (byte-level BPE trained on the tokenizer corpus) or a path to a tokenizer.json
     min_frequency: int = 2  # BPE merges need a pair seen at least this often
     # dvc.yaml runs the tokenizer stage once per entry: [bpe], or [] when paths.tokenizer is your own `dvc add`ed file
     build: tuple[str, ...] = ("bpe",)
@@ -244,10 +260,11 @@ class RecordConfig(_Section):
 class PathsConfig(_Section):
     _section = "paths"
     corpus: str = "data/flannel_model_corpus.txt"
+    tokenizer_corpus: str = "data/flannel_tokenizer_corpus.txt"  # the text the tokenizer is trained on
     tokenizer: str = "data/flannel_tokenizer_chars.json"
     masks: str = "tensors/Flannel/live_dead_tokens.safetensors"
     trajectory: str = "tensors/Flannel/1.20h_flannel_7.safetensors"
-    metrics: str = "metrics/train.json"  # final loss, run time, steps/s, trajectory sha256, n_live/n_dead, device
+    metrics: str = "metrics/train.json"  # final loss, run time, steps/s, trajectory sha256, dead tokens, device
     loss_curve: str = "metrics/train_loss.csv"  # step, loss, grad_norm, learning_rate
 
     def _check(self) -> None:
@@ -269,6 +286,7 @@ class ResolvedPaths:
     """`paths` under the project root (`PathsConfig.under(root)`); the fields and their meaning are the same."""
 
     corpus: Path
+    tokenizer_corpus: Path
     tokenizer: Path
     masks: Path
     trajectory: Path
@@ -296,6 +314,7 @@ class TrackingConfig(_Section):
 @dataclass(frozen=True)
 class Params:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer_corpus: TokenizerCorpusConfig = field(default_factory=TokenizerCorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,4 +1,4 @@
-"""Stage 1: the model corpus.
+"""Stage 1: the model corpus, and the text generator it shares with the tokenizer corpus (tokenizer_corpus.py).
 
 The notebook's corpus file does not ship with it, so by default this stage writes English-like text of its own: a
 lexicon of pronounceable word forms with Zipf (1 / rank) frequencies, shorter forms more frequent, put into
@@ -131,16 +131,22 @@ def read_text(path: Path, what: str, key: str) -> str:
 def corpus(params: Params, root: Path = Path(".")) -> CorpusResult:
     """Write the model corpus to `paths.corpus` under `root`, the folder of params.yaml (atomically), and return
     its size and sha256. A relative `corpus.source` path is relative to `root` too."""
-    cfg, out_path = params.corpus, params.paths.under(root).corpus
+    return write_text(params.corpus, params.paths.under(root).corpus, root)
+
+
+def write_text(cfg: CorpusConfig, out_path: Path, root: Path) -> CorpusResult:
+    """Generate the text `cfg` describes (a CorpusConfig, or a TokenizerCorpusConfig: the same fields under another
+    section) or copy its `source` file, into `out_path`, atomically."""
     if cfg.source == "generated":
         data = generate_text(cfg).encode("utf-8")
         with atomic_output(out_path) as tmp:
             tmp.write_bytes(data)
     else:
         src = Path(root) / cfg.source
-        text = read_text(src, "corpus source", "corpus.source")
+        what = f"{cfg._section.replace('_', ' ')} source"
+        text = read_text(src, what, f"{cfg._section}.source")
         if not text.strip():
-            raise FlannelError(f"{src}: corpus source is empty; give a UTF-8 text file with content")
+            raise FlannelError(f"{src}: {what} is empty; give a UTF-8 text file with content")
         if src.resolve() != out_path.resolve():
             with atomic_output(out_path) as tmp:
                 shutil.copyfile(src, tmp)

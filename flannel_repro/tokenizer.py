@@ -1,10 +1,12 @@
 """Stage 2: the tokenizer.
 
-Trains a byte-level BPE tokenizer on the corpus with the `tokenizers` library to exactly `model.vocab_size` tokens
-(the embedding matrix has one row per token), or checks an existing tokenizer file the user names. Training is
-byte-identical across reruns (pinned in the tests).
+Trains a byte-level BPE tokenizer with the `tokenizers` library to exactly `model.vocab_size` tokens (the embedding
+matrix has one row per token), or checks an existing tokenizer file the user names. It trains on the tokenizer
+corpus (`paths.tokenizer_corpus`), not on the model corpus: as with the notebook's own files, a tokenizer made from
+other text leaves a large share of its vocabulary unused ("dead") in the model corpus. Training is byte-identical
+across reruns (pinned in the tests).
 
-    tokenizer(load_params("params.yaml"), root=Path("."))  # paths.corpus -> paths.tokenizer
+    tokenizer(load_params("params.yaml"), root=Path("."))  # paths.tokenizer_corpus -> paths.tokenizer
 """
 
 from __future__ import annotations
@@ -71,19 +73,19 @@ def train_bpe(text: str, vocab_size: int, min_frequency: int) -> Tokenizer:
 
 
 def tokenizer(params: Params, root: Path = Path(".")) -> TokenizerResult:
-    """Write the tokenizer for `paths.corpus` to `paths.tokenizer`, both under `root`, the folder of params.yaml,
-    and return its size and sha256. A relative `tokenizer.source` path is relative to `root` too."""
+    """Write the tokenizer trained on `paths.tokenizer_corpus` to `paths.tokenizer`, both under `root`, the folder
+    of params.yaml, and return its size and sha256. A relative `tokenizer.source` path is relative to `root` too."""
     cfg, vocab_size = params.tokenizer, params.model.vocab_size
     paths = params.paths.under(root)
-    corpus_path, out_path = paths.corpus, paths.tokenizer
+    corpus_path, out_path = paths.tokenizer_corpus, paths.tokenizer
     if cfg.source == "train":
-        text = read_text(Path(corpus_path), "corpus", "paths.corpus")
+        text = read_text(Path(corpus_path), "tokenizer corpus", "paths.tokenizer_corpus")
         tok = train_bpe(text, vocab_size, cfg.min_frequency)
         if tok.get_vocab_size() != vocab_size:
             raise FlannelError(
-                f"{corpus_path}: the corpus only supports {tok.get_vocab_size()} BPE tokens with "
+                f"{corpus_path}: the tokenizer corpus only supports {tok.get_vocab_size()} BPE tokens with "
                 f"tokenizer.min_frequency = {cfg.min_frequency}, not model.vocab_size = {vocab_size}; use a larger "
-                "corpus, a lower min_frequency or a smaller vocab_size"
+                "tokenizer corpus (tokenizer_corpus.n_words), a lower min_frequency or a smaller vocab_size"
             )
         data = tok.to_str(pretty=True).encode("utf-8")
         with atomic_output(out_path) as tmp:

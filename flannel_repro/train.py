@@ -85,6 +85,7 @@ class TrainResult:
     steps_per_s: float
     n_live: int
     n_dead: int
+    n_dead_bytes: int | None  # dead tokens that are single bytes, as the masks file records (None: not recorded)
     device: str
     fingerprint: dict[str, Any]
     losses: list[list[float]] = field(repr=False)  # (runs, steps+1), NaN at t = 0
@@ -99,6 +100,9 @@ class TrainResult:
             "trajectory_sha256": self.sha256,
             "n_live": self.n_live,
             "n_dead": self.n_dead,
+            "dead_share": round(self.n_dead / (self.n_live + self.n_dead), 4),
+            "n_dead_bytes": self.n_dead_bytes,
+            "n_dead_merges": None if self.n_dead_bytes is None else self.n_dead - self.n_dead_bytes,
             "device": self.device,
         }
 
@@ -306,6 +310,7 @@ def _result(out: RecordedOutput, masks: Masks, collect: _Collect, runtime: float
         steps_per_s=trained / runtime if trained else math.nan,
         n_live=masks.n_live,
         n_dead=masks.n_dead,
+        n_dead_bytes=masks.n_dead_bytes,
         device=f"{device.type}: {fp['device_name']}",
         fingerprint=fp,
         losses=collect.losses,

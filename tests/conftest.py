@@ -1,5 +1,6 @@
-"""Tiny, purpose-built fixtures: a project folder with a few thousand words of corpus, a 300-token tokenizer and
-a 2-layer, 16-wide GPT-2, so a full train takes about a second. Everything is made by the project's own stages."""
+"""Tiny, purpose-built fixtures: a project folder with a few thousand words of corpus and of the tokenizer's own text,
+a 300-token tokenizer and a 2-layer, 16-wide GPT-2, so a full train takes about a second. Everything is made by the
+project's own stages."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from flannel_repro.config import load_params
 from flannel_repro.corpus import corpus
 from flannel_repro.masks import masks
 from flannel_repro.tokenizer import tokenizer
+from flannel_repro.tokenizer_corpus import tokenizer_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
     "corpus": {"n_words": 3000, "lexicon_size": 500},
+    "tokenizer_corpus": {"n_words": 3000, "lexicon_size": 300},
     "model": {"vocab_size": 300, "hidden_dim": 16, "n_layer": 2, "n_head": 2, "max_seq_len": 16},
     "train": {"steps": 6, "batch_size": 4, "num_threads": 1, "log_every": 2},
     "tracking": {"enabled": False},
@@ -40,10 +43,11 @@ def write_params(folder: Path, overrides: dict | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """Corpus, tokenizer and masks for the tiny config, made once per session."""
+    """Corpus, tokenizer corpus, tokenizer and masks for the tiny config, made once per session."""
     root = tmp_path_factory.mktemp("tiny_data")
     params = load_params(write_params(root))
     corpus(params, root)
+    tokenizer_corpus(params, root)
     tokenizer(params, root)
     masks(params, root)
     return root

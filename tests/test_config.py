@@ -21,6 +21,8 @@ def test_repository_params_are_the_notebook_constants():
     assert (r.W, r.grads, r.momentum, r.variance, r.logits, r.losses) == (True, True, False, False, False, True)
     assert p.paths.tokenizer == "data/flannel_tokenizer_chars.json"
     assert p.paths.corpus == "data/flannel_model_corpus.txt"
+    assert p.paths.tokenizer_corpus == "data/flannel_tokenizer_corpus.txt"
+    assert p.tokenizer_corpus.seed != p.corpus.seed  # the tokenizer learns other words than the model corpus uses
     assert p.paths.masks == "tensors/Flannel/live_dead_tokens.safetensors"
     assert p.paths.trajectory == "tensors/Flannel/1.20h_flannel_7.safetensors"
 
@@ -53,6 +55,12 @@ def test_configs_are_frozen():
         ({"train": [1, 2]}, "section 'train' must be a mapping"),
         ([1, 2], "top level must be a mapping"),
         ({"paths": {"trajectory": ""}}, "paths.trajectory = '' is empty"),
+        ({"tokenizer_corpus": {"n_words": 0}}, "tokenizer_corpus.n_words = 0 must be at least 1"),
+        ({"tokenizer_corpus": {"seed": "x"}}, "tokenizer_corpus.seed must be int"),
+        ({"tokenizer_corpus": {"build": ["bpe"]}}, "tokenizer_corpus.build = ('bpe',) must be [synthetic] (dvc repro "
+         "makes the text) or [] (paths.tokenizer_corpus is your own file)"),
+        ({"corpus": {"build": ["bpe"]}}, "[] (paths.corpus is your own file)"),
+        ({"tokenizer_corpus": {"vocab": 1}}, "unknown key 'tokenizer_corpus.vocab'"),
     ],
 )
 def test_bad_params_name_the_key(doc, needle):

@@ -34,7 +34,7 @@ VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
 TRACKED = ["flannel_repro", "dvc.yaml", "audit/dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
            "pyproject.toml", ".gitignore"]
-STAGES = {"corpus@synthetic", "tokenizer@bpe", "masks", "train"}
+STAGES = {"corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train"}
 QUEUE_TIMEOUT_S = 600
 
 
@@ -102,7 +102,8 @@ def base(tmp_path_factory) -> Path:
     git("config", "user.email", "test@flannel.invalid", cwd=root)
     git("add", "-A", cwd=root)
     git("commit", "-qm", "tiny pipeline", cwd=root)
-    assert ran(dvc("repro", cwd=root)) == ["corpus@synthetic", "tokenizer@bpe", "masks", "train"]
+    assert ran(dvc("repro", cwd=root)) == ["corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks",
+                                          "train"]
     git("add", "-A", cwd=root)
     git("commit", "-qm", "reproduce", cwd=root)
     return root
@@ -120,13 +121,18 @@ def test_repro_locks_every_stage_and_links_outputs_from_the_cache(base):
     assert set(stages) == STAGES
     # Each stage records exactly the params it reads.
     assert set(stages["corpus@synthetic"]["params"]["params.yaml"]) == {"corpus", "paths.corpus"}
+    assert set(stages["tokenizer_corpus@synthetic"]["params"]["params.yaml"]) == {
+        "tokenizer_corpus", "paths.tokenizer_corpus"}
+    assert set(stages["tokenizer@bpe"]["params"]["params.yaml"]) == {
+        "tokenizer", "model.vocab_size", "paths.tokenizer_corpus", "paths.tokenizer"}
     assert set(stages["masks"]["params"]["params.yaml"]) == {
         "model.vocab_size", "paths.corpus", "paths.tokenizer", "paths.masks"}
     assert set(stages["train"]["params"]["params.yaml"]) == {"model", "train", "record", "paths", "tracking"}
 
     paths = load_params(base / "params.yaml").paths
     outs = {o["path"]: o["md5"] for stage in stages.values() for o in stage.get("outs", [])}
-    assert set(outs) == {paths.corpus, paths.tokenizer, paths.masks, paths.trajectory, paths.metrics, paths.loss_curve}
+    assert set(outs) == {paths.corpus, paths.tokenizer_corpus, paths.tokenizer, paths.masks, paths.trajectory,
+                         paths.metrics, paths.loss_curve}
     for path, digest in outs.items():
         assert md5(base / path) == digest
     # The workspace trajectory is the cached file itself (a link), not a second copy of it.
@@ -160,11 +166,33 @@ def test_train_param_change_reruns_train_only(project):
     set_params(project, train={"learning_rate": 0.002})
     proc = dvc("repro", cwd=project)
     assert ran(proc) == ["train"]
-    for stage in ("corpus@synthetic", "tokenizer@bpe", "masks"):
+    for stage in ("corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks"):
         assert f"Stage '{stage}' didn't change, skipping" in proc.stdout
     assert lock(project)["train"]["params"]["params.yaml"]["train"]["learning_rate"] == 0.002
     new = json.loads((project / "metrics/train.json").read_text())
     assert new["trajectory_sha256"] != old["trajectory_sha256"]
+
+
+def test_model_corpus_change_keeps_the_tokenizer(project):
+    tokenizer = load_params(project / "params.yaml").paths.tokenizer
+    before = md5(project / tokenizer)
+    set_params(project, corpus={"n_words": 3500})
+    proc = dvc("repro", cwd=project)
+    assert ran(proc) == ["corpus@synthetic", "masks", "train"]
+    assert "Stage 'tokenizer@bpe' didn't change, skipping" in proc.stdout
+    assert md5(project / tokenizer) == before
+
+
+def test_tokenizer_corpus_change_reruns_tokenizer_masks_and_train(project):
+    paths = load_params(project / "params.yaml").paths
+    before = {k: md5(project / getattr(paths, k)) for k in ("corpus", "tokenizer", "masks")}
+    set_params(project, tokenizer_corpus={"seed": 8})
+    proc = dvc("repro", cwd=project)
+    assert ran(proc) == ["tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train"]
+    assert lock(project)["tokenizer_corpus@synthetic"]["params"]["params.yaml"]["tokenizer_corpus"]["seed"] == 8
+    after = {k: md5(project / getattr(paths, k)) for k in ("corpus", "tokenizer", "masks")}
+    assert after["corpus"] == before["corpus"]
+    assert after["tokenizer"] != before["tokenizer"] and after["masks"] != before["masks"]
 
 
 def test_exp_run_with_a_param_shows_its_metrics(project):
@@ -212,7 +240,7 @@ def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
     dvc("add", "data/my_corpus.txt", "data/my_tokenizer.json", cwd=project)
     git("add", "data/my_corpus.txt.dvc", "data/my_tokenizer.json.dvc", cwd=project)  # not ignored by git
     assert git("ls-files", "data", cwd=project).split() == ["data/my_corpus.txt.dvc", "data/my_tokenizer.json.dvc"]
-    set_params(project, corpus={"build": []}, tokenizer={"build": []},
+    set_params(project, corpus={"build": []}, tokenizer_corpus={"build": []}, tokenizer={"build": []},
                paths={"corpus": "data/my_corpus.txt", "tokenizer": "data/my_tokenizer.json"})
 
     proc = dvc("repro", cwd=project)
@@ -245,13 +273,27 @@ def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
     assert (project / "data/my_corpus.txt").read_text().endswith("user's own text.\n")
 
 
+def test_own_corpus_can_train_the_tokenizer_too(project):
+    """paths.tokenizer_corpus pointed at the user's own corpus: the tokenizer is trained on it; nothing is
+    generated."""
+    text = generate_text(CorpusConfig(seed=7, n_words=3000, lexicon_size=400))
+    (project / "data/my_corpus.txt").write_text(text)
+    dvc("add", "data/my_corpus.txt", cwd=project)
+    set_params(project, corpus={"build": []}, tokenizer_corpus={"build": []},
+               paths={"corpus": "data/my_corpus.txt", "tokenizer_corpus": "data/my_corpus.txt"})
+    assert ran(dvc("repro", cwd=project)) == ["tokenizer@bpe", "masks", "train"]
+    paths = load_params(project / "params.yaml").paths
+    assert (project / paths.tokenizer).read_text() == train_bpe(text, 300, 2).to_str(pretty=True)
+    assert "data/my_corpus.txt" in {d["path"] for d in lock(project)["tokenizer@bpe"]["deps"]}
+
+
 def test_push_pull_round_trip_is_bit_identical(project, tmp_path):
     paths = load_params(project / "params.yaml").paths
     digest = sha256_file(project / paths.trajectory)
     dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"), cwd=project)
     dvc("push", cwd=project)
     shutil.rmtree(project / ".dvc/cache")
-    for path in (paths.corpus, paths.tokenizer, paths.masks, paths.trajectory):
+    for path in (paths.corpus, paths.tokenizer_corpus, paths.tokenizer, paths.masks, paths.trajectory):
         (project / path).unlink()
     dvc("pull", cwd=project)
     assert sha256_file(project / paths.trajectory) == digest

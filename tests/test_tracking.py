@@ -148,6 +148,16 @@ def test_loss_history_is_the_trajectory_losses_exactly(tracked):
     assert want[STEPS] != want[0]  # the rows moved: the norms are the trained W's, not W_initial's
 
 
+def test_the_dead_set_is_logged_as_metrics(tracked):
+    """n_live, n_dead, the dead share and its single bytes / merges, as the masks file records them."""
+    masks = load_masks(tracked.root / tracked.params.paths.masks, tracked.params.model.vocab_size)
+    logged = tracked.run.data.metrics
+    assert (logged["n_live"], logged["n_dead"]) == (masks.n_live, masks.n_dead)
+    assert logged["dead_share"] == round(masks.n_dead / tracked.params.model.vocab_size, 4)
+    assert (logged["n_dead_bytes"], logged["n_dead_merges"]) == (masks.n_dead_bytes, masks.n_dead_merges)
+    assert masks.n_dead_bytes is not None and masks.n_dead_bytes + masks.n_dead_merges == masks.n_dead
+
+
 def test_tags_name_the_file_hash_the_commit_and_the_device(tracked):
     tags = tracked.run.data.tags
     path = tracked.root / tracked.params.paths.trajectory

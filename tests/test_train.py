@@ -178,6 +178,11 @@ def test_cli_train_writes_reports(tiny_project):
     traj = tiny_project / "tensors/Flannel/1.20h_flannel_7.safetensors"
     assert metrics["trajectory_sha256"] == hashlib.sha256(traj.read_bytes()).hexdigest()
     assert metrics["device"].startswith("cpu") and metrics["n_live"] + metrics["n_dead"] == 300
+    assert metrics["dead_share"] == round(metrics["n_dead"] / 300, 4)
+    with safe_open(str(tiny_project / "tensors/Flannel/live_dead_tokens.safetensors"), framework="pt") as f:
+        recorded = f.metadata()  # the masks stage's own counts reach `dvc exp show` unchanged
+    assert {k: str(metrics[k]) for k in ("n_live", "n_dead", "n_dead_bytes", "n_dead_merges")} == {
+        k: recorded[k] for k in ("n_live", "n_dead", "n_dead_bytes", "n_dead_merges")}
     rows = (tiny_project / "metrics/train_loss.csv").read_text().splitlines()
     assert rows[0] == "run,step,loss,grad_norm,learning_rate" and len(rows) == 5
     with safe_open(str(traj), framework="pt") as f:
