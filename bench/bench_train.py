@@ -8,8 +8,9 @@ Runs, one after the other on the same machine and thread count:
 then checks the notebook's keys of both files are byte-identical and prints ratios. Peak RSS is each child
 process's own maximum (wait4 rusage).
 
-    python bench/bench_train.py               # the default 500 steps (about 15 minutes on 2 cores)
-    python bench/bench_train.py --steps 20    # a quick smoke run
+    python bench/bench_train.py                   # the default 500 steps (about 15 minutes on 2 cores)
+    python bench/bench_train.py --steps 20        # a quick smoke run
+    python bench/bench_train.py --fidelity-only   # 1. and 2. only, and the byte comparison (about 8 minutes)
 """
 
 from __future__ import annotations
@@ -62,19 +63,38 @@ def same_bytes(a: Path, b: Path) -> dict[str, bool]:
     return out
 
 
+def fidelity_report(results: dict, wd: Path, out: Path) -> None:
+    """Compare the notebook's keys of the two files, print the verdict, exit 1 if any key differs."""
+    identical = same_bytes(wd / "notebook.safetensors", wd / "tensors/Flannel/1.20h_flannel_7.safetensors")
+    results["bit_identical_keys"] = identical
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    metrics = json.loads((wd / "metrics/train.json").read_text())
+    print(f"data: n_live {metrics['n_live']}, n_dead {metrics['n_dead']} ({metrics['dead_share']:.1%}); "
+          f"trajectory sha256 {metrics['trajectory_sha256']}")
+    print(f"notebook keys bit-identical: {all(identical.values())} ({sum(identical.values())}/{len(identical)})")
+    for key in sorted(k for k, same in identical.items() if not same):
+        print(f"  differs: {key}")
+    if not all(identical.values()):
+        raise SystemExit(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--flat-steps", type=int, nargs=2, default=[500, 2000], metavar=("SHORT", "LONG"))
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "results" / "work")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train.json")
+    ap.add_argument("--fidelity-only", action="store_true",
+                    help="only the notebook's code and flannel-repro train, and whether the notebook's keys are "
+                    "byte-identical (exit 1 if not)")
     args = ap.parse_args()
 
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", wd / "params.yaml")
     exe = [sys.executable, "-m", "flannel_repro"]
-    for stage in ("corpus", "tokenizer", "masks"):
+    for stage in ("corpus", "tokenizer-corpus", "tokenizer", "masks"):
         run([*exe, stage], wd)
 
     steps = [f"train.steps={args.steps}", "tracking.enabled=false"]
@@ -95,6 +115,9 @@ def main() -> None:
     ours = run([*exe, "train", "-q", *sum((["-S", s] for s in steps), [])], wd)
     ours["train_s"] = json.loads((wd / "metrics/train.json").read_text())["runtime_s"]
     results["flannel_repro"] = ours
+    if args.fidelity_only:
+        fidelity_report(results, wd, args.out)
+        return
     print("recording off ...", flush=True)
     results["recording_off"] = run([sys.executable, "-c", RECORD_OFF, *steps], wd)
     shutil.rmtree(wd / "notebook_scratch", ignore_errors=True)

@@ -3,8 +3,8 @@
     python bench/dvc_overhead.py [--params params.yaml] [-S train.steps=20 ...] [--rounds R] [--keep]
 
 Copies the pipeline (flannel_repro/, dvc.yaml, params.yaml with the -S overrides applied, .dvc/config) into a
-scratch git repository under bench/results/dvc_overhead/ (git-ignored), runs `dvc repro` once there (the corpus,
-tokenizer and masks, and a warm-up train), then times R times each, alternating: the stage's own command
+scratch git repository under bench/results/dvc_overhead/ (git-ignored), runs `dvc repro` once there (the data
+stages and a warm-up train), then times R times each, alternating: the stage's own command
 `flannel-repro train`, and `dvc repro -f -s train` (the same command, plus DVC hashing the trajectory and linking it
 into its cache). The fastest of each counts; the target is dvc / bare <= 1.10. Prints the summary and writes it to
 bench/results/dvc_overhead.json. Run it on the full configuration only on an otherwise idle machine; `-S` makes it

@@ -56,8 +56,10 @@ def main() -> None:
         from flannel_repro.corpus import corpus
         from flannel_repro.masks import masks
         from flannel_repro.tokenizer import tokenizer
+        from flannel_repro.tokenizer_corpus import tokenizer_corpus
 
         corpus(params, wd)
+        tokenizer_corpus(params, wd)
         tokenizer(params, wd)
         masks(params, wd)
 
