@@ -20,14 +20,8 @@ import torch
 from transformers import TrainerCallback
 
 from .config import RecordConfig
+from .layout import STEP_TENSORS, recorded_tensors  # noqa: F401 (STEP_TENSORS: re-exported for train.py)
 from .trajectory import TensorSpec, TrajectoryWriter, digest
-
-# Per-step (V, H) tensors in the file, by their RecordConfig switch.
-STEP_TENSORS = {"W": "W", "grad_W": "grads", "momentum": "momentum", "variance": "variance"}
-
-
-def recorded_tensors(record: RecordConfig) -> list[str]:
-    return [name for name, switch in STEP_TENSORS.items() if getattr(record, switch)]
 
 
 @dataclass

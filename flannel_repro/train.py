@@ -80,6 +80,7 @@ def write_reports(params: Params, result: TrainResult, root: Path) -> None:
 class TrainResult:
     trajectory: Path | None
     sha256: str | None
+    content_digest: str | None  # sha256 over the recorded numbers only (content.py)
     final_loss: float
     runtime_s: float
     steps_per_s: float
@@ -98,6 +99,7 @@ class TrainResult:
             "runtime_s": round(self.runtime_s, 3),
             "steps_per_s": round(self.steps_per_s, 4),
             "trajectory_sha256": self.sha256,
+            "content_digest": self.content_digest,
             "n_live": self.n_live,
             "n_dead": self.n_dead,
             "dead_share": round(self.n_dead / (self.n_live + self.n_dead), 4),
@@ -305,6 +307,7 @@ def _result(out: RecordedOutput, masks: Masks, collect: _Collect, runtime: float
     return TrainResult(
         trajectory=out.path if out.writer is not None else None,
         sha256=out.sha256,
+        content_digest=out.writer.content_digest if out.writer is not None else None,
         final_loss=collect.losses[-1][-1],
         runtime_s=runtime,
         steps_per_s=trained / runtime if trained else math.nan,

@@ -119,6 +119,7 @@ def log_train_result(tracker: Tracker, params: Params, root: Path, result: Train
     inputs = [InputFile(name, path, doc["inputs"][f"{name}_sha256"]) for name, path in paths.inputs().items()]
     tracker.set_tags({
         "trajectory.sha256": result.sha256,
+        "trajectory.content_digest": result.content_digest,  # equal iff the recorded numbers are bit-identical
         **fingerprint_tags(result.fingerprint),
         **{f"version.{k}": v for k, v in doc["versions"].items()},
         **{f"inputs.{f.name}.sha256": f.sha256 for f in inputs},

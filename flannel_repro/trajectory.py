@@ -5,9 +5,10 @@ of known size) in a temporary file beside the output, reserves every byte (posix
 at the start, not half way), and writes each step's slices at their precomputed offsets, so the trajectory never
 sits in RAM. (Slices go in with pwrite: storing them through a shared memory mapping measured 5.0 ms per step
 against 0.34 ms, as ext4 handles a write fault per 4 KB page of a reserved file.) Only `commit()` renames the
-finished file into place; a killed run leaves no file at the output path, and its temporary file (named with its
-pid) is either removed by the next run of that output or, with checkpoints on, reopened by `train --resume`
-(`resume_from=`). The result loads with `safetensors.torch.load_file` like the notebook's own file.
+finished file into place, after filling in the header's content record and digest (content.py) and its header
+digest, which it reserves at the start; a killed run leaves no file at the output path, and its temporary file
+(named with its pid) is either removed by the next run of that output or, with checkpoints on, reopened by `train
+--resume` (`resume_from=`). The result loads with `safetensors.torch.load_file` like the notebook's own file.
 
 `load_trajectory(path)` opens a file lazily: reading W at one step maps just that slice.
 
@@ -33,13 +34,14 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from . import content
 from .config import Params, params_from_json
 from .errors import FlannelError
 from .fsutil import commit_file, temp_path_for
-from .safetensors_header import header_bytes, read_header
+from .layout import FORMAT, Spec, header_digest
+from .safetensors_header import dtype_name, header_bytes, read_header
 
-FORMAT = "flannel-trajectory/1"
-DIGEST_BYTES = 32  # sha256
+TORCH_DTYPES = {"I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool, "U8": torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,17 @@ class TrajectoryWriter:
         be byte-identical to the one these specs and metadata give (same params, versions, device and layout)."""
         self.out_path = Path(out_path)
         self.specs = dict(specs)
-        head, self.offsets = header_bytes(specs, metadata)
+        self.layout = {name: Spec(dtype_name(s.dtype), tuple(s.shape)) for name, s in specs.items()}
+        # The content record and the digests are known only at the end: reserved now at their final length (hex
+        # digits in place of '-'), filled in by seal(), so no offset moves.
+        pending = content.render(content.entries({k: (s.dtype, s.shape) for k, s in self.layout.items()}, None))
+        reserved = {"content": pending, "content_digest": content.PENDING, "header_digest": content.PENDING}
+        head, self.offsets = header_bytes(specs, {**metadata, **reserved})
+        self._head = head
+        self._reserved = {key: _find_value(head, key, value) for key, value in reserved.items()}
         self.data_start = len(head)
         self.size = self.data_start + sum(spec.nbytes for spec in specs.values())
+        self.content_digest: str | None = None  # set by seal()
         if resume_from is None:
             self.tmp_path = temp_path_for(self.out_path, owner_key="paths.trajectory")
             self._file = open(self.tmp_path, "r+b")
@@ -94,10 +104,10 @@ class TrajectoryWriter:
         try:
             if resume_from is None:
                 self._allocate()
-                self._file.write(head)
+                os.pwrite(self._file.fileno(), head, 0)  # like every write here: unbuffered, at its offset
             else:
                 actual = os.fstat(self._file.fileno()).st_size
-                if actual != self.size or self._file.read(len(head)) != head:
+                if actual != self.size or self._unfilled(os.pread(self._file.fileno(), len(head), 0)) != head:
                     raise FlannelError(
                         f"{self.tmp_path}: the partial trajectory does not match this run's params, versions or "
                         "device (header or size differs); run `flannel-repro train` without --resume to start over"
@@ -161,9 +171,39 @@ class TrajectoryWriter:
         self._file.close()
 
     def commit(self) -> Path:
+        """Seal the header, then move the file into place."""
+        self.seal()
         self._file.close()
         commit_file(self.tmp_path, self.out_path)  # fsync, then rename into place
         return self.out_path
+
+    def seal(self) -> None:
+        """Fill in the content record and digest from what was written, and the header digest over the header so
+        completed. (A run killed between this and the rename still resumes: see `_unfilled`.)"""
+        layout = {k: (s.dtype, s.shape) for k, s in self.layout.items()}
+        text = content.render(content.entries(layout, self._read_all))
+        self.content_digest = content.content_digest(text)
+        head = bytearray(self._head)
+        for key, value in (("content", text), ("content_digest", self.content_digest)):
+            self._fill(head, key, value)
+        self._fill(head, "header_digest", header_digest(bytes(head))[1])
+        os.pwrite(self._file.fileno(), bytes(head), 0)
+
+    def _fill(self, head: bytearray, key: str, value: str) -> None:
+        start, encoded = self._reserved[key]
+        new = json.dumps(value).encode("utf-8")
+        assert len(new) == len(encoded), key  # same characters, hex digits instead of '-'
+        head[start : start + len(new)] = new
+
+    def _read_all(self, name: str) -> bytes:
+        return os.pread(self._file.fileno(), self.layout[name].nbytes, self.data_start + self.offsets[name])
+
+    def _unfilled(self, head: bytes) -> bytes:
+        """`head` with the reserved values back at their placeholders (a run killed inside commit() filled them)."""
+        out = bytearray(head)
+        for start, encoded in self._reserved.values():
+            out[start : start + len(encoded)] = encoded
+        return bytes(out)
 
     def abort(self) -> None:
         """Close and delete the temporary file; the output path is untouched."""
@@ -171,6 +211,15 @@ class TrajectoryWriter:
         if f is not None and not f.closed:
             f.close()
         self.tmp_path.unlink(missing_ok=True)
+
+
+def _find_value(head: bytes, key: str, value: str) -> tuple[int, bytes]:
+    """(offset, JSON encoding) of metadata `key`'s string value in the header bytes."""
+    encoded = json.dumps(value).encode("utf-8")
+    pair = json.dumps(key).encode("utf-8") + b":" + encoded
+    at = head.find(pair)
+    assert at >= 0 and head.count(pair) == 1, key
+    return at + len(pair) - len(encoded), encoded
 
 
 class Trajectory:
@@ -249,6 +298,8 @@ def manifest(traj: Trajectory) -> dict[str, Any]:
         "versions": traj.meta_json("versions"),
         "inputs": traj.meta_json("inputs"),
         "digests": digests,  # {tensor: [run][step] -> sha256 hex of that (V, H) slice}
+        "content": traj.metadata.get("content"),  # the content record: every key's hash (content.py)
+        "content_digest": traj.metadata.get("content_digest"),
     }
     if "losses_f32" in traj:
         doc["losses_f32"] = [[float(x) for x in run] for run in traj["losses_f32"]]  # NaN at t = 0

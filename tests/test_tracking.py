@@ -163,6 +163,10 @@ def test_tags_name_the_file_hash_the_commit_and_the_device(tracked):
     path = tracked.root / tracked.params.paths.trajectory
     assert tags["trajectory.sha256"] == sha256_file(path)
     assert tags["trajectory.path"] == tracked.params.paths.trajectory
+    # The content digest, a column to compare runs' numbers by: the file's header and metrics/train.json hold it too.
+    metrics = json.loads((tracked.root / tracked.params.paths.metrics).read_text())
+    with load_trajectory(path) as traj:
+        assert tags["trajectory.content_digest"] == traj.metadata["content_digest"] == metrics["content_digest"]
     assert tags["git.commit"] == git(tracked.root, "rev-parse", "HEAD") == tags["mlflow.source.git.commit"]
     assert (tags["git.branch"], tags["git.dirty"]) == ("main", "false")
     assert "dvc.exp_name" not in tags  # not run by `dvc exp`
