@@ -4,9 +4,11 @@
 
 Trains the reference once (also the warm-up), then times, in this one process and R times each (the fastest
 counts): a second `train` that writes its file, `verify` of the reference (expected identical, at most 1.1x a
-train), and `verify` of a copy whose W digest at step k was changed (expected to end after k steps, about
-(k+1)/(steps+1) of a train). Files go to bench/results/verify_overhead/ under the project root (git-ignored).
-Run it on the full configuration only on an otherwise idle machine; `-S` makes it tiny for a smoke test.
+train), and `verify` of a copy whose W digest at step k was changed (a corrupt reference: expected to end at step
+k, about (k+1)/(steps+1) of a train). Also the part of an identical verify spent reading and hashing the
+reference's own bytes (`reference_check_ms_per_step`). Files go to bench/results/verify_overhead/ under the project
+root (git-ignored). Run it on the full configuration only on an otherwise idle machine; `-S` makes it tiny for a
+smoke test.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ OUT = Path("bench/results/verify_overhead")
 
 
 def corrupt_digest(src: Path, dst: Path, step: int) -> None:
-    """Copy `src` with digest_W[0, step] zeroed: verify must report step `step` as the first divergence."""
+    """Copy `src` with digest_W[0, step] zeroed: verify must stop at step `step`, the first corrupt one."""
     shutil.copyfile(src, dst)
     header = read_header(dst)
     with open(dst, "r+b") as f:
@@ -74,9 +76,11 @@ def main() -> None:
             raise SystemExit(f"the rerun diverged from its own reference at step {report.first.step}: "
                              "not deterministic")
         t_verify.append(s)
+        own = report.reruns[0].reference_check_s / report.reruns[0].steps_checked
         s, report = timed(lambda: verify(file_reference(diverging), root))
-        if report.first is None or report.first.step != k:
-            raise SystemExit(f"expected the divergence at step {k}, got {report.first}")
+        first = report.corruption[0] if report.corruption else None
+        if first is None or (first.key, first.step) != ("digest_W", k):
+            raise SystemExit(f"expected corrupt digest_W at step {k}, got {first}")
         t_div.append(s)
         checked = report.reruns[0].steps_checked
 
@@ -90,6 +94,7 @@ def main() -> None:
         "divergent_over_train": round(best["verify_divergent"] / best["train"], 3),
         "expected_divergent_over_train": round((k + 1) / (steps + 1), 3),
         "divergent_steps_checked": checked,  # k + 1: steps 0..k
+        "reference_check_ms_per_step": round(own * 1000, 3),  # of the last identical verify
     }
     print(json.dumps(summary, indent=2))
     for p in (out / "train.safetensors", diverging):

@@ -131,6 +131,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check
+    from .fsutil import write_json
+
+    path = Path(args.file) if args.file else None
+    if path is None:
+        params, root = _load(args)
+        path = root / params.paths.trajectory
+    if args.threads < 1:
+        raise FlannelError(f"--threads {args.threads}: give at least 1")
+    report = check(path, threads=args.threads)
+    if args.report:
+        write_json(Path(args.report), report.to_json())
+    print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else "\n".join(report.lines()))
+    return report.exit_code
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from .diff import diff, write_csv, write_plot
 
@@ -144,7 +161,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
-    help_text = "rerun the reference's training and check it bit for bit (exit 0 identical, 1 diverged, 2 bad input)"
+    help_text = ("rerun the reference's training and check it bit for bit (exit 0 identical, 1 diverged or reference "
+                 "corrupt, 2 bad input)")
     p = sub.add_parser("verify", help=help_text, description=help_text)
     p.add_argument("reference", nargs="?", help="reference trajectory file (default: paths.trajectory of params.yaml)")
     p.add_argument("--run-id", help="audit this MLflow run: its logged digests are the reference, or with a file "
@@ -160,6 +178,15 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH (e.g. reports/verify.json)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_verify)
+    help_text = ("check a trajectory's integrity without a rerun: every slice against its digest, the header "
+                 "against the data, the scalars against the params (exit 0 intact, 1 corrupt, 2 unreadable)")
+    p = sub.add_parser("check", help=help_text, description=help_text)
+    p.add_argument("file", nargs="?", help="trajectory file (default: paths.trajectory of params.yaml)")
+    p.add_argument("--params", default="params.yaml", help="params file naming the default file (default: params.yaml)")
+    p.add_argument("--threads", type=int, default=2, metavar="N", help="hashing threads (default 2)")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH")
+    p.set_defaults(func=cmd_check, overrides=[])
     help_text = "compare two trajectories step by step (exit 0 identical, 1 different, 2 bad input)"
     p = sub.add_parser("diff", help=help_text, description=help_text)
     p.add_argument("a", help="trajectory file A (its params name the masks file for the live/dead split)")

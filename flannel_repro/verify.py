@@ -1,65 +1,108 @@
 """The determinism audit: rerun a recorded training and compare it with the record, step by step, bit for bit.
 
 A reference is a trajectory's digest manifest (`trajectory.manifest`): the recorded params, device fingerprint and
-input digests, and the sha256 of every recorded (V, H) slice at every step. A trajectory file and an MLflow run give
-the same manifest, so both are audited by the same code; only a file also holds the tensors themselves, which the
-elementwise detail of a divergence needs.
+input digests, the sha256 of every recorded (V, H) slice at every step and the content record (content.py). A
+trajectory file and an MLflow run give the same manifest; a file also holds the tensors themselves, which verify
+checks as well: before the rerun, everything `flannel-repro check` checks but the slices (check.py); during it, each
+step's slices and values (stepcheck.py). A file that no longer agrees with itself is *corrupt* (changed after it was
+written); an intact reference that the rerun does not reproduce has *diverged*.
 
 The rerun uses the reference's own params (never params.yaml), pinned to the reference's thread count and device
-type, writes no file, and checks each step's digests and loss as training produces them; by default it stops at the
-first divergent step.
+type, writes no file, and checks each step as training produces it; by default it stops at the first divergent or
+corrupt step.
 
     ref = file_reference(Path("tensors/Flannel/1.20h_flannel_7.safetensors"))
     report = verify(ref, root=Path("."))
-    report.exit_code   # 0 bit-identical, 1 diverged
+    report.exit_code   # 0 bit-identical, 1 diverged or reference corrupt
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .bits import CHECK_ORDER, compare_slices, f32_bits
+from . import content
+from .bits import CHECK_ORDER
+from .check import Inspection, Problem, inspect
 from .config import INPUTS, Params, params_from_dict
 from .errors import FlannelError
 from .fsutil import sha256_file
+from .layout import FORMAT, STEP_TENSORS
 from .masks import load_masks
 from .provenance import fingerprint, fingerprint_mismatches
-from .recorder import StepRecord, recorded_tensors
+from .recorder import recorded_tensors
+from .stepcheck import STEP_VALUES, Divergence, StepCheck, Stop
 from .tracking import AuditStore
-from .trajectory import MANIFEST_FORMAT, Trajectory, digest, load_trajectory, manifest
+from .trajectory import MANIFEST_FORMAT, Trajectory, load_trajectory, manifest
 
 
 @dataclass
 class Reference:
     source: str  # what the user named: a path, or "MLflow run <id>"
-    manifest: dict[str, Any]  # trajectory.manifest() form
-    params: Params  # the params the reference was trained with
+    manifest: dict[str, Any] | None  # trajectory.manifest() form; None when the file's layout cannot be trusted
+    params: Params | None  # the params the reference was trained with; None when they cannot be read
     trajectory: Trajectory | None = None  # the file itself, for elementwise detail; None for a run-id reference
     run_id: str | None = None  # the audited MLflow run, where known
+    inspection: Inspection | None = None  # a file's integrity-checked view (check.py)
+    problems: list[Problem] = field(default_factory=list)  # corruption found before any rerun
+
+    @property
+    def record(self) -> dict[str, content.Entry] | None:
+        """The content record, per key; None for an MLflow run that logged none."""
+        text = (self.manifest or {}).get("content")
+        if not isinstance(text, str):
+            return None
+        try:
+            return {e.name: e for e in content.parse(text)}
+        except ValueError:
+            return None
+
+    @property
+    def blocking(self) -> list[Problem]:
+        """Corruption the rerun cannot locate at a step (a scalar, W_initial, the header): verify stops before it."""
+        located = {*STEP_VALUES, *STEP_TENSORS, *(f"digest_{n}" for n in STEP_TENSORS)}
+        if self.params is None or self.manifest is None:
+            return self.problems
+        return [p for p in self.problems if p.key not in located]
 
 
 def file_reference(path: Path) -> Reference:
-    traj = load_trajectory(path)  # checks the header against the file's length and the format tag
-    params = traj.params
+    """A trajectory file, checked as `flannel-repro check` checks it but for the slices, which the rerun reads."""
+    insp = inspect(path)  # FlannelError (exit 2) if it is not a trajectory at all
+    if not insp.usable or insp.metadata.get("format") != FORMAT:
+        insp.close()
+        return Reference(str(path), None, insp.params, problems=list(insp.problems))
+    traj = load_trajectory(path)
     try:
         doc = manifest(traj)
     except (KeyError, ValueError, TypeError) as e:
         raise FlannelError(f"{path}: trajectory header is incomplete or corrupt ({e}); re-record it with "
                            "`flannel-repro train`") from None
-    return _checked(Reference(str(path), doc, params, trajectory=traj))
+    return _checked(Reference(str(path), doc, insp.params, trajectory=traj, inspection=insp,
+                              problems=list(insp.problems)))
 
 
 def run_reference(run_id: str, store: AuditStore) -> Reference:
     doc = store.run_manifest(run_id)
     params = params_from_dict(doc.get("params"), f"MLflow run {run_id} (recorded params)")
-    return _checked(Reference(f"MLflow run {run_id}", doc, params, run_id=run_id))
+    ref = _checked(Reference(f"MLflow run {run_id}", doc, params, run_id=run_id))
+    record, text = ref.record, doc.get("content")
+    if record is None:
+        return ref
+    bad = [] if content.content_digest(text) == doc.get("content_digest") else ["content_digest"]
+    for name, runs in doc["digests"].items():  # the per-step digests must be the ones the record hashed
+        joined = b"".join(bytes.fromhex(h) for run in runs for h in run)
+        if name not in record or hashlib.sha256(joined).hexdigest() != record[name].sha256:
+            bad.append(f"digests.{name}")
+    if bad:
+        raise FlannelError(f"MLflow run {run_id}: its digests.json artifact is corrupt ({', '.join(bad)} no longer "
+                           "match its content record); audit the run's trajectory file instead")
+    return ref
 
 
 def _checked(ref: Reference) -> Reference:
@@ -84,36 +127,42 @@ def _checked(ref: Reference) -> Reference:
 
 
 @dataclass
-class Divergence:
-    run: int
-    step: int
-    tensors: list[str]  # in CHECK_ORDER; the first is the first divergent tensor
-    detail: dict[str, Any] = field(default_factory=dict)  # per tensor, only for the first divergent step
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Rerun:
     identical: bool
     steps_checked: int
     runtime_s: float
     divergences: list[Divergence]  # the first only, unless --full
+    problems: list[Problem] = field(default_factory=list)  # corruption located at a step
+    reference_check_s: float = 0.0  # of runtime_s, reading and hashing the reference's own bytes
+    content_digest: str | None = None  # of what the rerun would record; None when it stopped early
+    record_differences: list[str] = field(default_factory=list)  # keys whose content record lines differ
 
 
 @dataclass
 class VerifyReport:
     reference: Reference
-    params: Params  # what the rerun used
+    params: Params | None  # what the rerun used; None when the reference's params cannot be read
     params_differences: list[tuple[str, Any, Any]]  # (key, params.yaml, reference)
     mismatches: list[tuple[str, Any, Any]]  # (fingerprint key, reference, here)
     input_mismatches: list[tuple[str, str, str | None]]  # (path, reference sha256, here)
     fingerprint: dict[str, Any]  # this machine's, as the rerun ran
-    reruns: list[Rerun]
+    reruns: list[Rerun]  # none when the reference is too corrupt to rerun
     notes: list[str]
 
     @property
+    def corruption(self) -> list[Problem]:
+        """Every way the reference no longer agrees with itself: found before the rerun, then located by it."""
+        located = [p for r in self.reruns[:1] for p in r.problems]
+        found = {p.key for p in located}  # a key the rerun located at a step is listed there, not step-less too
+        return sorted([p for p in self.reference.problems if p.key not in found] + located, key=_problem_order)
+
+    @property
     def identical(self) -> bool:
-        return all(r.identical for r in self.reruns)
+        return bool(self.reruns) and not self.corruption and all(r.identical for r in self.reruns)
+
+    @property
+    def verdict(self) -> str:
+        return "corrupt" if self.corruption else "identical" if self.identical else "diverged"
 
     @property
     def exit_code(self) -> int:
@@ -123,30 +172,66 @@ class VerifyReport:
     def first(self) -> Divergence | None:
         return next((r.divergences[0] for r in self.reruns if r.divergences), None)
 
+    def checked(self) -> tuple[list[str], list[str]]:
+        """What the verdict covers, and what it does not."""
+        m = self.reference.manifest or {}
+        names = sorted(m.get("digests") or {}, key=CHECK_ORDER.index)
+        record = "every other key (" + ", ".join(
+            k for k in ("losses", "losses_f32", "grad_norm", "lr_schedule", "batch_indices", "W_initial")
+            if self.reference.record is None or k in self.reference.record) + ", the scalars)"
+        if self.reference.trajectory is not None:
+            return (["the file's own bytes (every slice against its digest, every key against the content record, "
+                     "the header against the data)", f"{', '.join(names)} at every step against the rerun",
+                     f"{record} step by step against the rerun"], [])
+        checked = [f"{', '.join(names)} digests at every step against the rerun"]
+        if "losses_f32" in m:
+            checked.append("the f32 loss at every step")
+        if self.reference.record is not None:
+            checked.append(f"{record} against the run's content record, after the last step")
+            not_checked = []
+        else:
+            not_checked = ["losses (bf16), grad_norm, lr_schedule, batch_indices, W_initial and the scalars (the run "
+                           "logged no content record)"]
+        not_checked.append("the trajectory file's own bytes (give the file too, or run `flannel-repro check FILE`)")
+        return checked, not_checked
+
     def to_json(self) -> dict[str, Any]:
-        first = self.first
+        first, bad = self.first, self.corruption
+        checked, not_checked = self.checked()
+        ran = self.reruns[0] if self.reruns else None
         doc = {
-            "verdict": "identical" if self.identical else "diverged",
+            "verdict": self.verdict,
             "identical": self.identical,
             "exit_code": self.exit_code,
             "reference": self.reference.source,
             "audited_run_id": self.reference.run_id,
+            "first_corrupt_key": bad[0].key if bad else None,
+            "first_corrupt_run": bad[0].run if bad else None,
+            "first_corrupt_step": bad[0].step if bad else None,
+            "corruption": [p.to_json() for p in bad],
             "first_divergent_run": first.run if first else None,
             "first_divergent_step": first.step if first else None,
             "first_divergent_tensor": first.tensors[0] if first else None,
+            "content_digest": (self.reference.manifest or {}).get("content_digest"),
+            "rerun_content_digest": ran.content_digest if ran else None,
+            "checked": checked,
+            "not_checked": not_checked,
             "repeats": len(self.reruns),
             "repeats_identical": sum(r.identical for r in self.reruns),
             "params_differences": [{"key": k, "params_yaml": a, "reference": b} for k, a, b in self.params_differences],
             "fingerprint_mismatches": [{"key": k, "reference": a, "here": b} for k, a, b in self.mismatches],
             "input_mismatches": [{"path": p, "reference": a, "here": b} for p, a, b in self.input_mismatches],
-            "num_threads": self.params.train.num_threads,
+            "num_threads": self.params.train.num_threads if self.params else None,
             "fingerprint": self.fingerprint,
-            "reference_fingerprint": self.reference.manifest.get("fingerprint"),
+            "reference_fingerprint": (self.reference.manifest or {}).get("fingerprint"),
             "reruns": [
                 {
                     "identical": r.identical,
                     "steps_checked": r.steps_checked,
                     "runtime_s": round(r.runtime_s, 3),
+                    "reference_check_s": round(r.reference_check_s, 3),
+                    "content_digest": r.content_digest,
+                    "record_differences": r.record_differences,
                     "divergences": [dataclasses.asdict(d) for d in r.divergences],
                 }
                 for r in self.reruns
@@ -157,9 +242,18 @@ class VerifyReport:
 
     def lines(self) -> list[str]:
         """The short human report."""
-        t = self.params.train
-        out = [f"reference: {self.reference.source} ({t.num_runs} run(s) x {t.steps} steps; "
-               f"{', '.join(self._checked_names())})"]
+        m = self.reference.manifest or {}
+        if self.params is not None:
+            t = self.params.train
+            kind = "" if self.reference.trajectory is not None or self.reference.manifest is None else "digests only, "
+            out = [f"reference: {self.reference.source} ({kind}{t.num_runs} run(s) x {t.steps} steps)"]
+        else:
+            out = [f"reference: {self.reference.source}"]
+        if self.reference.manifest is not None:
+            checked, not_checked = self.checked()
+            out.append(f"checked: {'; '.join(checked)}")
+            if not_checked:
+                out.append(f"not checked: {'; '.join(not_checked)}")
         out += [f"note: {n}" for n in self.notes]
         for k, ref_v, here_v in self.mismatches:
             out.append(f"warning: this machine differs from the reference in {k}: reference {ref_v!r}, here {here_v!r}")
@@ -168,24 +262,43 @@ class VerifyReport:
                        f"(sha256 {ref_sha[:12]} recorded, {(here_sha or 'missing')[:12]} here)")
         if self.mismatches or self.input_mismatches:
             out.append("warning: the differences above are the likely cause of any divergence below")
+        bad = self.corruption
+        out += [f"corrupt: {p.line()}" for p in bad[:20]]
+        if len(bad) > 20:
+            out.append(f"corrupt: ... ({len(bad) - 20} more)")
+        if not self.reruns:
+            out.append("not rerun: the reference is corrupt where no rerun can help; restore it (`dvc pull`, or the "
+                       "colleague's copy) and run `flannel-repro check` on it")
         for i, r in enumerate(self.reruns):
             tag = f"rerun {i + 1}/{len(self.reruns)}: " if len(self.reruns) > 1 else ""
-            if r.identical:
+            if r.identical and not r.problems:
                 out.append(f"{tag}BIT-IDENTICAL: all {r.steps_checked} recorded steps match ({r.runtime_s:.1f} s)")
                 continue
-            d = r.divergences[0]
-            out.append(f"{tag}DIVERGED at run {d.run}, step {d.step}: {', '.join(d.tensors)} differ "
-                       f"(checked {r.steps_checked} steps, {r.runtime_s:.1f} s)")
-            out += [f"  {line}" for line in _detail_lines(d)]
+            for d in r.divergences[:1]:
+                out.append(f"{tag}DIVERGED at run {d.run}, step {d.step}: {', '.join(d.tensors)} differ "
+                           f"(checked {r.steps_checked} steps, {r.runtime_s:.1f} s)")
+                out += [f"  {line}" for line in _detail_lines(d)]
             if len(r.divergences) > 1:
-                steps = [f"{x.run}:{x.step}" if t.num_runs > 1 else str(x.step) for x in r.divergences]
+                steps = [f"{x.run}:{x.step}" if self.params.train.num_runs > 1 else str(x.step) for x in r.divergences]
                 out.append(f"  {len(r.divergences)} divergent steps: {_abbrev(steps)}")
-        out.append(f"verdict: {'bit-identical' if self.identical else 'diverged'} (exit {self.exit_code})")
+            if r.record_differences:
+                out.append(f"{tag}DIVERGED: {', '.join(r.record_differences)} differ from the reference's content "
+                           "record (compared after the last step)")
+        digest = m.get("content_digest")
+        if digest and self.reruns and self.reruns[0].content_digest:
+            same = "the same" if digest == self.reruns[0].content_digest else "DIFFERENT"
+            out.append(f"content digest: {digest} (the rerun's is {same})")
+        elif digest:
+            out.append(f"content digest: {digest} (recorded)")
+        if bad:
+            out.append(f"verdict: reference corrupt (exit {self.exit_code}): {bad[0].line()}")
+        else:
+            out.append(f"verdict: {'bit-identical' if self.identical else 'diverged'} (exit {self.exit_code})")
         return out
 
-    def _checked_names(self) -> list[str]:
-        names = sorted(self.reference.manifest["digests"], key=CHECK_ORDER.index)
-        return (["loss"] if "losses_f32" in self.reference.manifest else []) + names
+
+def _problem_order(p: Problem) -> tuple[int, int]:
+    return (-1 if p.run is None else p.run, -1 if p.step is None else p.step)
 
 
 def _detail_lines(d: Divergence) -> list[str]:
@@ -220,56 +333,6 @@ def _finite(x: Any) -> Any:
     return x
 
 
-class _Diverged(Exception):
-    """Raised from the sink to end the rerun at the first divergent step."""
-
-
-class StepCheck:
-    """A recorder sink comparing each step with the reference while training produces it."""
-
-    def __init__(self, ref: Reference, live: torch.Tensor | None, stop: bool) -> None:
-        self.ref = ref
-        self.live = live
-        self.stop = stop
-        m = ref.manifest
-        self.digests = m["digests"]  # {tensor: [run][step] hex}
-        self.losses = [[f32_bits(x) for x in run] for run in m["losses_f32"]] if "losses_f32" in m else None
-        self.steps_checked = 0
-        self.divergences: list[Divergence] = []
-
-    def __call__(self, rec: StepRecord) -> None:
-        bad = []
-        if self.losses is not None and f32_bits(rec.loss) != self.losses[rec.run][rec.step]:
-            bad.append("loss")
-        for name in CHECK_ORDER[1:]:
-            if name in self.digests and rec.digests[name].hex() != self.digests[name][rec.run][rec.step]:
-                bad.append(name)
-        self.steps_checked += 1
-        if not bad:
-            return
-        d = Divergence(rec.run, rec.step, bad)
-        if not self.divergences:
-            self._detail(d, rec)
-        self.divergences.append(d)
-        if self.stop:
-            raise _Diverged
-
-    def _detail(self, d: Divergence, rec: StepRecord) -> None:
-        traj = self.ref.trajectory
-        for name in d.tensors:
-            if name == "loss":
-                d.detail["loss"] = {"reference": self.ref.manifest["losses_f32"][rec.run][rec.step], "rerun": rec.loss}
-            elif traj is not None:
-                theirs = traj.step(name, rec.step, rec.run)
-                d.detail[name] = compare_slices(rec.tensors[name], theirs, self.live)
-                if digest(theirs).hex() != self.digests[name][rec.run][rec.step]:
-                    d.notes.append(f"the reference file's {name} at step {rec.step} does not match its own recorded "
-                                   "digest: the file was changed after it was written")
-        if traj is None and any(n != "loss" for n in d.tensors):
-            d.notes.append("elementwise detail (elements, ULPs, token rows) needs the trajectory file: "
-                           "run `flannel-repro verify PATH` on the run's file")
-
-
 def verify(
     ref: Reference,
     root: Path,
@@ -291,6 +354,8 @@ def verify(
 
     if repeat < 1:
         raise FlannelError(f"--repeat {repeat}: give at least 1")
+    if ref.blocking and not (full and ref.manifest is not None):
+        return VerifyReport(ref, ref.params, [], [], [], {}, [], [])  # nothing a rerun could add
     params, notes = _rerun_params(ref, threads)
     ref_fp = ref.manifest.get("fingerprint") or {}
     here = {**fingerprint(pick_device(params.train.device)), "torch_threads": params.train.num_threads}
@@ -308,19 +373,25 @@ def verify(
             notes.insert(0, f"params.yaml differs from the reference's recorded params in {keys}; "
                             "the rerun uses the reference's")
 
-    live = load_masks(root / params.paths.masks, params.model.vocab_size).live_mask  # present: checked above
+    masks = load_masks(root / params.paths.masks, params.model.vocab_size)  # present: checked above
     reruns = []
     for _ in range(repeat):
-        check = StepCheck(ref, live, stop=not full)
+        check = StepCheck(ref, masks, stop=not full)
         start = time.perf_counter()
         try:
             train(params, root, observers=[check], write=False, progress=progress)
-        except _Diverged:
+            check.finish()
+        except Stop:
             pass
         expected = params.train.num_runs * (params.train.steps + 1)
-        if not check.divergences and check.steps_checked != expected:
+        stopped = check.divergences or check.problems
+        if not stopped and check.steps_checked != expected:
             raise RuntimeError(f"rerun checked {check.steps_checked} of {expected} steps")  # a recorder bug
-        reruns.append(Rerun(not check.divergences, check.steps_checked, time.perf_counter() - start, check.divergences))
+        identical = not stopped and not check.record_differences
+        reruns.append(Rerun(identical, check.steps_checked, time.perf_counter() - start, check.divergences,
+                            check.problems, check.reference_s, check.content_digest, check.record_differences))
+    if ref.record is None:
+        notes.append("the reference has no content record: keys without per-step digests were not compared")
     return VerifyReport(ref, params, differences, mismatches, input_mismatches, here, reruns, notes)
 
 
@@ -382,9 +453,14 @@ def load_reference(path: Path | None, run_id: str | None, current: Params | None
     ref = file_reference(path)
     if run_id is not None:
         logged = run_reference(run_id, audit_store(current, root))
-        if logged.manifest.get("digests") != ref.manifest["digests"]:
-            raise FlannelError(f"{path}: not the trajectory of MLflow run {run_id} (its digests differ from the "
-                               "run's digests.json); give that run's file, or leave out one of the two")
+        ours = (ref.inspection.metadata if ref.inspection else {}).get("content_digest")
+        if ours is None or logged.manifest.get("content_digest") is None:  # a run logged before content digests
+            same = ref.manifest is not None and logged.manifest.get("digests") == ref.manifest["digests"]
+        else:
+            same = logged.manifest["content_digest"] == ours
+        if not same:
+            raise FlannelError(f"{path}: not the trajectory of MLflow run {run_id} (its content digest differs from "
+                               "the run's digests.json); give that run's file, or leave out one of the two")
         ref.run_id = run_id
     return ref
 

@@ -3,15 +3,14 @@ mismatch is reported and diverges, and a bad reference is one clear line with ex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli, thread_pair, write_params
+from corrupt import edit_header, rewrite_content_record, rewrite_slice_digest, xor_byte
 
 from flannel_repro.bits import bf16_order
 from flannel_repro.config import load_params
@@ -25,25 +24,13 @@ FLIP_STEP, FLIP_ROW, FLIP_COL = 3, 5, 7
 
 def flip_bit(src: Path, dst: Path, step: int, row: int, col: int, run: int = 0) -> None:
     """Copy `src` to `dst` with the lowest mantissa bit of W[run, step, row, col] flipped (one bf16 ULP), and
-    digest_W[run, step] rewritten to describe the changed slice, as if the run had produced it."""
-    shutil.copyfile(src, dst)
-    header = read_header(dst)
-    with open(dst, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    data = 8 + n
-    runs, steps1, vocab, hidden = header["W"]["shape"]
-    slice_bytes = vocab * hidden * 2
-    slice_at = data + header["W"]["data_offsets"][0] + (run * steps1 + step) * slice_bytes
-    element_at = slice_at + (row * hidden + col) * 2  # little-endian bf16: the first byte holds the mantissa's low bits
-    with open(dst, "r+b") as f:
-        f.seek(element_at)
-        byte = f.read(1)[0]
-        f.seek(element_at)
-        f.write(bytes([byte ^ 1]))
-        f.seek(slice_at)
-        new_digest = hashlib.sha256(f.read(slice_bytes)).digest()
-        f.seek(data + header["digest_W"]["data_offsets"][0] + (run * steps1 + step) * 32)
-        f.write(new_digest)
+    digest_W[run, step] and the header's content record rewritten to describe the changed file, as if the run had
+    produced it: a file consistent in every way it can check itself, which only a rerun can tell apart."""
+    hidden = read_header(src)["W"]["shape"][3]
+    # little-endian bf16: the first byte of an element holds the mantissa's low bits
+    xor_byte(src, dst, "W", (run, step), byte=(row * hidden + col) * 2)
+    rewrite_slice_digest(dst, "W", run, step)
+    rewrite_content_record(dst)
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +61,30 @@ def test_identical_rerun_exits_0_and_uses_the_references_params(project, tmp_pat
     assert {"key": "train.steps", "params_yaml": 9, "reference": 6} in doc["params_differences"]
     assert "train.steps (9 -> 6)" in proc.stderr and "the rerun uses the reference's" in proc.stderr
     assert "verdict: bit-identical (exit 0)" in proc.stderr
+    # The rerun's content digest (over everything it would record) is the file's, and the report says what it covered.
+    recorded = load_trajectory(project / "ref1.safetensors").metadata["content_digest"]
+    assert doc["content_digest"] == doc["rerun_content_digest"] == recorded
+    assert f"content digest: {recorded} (the rerun's is the same)" in proc.stderr
+    assert doc["not_checked"] == [] and doc["checked"][0].startswith("the file's own bytes")
     assert json.loads((project / "reports/verify.json").read_text()) == doc
     # No second trajectory (nor any temporary file) was written.
     after = sorted(p.name for p in project.rglob("*"))
     assert set(after) - set(before) == {"reports", "verify.json"}
     (project / "params_other.yaml").unlink()
     shutil.rmtree(project / "reports")
+
+
+def test_a_seed_other_than_init_seed_reruns_identically(project, tmp_path):
+    # verify recomputes W_initial from init_seed while the rerun trains with train_seed: the rerun's own random
+    # state (its data order) must not notice.
+    write_params(tmp_path, {"train": {"train_seed": 43}, "paths": {"trajectory": "seed43.safetensors"}})
+    params = load_params(tmp_path / "params.yaml")
+    from flannel_repro.train import train
+
+    train(params, project, progress=False)
+    report = verify(file_reference(project / "seed43.safetensors"), project)
+    assert report.verdict == "identical", report.lines()
+    (project / "seed43.safetensors").unlink()
 
 
 def test_flipped_bit_is_found_at_its_step_and_token_row(project, flipped):
@@ -119,7 +124,16 @@ def test_reference_from_digests_alone_names_the_step_without_elementwise_detail(
     d = report.first
     assert (d.step, d.tensors, d.detail) == (FLIP_STEP, ["W"], {})
     assert any("needs the trajectory file" in n for n in d.notes)
-    assert report.to_json()["audited_run_id"] == "abc"
+    doc = report.to_json()
+    assert doc["audited_run_id"] == "abc"
+    # Its verdict says what a digests-only reference could and could not check.
+    assert doc["checked"] == [
+        "grad_W, W digests at every step against the rerun", "the f32 loss at every step",
+        "every other key (losses, losses_f32, grad_norm, lr_schedule, batch_indices, W_initial, the scalars) against "
+        "the run's content record, after the last step"]
+    assert doc["not_checked"] == [
+        "the trajectory file's own bytes (give the file too, or run `flannel-repro check FILE`)"]
+    assert "reference: MLflow run abc (digests only, 1 run(s) x 6 steps)" in report.lines()
 
 
 def test_thread_count_is_pinned_and_a_mismatch_is_reported_and_diverges(project):
@@ -149,20 +163,21 @@ def test_changed_input_is_reported_up_front(project, tmp_path):
         verify(file_reference(project / "ref1.safetensors"), tmp_path, strict=True)
 
 
-@pytest.mark.parametrize("kind", ["not safetensors", "corrupt header", "truncated", "not a trajectory"])
-def test_bad_reference_is_one_line_and_exit_2(project, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["not safetensors", "header not JSON", "not a trajectory", "older format"])
+def test_unreadable_reference_is_one_line_and_exit_2(project, tmp_path, kind):
     bad = tmp_path / "bad.safetensors"
     if kind == "not safetensors":
         bad.write_text("W,grad_W\n1,2\n")
         expect = "is not a safetensors file"
-    elif kind == "corrupt header":
+    elif kind == "header not JSON":
         data = bytearray((project / "ref1.safetensors").read_bytes())
         data[8:16] = b"\xff" * 8
         bad.write_bytes(bytes(data))
         expect = "header is not JSON"
-    elif kind == "truncated":
-        bad.write_bytes((project / "ref1.safetensors").read_bytes()[:-100])
-        expect = "is truncated or corrupt"
+    elif kind == "older format":
+        edit_header(project / "ref1.safetensors", bad,
+                    lambda h: h["__metadata__"].update(format="flannel-trajectory/1"))
+        expect = "trajectory format flannel-trajectory/1, but this flannel-repro reads flannel-trajectory/2"
     else:
         shutil.copyfile(project / "tensors/Flannel/live_dead_tokens.safetensors", bad)
         expect = "not a flannel-repro trajectory"
@@ -222,6 +237,14 @@ def test_run_id_reference_is_audited_and_the_verdict_logged_beside_the_run(tiny_
         load_reference(flipped, run_id, params, tiny_project)
     same = load_reference(tiny_project / params.paths.trajectory, run_id, params, tiny_project)
     assert same.trajectory is not None and same.run_id == run_id
+
+    # A logged digest changed in the artifact store: the run's own content record gives it away before any rerun.
+    (artifact,) = tiny_project.glob(f"mlruns/**/{run_id}/artifacts/digests.json")
+    doc = json.loads(artifact.read_text())
+    doc["digests"]["W"][0][3] = "00" * 32
+    artifact.write_text(json.dumps(doc))
+    with pytest.raises(FlannelError, match=r"digests.json artifact is corrupt \(digests.W no longer match"):
+        load_reference(None, run_id, params, tiny_project)
 
 
 def test_tracking_disabled_logs_nothing(project, flipped):
