@@ -312,6 +312,21 @@ class TrackingConfig(_Section):
 
 
 @dataclass(frozen=True)
+class AuditConfig(_Section):
+    _section = "audit"
+    # dvc.yaml runs the verify stage once per entry: [rerun] reruns the training after `train` and checks it bit for
+    # bit (one more training run); [] leaves the audit out of `dvc repro` (e.g. for a seed sweep)
+    verify: tuple[str, ...] = ("rerun",)
+    report: str = "reports/verify.json"  # the verify stage's verdict, a DVC metric
+
+    def _check(self) -> None:
+        if self.verify not in ((), ("rerun",)):
+            self._fail("verify", "must be [rerun] (dvc repro audits the trajectory) or [] (it does not)")
+        if not self.report:
+            self._fail("report", "is empty: give a file path relative to the project root")
+
+
+@dataclass(frozen=True)
 class Params:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer_corpus: TokenizerCorpusConfig = field(default_factory=TokenizerCorpusConfig)
@@ -321,6 +336,7 @@ class Params:
     record: RecordConfig = field(default_factory=RecordConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -29,7 +29,7 @@ from .trajectory import Trajectory, load_trajectory
 
 # Params that may differ between A and B: the point of a diff. Sections listed whole are locations and logging.
 ALLOWED = {"train.init_seed", "train.train_seed", "train.num_threads", "train.device", "train.log_every"}
-ALLOWED_SECTIONS = {"paths", "tracking"}
+ALLOWED_SECTIONS = {"paths", "tracking", "audit"}
 CSV_COLUMNS = ("run", "step", "differs", "n_differ", "max_abs_diff", "mean_dist", "mean_dist_live",
                "mean_dist_dead", "loss_a", "loss_b")
 

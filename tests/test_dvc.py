@@ -32,9 +32,8 @@ pytestmark = pytest.mark.slow
 
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
-TRACKED = ["flannel_repro", "dvc.yaml", "audit/dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
-           "pyproject.toml", ".gitignore"]
-STAGES = {"corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train"}
+TRACKED = ["flannel_repro", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml", ".gitignore"]
+STAGES = {"corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train", "verify@rerun"}
 QUEUE_TIMEOUT_S = 600
 
 
@@ -103,7 +102,7 @@ def base(tmp_path_factory) -> Path:
     git("add", "-A", cwd=root)
     git("commit", "-qm", "tiny pipeline", cwd=root)
     assert ran(dvc("repro", cwd=root)) == ["corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks",
-                                          "train"]
+                                          "train", "verify@rerun"]
     git("add", "-A", cwd=root)
     git("commit", "-qm", "reproduce", cwd=root)
     return root
@@ -129,28 +128,40 @@ def test_repro_locks_every_stage_and_links_outputs_from_the_cache(base):
         "model.vocab_size", "paths.corpus", "paths.tokenizer", "paths.masks"}
     assert set(stages["train"]["params"]["params.yaml"]) == {"model", "train", "record", "paths", "tracking"}
 
-    paths = load_params(base / "params.yaml").paths
+    params = load_params(base / "params.yaml")
+    paths = params.paths
     outs = {o["path"]: o["md5"] for stage in stages.values() for o in stage.get("outs", [])}
     assert set(outs) == {paths.corpus, paths.tokenizer_corpus, paths.tokenizer, paths.masks, paths.trajectory,
-                         paths.metrics, paths.loss_curve}
+                         paths.metrics, paths.loss_curve, params.audit.report}
     for path, digest in outs.items():
         assert md5(base / path) == digest
     # The workspace trajectory is the cached file itself (a link), not a second copy of it.
     digest = outs[paths.trajectory]
     assert os.path.samefile(base / paths.trajectory, base / ".dvc/cache/files/md5" / digest[:2] / digest[2:])
 
-    # Metrics and the loss curve are committed by git, not cached, and DVC reads them.
-    assert git("ls-files", "metrics", cwd=base).split() == [paths.metrics, paths.loss_curve]
+    # Metrics, the loss curve and the verdict are committed by git, not cached, and DVC reads them.
+    assert git("ls-files", "metrics", "reports", cwd=base).split() == [paths.metrics, paths.loss_curve,
+                                                                       params.audit.report]
     metrics = json.loads((base / paths.metrics).read_text())
     assert metrics["trajectory_sha256"] == sha256_file(base / paths.trajectory)
     shown = json.loads(dvc("metrics", "show", "--json", cwd=base).stdout)
     assert shown[""]["data"][paths.metrics]["data"] == metrics
+    # The audit ran as part of the pipeline: `dvc metrics show` lists its verdict beside the training metrics.
+    verdict = shown[""]["data"][params.audit.report]["data"]
+    assert (verdict["verdict"], verdict["exit_code"]) == ("identical", 0)
+    assert verdict["content_digest"] == verdict["rerun_content_digest"] == metrics["content_digest"]
     plot = json.loads(dvc("plots", "show", "--json", cwd=base).stdout)["data"][paths.loss_curve][0]
     points = plot["content"]["data"]["values"]
     assert [int(p["step"]) for p in points] == list(range(1, 7))
     assert float(points[-1]["loss"]) == metrics["final_loss"]
     # .dvc/config turns off the version check (and analytics): DVC never wrote its updater file.
     assert not (base / ".dvc/tmp/updater").exists()
+
+
+def test_status_is_clean_right_after_the_first_repro(base):
+    """What a new user runs after the quickstart's `dvc repro`: every pipeline of the project is up to date."""
+    proc = dvc("status", cwd=base)
+    assert proc.stdout.strip() == "Data and pipelines are up to date.", proc.stdout
 
 
 def test_second_repro_is_up_to_date(project):
@@ -161,11 +172,11 @@ def test_second_repro_is_up_to_date(project):
     assert (project / "dvc.lock").read_bytes() == before
 
 
-def test_train_param_change_reruns_train_only(project):
+def test_train_param_change_reruns_train_and_its_audit_only(project):
     old = json.loads((project / "metrics/train.json").read_text())
     set_params(project, train={"learning_rate": 0.002})
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["train"]
+    assert ran(proc) == ["train", "verify@rerun"]
     for stage in ("corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks"):
         assert f"Stage '{stage}' didn't change, skipping" in proc.stdout
     assert lock(project)["train"]["params"]["params.yaml"]["train"]["learning_rate"] == 0.002
@@ -178,7 +189,7 @@ def test_model_corpus_change_keeps_the_tokenizer(project):
     before = md5(project / tokenizer)
     set_params(project, corpus={"n_words": 3500})
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["corpus@synthetic", "masks", "train"]
+    assert ran(proc) == ["corpus@synthetic", "masks", "train", "verify@rerun"]
     assert "Stage 'tokenizer@bpe' didn't change, skipping" in proc.stdout
     assert md5(project / tokenizer) == before
 
@@ -188,7 +199,7 @@ def test_tokenizer_corpus_change_reruns_tokenizer_masks_and_train(project):
     before = {k: md5(project / getattr(paths, k)) for k in ("corpus", "tokenizer", "masks")}
     set_params(project, tokenizer_corpus={"seed": 8})
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train"]
+    assert ran(proc) == ["tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train", "verify@rerun"]
     assert lock(project)["tokenizer_corpus@synthetic"]["params"]["params.yaml"]["tokenizer_corpus"]["seed"] == 8
     after = {k: md5(project / getattr(paths, k)) for k in ("corpus", "tokenizer", "masks")}
     assert after["corpus"] == before["corpus"]
@@ -209,7 +220,7 @@ def test_two_queued_experiments_run_on_two_workers(project):
     # Queued experiments run in copies under .dvc/tmp/exps/; their tracking runs must land in the same store as
     # the workspace run (mlflow.db at the project root).
     set_params(project, tracking={"enabled": True, "uri": None})
-    assert ran(dvc("repro", cwd=project)) == ["train"]
+    assert ran(dvc("repro", cwd=project)) == ["train", "verify@rerun"]
     for seed in (44, 45):
         dvc("exp", "run", "--queue", "-S", f"train.train_seed={seed}", cwd=project)
     dvc("queue", "start", "-j", "2", cwd=project)
@@ -244,8 +255,8 @@ def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
                paths={"corpus": "data/my_corpus.txt", "tokenizer": "data/my_tokenizer.json"})
 
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["masks", "train"]
-    assert dvc("stage", "list", "--name-only", cwd=project).stdout.split() == ["masks", "train"]
+    assert ran(proc) == ["masks", "train", "verify@rerun"]
+    assert dvc("stage", "list", "--name-only", cwd=project).stdout.split() == ["masks", "train", "verify@rerun"]
     stages = lock(project)
     added = {p: yaml.safe_load((project / f"{p}.dvc").read_text())["outs"][0]["md5"]
              for p in ("data/my_corpus.txt", "data/my_tokenizer.json")}
@@ -261,7 +272,7 @@ def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
     (project / "data/my_corpus.txt").write_text(text + "\nOne more paragraph of the user's own text.\n")
     dvc("add", "data/my_corpus.txt", cwd=project)
     status = json.loads(dvc("status", "--json", "dvc.yaml", cwd=project).stdout)
-    assert set(status) == {"masks", "train"}
+    assert set(status) == {"masks", "train", "verify@rerun"}
     assert {"changed deps": {"data/my_corpus.txt": "modified"}} in status["masks"]
 
     # Generating a corpus over the user's own file is refused, naming the key to set.
@@ -281,7 +292,7 @@ def test_own_corpus_can_train_the_tokenizer_too(project):
     dvc("add", "data/my_corpus.txt", cwd=project)
     set_params(project, corpus={"build": []}, tokenizer_corpus={"build": []},
                paths={"corpus": "data/my_corpus.txt", "tokenizer_corpus": "data/my_corpus.txt"})
-    assert ran(dvc("repro", cwd=project)) == ["tokenizer@bpe", "masks", "train"]
+    assert ran(dvc("repro", cwd=project)) == ["tokenizer@bpe", "masks", "train", "verify@rerun"]
     paths = load_params(project / "params.yaml").paths
     assert (project / paths.tokenizer).read_text() == train_bpe(text, 300, 2).to_str(pretty=True)
     assert "data/my_corpus.txt" in {d["path"] for d in lock(project)["tokenizer@bpe"]["deps"]}
@@ -300,13 +311,10 @@ def test_push_pull_round_trip_is_bit_identical(project, tmp_path):
     assert "Data and pipelines are up to date." in dvc("status", "dvc.yaml", cwd=project).stdout
 
 
-def test_audit_stage_runs_only_when_asked(project):
-    """`dvc repro` leaves the audit out; `dvc repro audit/dvc.yaml` verifies the trajectory and records a metric."""
-    assert "verify" not in " ".join(ran(dvc("repro", cwd=project)))
-    proc = dvc("repro", "audit/dvc.yaml", cwd=project)
-    assert ran(proc) == ["audit/dvc.yaml:verify"]
-    report = json.loads((project / "reports/verify.json").read_text())
-    assert report["verdict"] == "identical" and report["exit_code"] == 0
-    shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
-    assert shown[""]["data"]["reports/verify.json"]["data"]["verdict"] == "identical"
-    assert "didn't change" in dvc("repro", "audit/dvc.yaml", cwd=project).stdout
+def test_audit_can_be_left_out_of_the_pipeline(project):
+    """audit.verify: [] (a seed sweep) drops the verify stage: no extra training run, and a clean status."""
+    set_params(project, audit={"verify": []}, train={"train_seed": 46})
+    proc = dvc("repro", cwd=project)
+    assert ran(proc) == ["train"]
+    assert "verify" not in dvc("stage", "list", "--name-only", cwd=project).stdout
+    assert dvc("status", cwd=project).stdout.strip() == "Data and pipelines are up to date."
