@@ -11,7 +11,7 @@ is corruption: the file changed after it was written. A difference between an in
 divergence. After the last step, the rerun's own content record is compared line by line with the reference's.
 
     check = StepCheck(ref, masks, stop=True)
-    train(params, root, sinks=[check], write=False)
+    train(params, root, observers=[check], write=False)
 """
 
 from __future__ import annotations
