@@ -7,12 +7,15 @@ is replaced atomically: {run, step, temp trajectory, checkpoint, params, per-ste
 always names a complete checkpoint and a trajectory durable up to its step. `flannel-repro train --resume` reads
 it, reopens the partial trajectory and lets `Trainer.train(resume_from_checkpoint=...)` continue from step K + 1.
 
-One lock file per output keeps two runs from writing the same trajectory; temporary trajectories of dead runs are
-removed when the next run of that output starts.
+The checkpoint folder, and the lock file in it that keeps two runs from writing the same trajectory, are keyed on
+where the output really is (its folder with symlinks resolved), not on how params.yaml spells it: `x`, `./x` and
+`/abs/x` are one output. Temporary trajectories of dead runs are removed when the next run of that output starts.
 
-The Trainer loads its checkpoint files with `torch.load(..., weights_only=True)` (transformers 5.24); the pickled
-`training_args.bin` it also writes is deleted at once and never read. The marker itself is plain JSON, checked for
-size, types and ranges before anything trusts it.
+Before a resume trusts a checkpoint (`check_checkpoint`), its step must be the marker's, every file must load as
+plain tensors, and its embedding W (and Adam's moments of W, when recorded) must hash to the digests the trajectory
+recorded at that step. The Trainer then loads the files with `torch.load(..., weights_only=True)` (transformers
+5.24); the pickled `training_args.bin` it also writes is deleted at once and never read. The marker itself is
+plain JSON, checked for size, types and ranges before anything trusts it.
 """
 
 from __future__ import annotations
@@ -23,18 +26,23 @@ import fcntl
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from .errors import FlannelError
-from .fsutil import TMP_PREFIX, write_json
-from .trajectory import TrajectoryWriter
+from .fsutil import TMP_PREFIX, pid_alive, write_json
+from .safetensors_header import read_header
+from .trajectory import TrajectoryWriter, digest
 
 MARKER = "resume.json"
 MARKER_FORMAT = "flannel-resume/1"
@@ -52,14 +60,32 @@ class Marker:
     checkpoint: Path | None  # the Trainer checkpoint after `step` of `run`; None when step == 0
     params: str  # Params.to_json() of the interrupted run
     history: dict[str, list[list[float]]]  # HISTORY_KEYS -> (runs, steps+1), NaN where not yet trained
+    tracking_run: str | None = None  # the tracking run of the interrupted run, linked from the resumed one
+
+    def out_of_range(self, runs: int, steps: int) -> str | None:
+        """Why this marker cannot belong to a run of `runs` x `steps` (train.num_runs, train.steps), or None."""
+        if self.run >= runs:
+            return f"run {self.run + 1} of a file of train.num_runs = {runs}"
+        if self.step >= steps:
+            return f"step {self.step} of a run of train.steps = {steps}"
+        shapes = {k: (len(rows), {len(r) for r in rows}) for k, rows in self.history.items()}
+        if any(shape != (runs, {steps + 1}) for shape in shapes.values()):
+            return f"its history is not {runs} x {steps + 1} values"
+        return None
 
 
-def checkpoint_root(root: Path, trajectory: str) -> Path:
-    """Where the checkpoints of the run writing `<root>/<trajectory>` live: mirrors the output's path."""
-    rel = Path(trajectory)
-    if rel.is_absolute():
-        rel = Path(*rel.parts[1:])
-    return Path(root) / ".flannel" / "checkpoints" / rel
+def checkpoint_root(root: Path, trajectory: str | Path) -> Path:
+    """Where the checkpoints and the lock of the run writing `<root>/<trajectory>` live: mirrors where the output
+    really is (its folder's real path, under the project root when it is inside), so every spelling of one output
+    shares one folder. The file name itself is not resolved: the commit replaces a symlink there, not its target."""
+    root = Path(root).resolve()
+    out = root / trajectory
+    real = out.parent.resolve() / out.name
+    try:
+        rel = real.relative_to(root)
+    except ValueError:
+        rel = Path(*real.parts[1:])
+    return root / ".flannel" / "checkpoints" / rel
 
 
 def owner_pid(temp: Path) -> int | None:
@@ -68,20 +94,10 @@ def owner_pid(temp: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Checkpoints:
     """The checkpoint folder of one output: its lock, its marker and its cleanup."""
 
-    def __init__(self, root: Path, trajectory: str, out_path: Path) -> None:
+    def __init__(self, root: Path, trajectory: str | Path, out_path: Path) -> None:
         self.dir = checkpoint_root(root, trajectory)
         self.out_path = Path(out_path)
         self._lock_fd: int | None = None
@@ -120,11 +136,11 @@ class Checkpoints:
         except FileNotFoundError:
             return None
         if size > _MARKER_LIMIT:
-            raise self._corrupt(path, f"{size} bytes, more than a marker can be")
+            raise self.corrupt(f"{size} bytes, more than a marker can be")
         try:
             doc = json.loads(path.read_bytes())
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise self._corrupt(path, "not JSON") from None
+            raise self.corrupt("not JSON") from None
         try:
             if doc["format"] != MARKER_FORMAT:
                 raise ValueError("format")
@@ -142,21 +158,25 @@ class Checkpoints:
                 raise ValueError("checkpoint")
             history = {k: [[math.nan if x is None else float(x) for x in row] for row in doc["history"][k]]
                        for k in HISTORY_KEYS}
+            tracking_run = doc.get("tracking_run")
+            if not (tracking_run is None or (isinstance(tracking_run, str) and re.fullmatch(r"[\w-]{1,64}",
+                                                                                            tracking_run))):
+                raise ValueError("tracking_run")
         except (KeyError, TypeError, ValueError) as e:
-            raise self._corrupt(path, f"bad or missing {e}") from None
+            raise self.corrupt(f"bad or missing {e}") from None
         checkpoint = self.dir / ckpt if step > 0 else None
         if checkpoint is not None:
             missing = [f for f in _CHECKPOINT_FILES if not (checkpoint / f).is_file()]
             if missing:
-                raise self._corrupt(path, f"its checkpoint {checkpoint} lacks {', '.join(missing)}")
-        return Marker(run, step, self.out_path.parent / temp, checkpoint, params, history)
+                raise self.corrupt(f"its checkpoint {checkpoint} lacks {', '.join(missing)}")
+        return Marker(run, step, self.out_path.parent / temp, checkpoint, params, history, tracking_run)
 
-    def _corrupt(self, path: Path, why: str) -> FlannelError:
-        return FlannelError(
-            f"{path}: resume marker is corrupt ({why}); run `flannel-repro train` without --resume to start over"
-        )
+    def corrupt(self, why: str) -> FlannelError:
+        return FlannelError(f"{self.dir / MARKER}: resume marker is corrupt ({why}); run `flannel-repro train` "
+                            "without --resume to start over")
 
-    def write_marker(self, run: int, step: int, temp: Path, history: dict[str, list[list[float]]], params: str) -> None:
+    def write_marker(self, run: int, step: int, temp: Path, history: dict[str, list[list[float]]], params: str,
+                     tracking_run: str | None = None) -> None:
         doc = {
             "format": MARKER_FORMAT,
             "run": run,
@@ -166,6 +186,7 @@ class Checkpoints:
             "params": params,
             "history": {k: [[None if math.isnan(x) else x for x in row] for row in rows]
                         for k, rows in history.items()},
+            "tracking_run": tracking_run,
         }
         write_json(self.dir / MARKER, doc)  # temp + fsync + rename: a marker is complete or absent
 
@@ -225,9 +246,10 @@ class CheckpointCallback(TrainerCallback):
         run: int,
         params_json: str,
         history: Callable[[], dict[str, list[list[float]]]],
+        tracking_run: str | None = None,
     ) -> None:
         self.checkpoints, self.writer, self.run = checkpoints, writer, run
-        self.params_json, self.history = params_json, history
+        self.params_json, self.history, self.tracking_run = params_json, history, tracking_run
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -242,15 +264,82 @@ class CheckpointCallback(TrainerCallback):
         except OSError as e:
             raise FlannelError(io_error_message(e, "checkpoint")) from None
         self.checkpoints.write_marker(self.run, state.global_step, self.writer.tmp_path, self.history(),
-                                      self.params_json)
+                                      self.params_json, self.tracking_run)
         self.checkpoints.prune(self.run, keep=folder)
 
 
-def run_done(checkpoints: Checkpoints, writer: TrajectoryWriter, run: int, params_json: str, history) -> None:
+def run_done(checkpoints: Checkpoints, writer: TrajectoryWriter, run: int, params_json: str, history,
+             tracking_run: str | None = None) -> None:
     """Run `run` is complete in the trajectory: a resume starts the next run afresh."""
     writer.flush()
-    checkpoints.write_marker(run + 1, 0, writer.tmp_path, history, params_json)
+    checkpoints.write_marker(run + 1, 0, writer.tmp_path, history, params_json, tracking_run)
     checkpoints.prune(run + 1, keep=None)
+
+
+def check_checkpoint(marker: Marker, writer: TrajectoryWriter) -> None:
+    """Before a resume trusts `marker.checkpoint`: its step is the marker's, every file loads as plain tensors, and
+    W (and Adam's moments of W, when recorded) hash to what the partial trajectory recorded at that step."""
+    folder, idx = marker.checkpoint, (marker.run, marker.step)
+    start_over = "run `flannel-repro train` without --resume to start over"
+    state_path = folder / "trainer_state.json"
+    try:
+        step = json.loads(state_path.read_bytes())["global_step"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise FlannelError(f"{state_path}: checkpoint file is corrupt (no global_step); {start_over}") from None
+    if step != marker.step:
+        raise FlannelError(f"{state_path}: the checkpoint is of step {step!r}, its resume marker says step "
+                           f"{marker.step}; {start_over}")
+    weights = folder / "model.safetensors"
+    read_header(weights, "checkpoint weights file")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            w = f.get_tensor(_EMBEDDING)  # (V, H) bf16
+    except (SafetensorError, OSError, KeyError, ValueError):
+        raise FlannelError(f"{weights}: checkpoint weights file is corrupt or not this model's (no readable "
+                           f"{_EMBEDDING}); {start_over}") from None
+    tensors = {"W": w}
+    moments = [n for n in ("momentum", "variance") if f"digest_{n}" in writer.specs]
+    states = {name: _load_plain(folder / name, start_over) for name in ("optimizer.pt", "scheduler.pt",
+                                                                         "rng_state.pth")}
+    if moments:
+        adam = [s for s in states["optimizer.pt"].get("state", {}).values()
+                if isinstance(s, dict) and getattr(s.get("exp_avg"), "shape", None) == w.shape]
+        if len(adam) == 1:
+            tensors.update(momentum=adam[0]["exp_avg"], variance=adam[0].get("exp_avg_sq"))
+    for name, t in tensors.items():
+        if f"digest_{name}" not in writer.specs:
+            continue
+        recorded = bytes(writer.read(f"digest_{name}", idx).tolist())
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16 or digest(t) != recorded:
+            where = weights if name == "W" else folder / "optimizer.pt"
+            raise FlannelError(
+                f"{where}: the checkpoint's {name} is not the one the trajectory recorded at run {marker.run + 1}, "
+                f"step {marker.step} (digest_{name} differs): the checkpoint was altered or is another run's; "
+                f"{start_over}"
+            )
+
+
+_EMBEDDING = "transformer.wte.weight"  # W in the Trainer's model.safetensors (the tied lm_head is not stored twice)
+
+
+def _load_plain(path: Path, start_over: str):
+    """A Trainer checkpoint file loaded as the Trainer will load it: weights_only (tensors and plain containers),
+    plus numpy arrays in the RNG state, as the Trainer allows there."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    allow = safe_globals() if path.name == "rng_state.pth" else contextlib.nullcontext()
+    try:
+        with warnings.catch_warnings(), allow:  # e.g. "Detected pickle protocol 4": said below in one line
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise FlannelError(f"{path}: checkpoint file is not a plain tensor file (safe loading refuses what it holds, "
+                           f"and it is never loaded otherwise); {start_over}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise FlannelError(f"{path}: checkpoint file is corrupt ({why}); {start_over}") from None
 
 
 def io_error_message(e: OSError, what: str) -> str:

@@ -3,20 +3,22 @@
     flannel-repro corpus | tokenizer-corpus | tokenizer | masks | train   [--params params.yaml] [-S section.key=value]
 
 Paths in params.yaml are relative to the folder holding params.yaml. A problem with the input is one line on
-stderr and exit status 2; no traceback.
+stderr and exit status 2; no traceback. SIGTERM and SIGHUP stop every command as Ctrl-C does: one line, exit
+128 + the signal number (train stops at a step boundary: see stopping.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from .config import Params, load_params
-from .errors import FlannelError
+from .errors import FlannelError, Interrupted, TrackingIncomplete
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -90,7 +92,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     params, root = _load(args)
     # Opens the tracking run first (an unreachable server fails here), then trains, writes the reports, logs them.
-    result, run_id = run_train_stage(params, root, progress=not args.quiet, resume=args.resume)
+    try:
+        result, run_id = run_train_stage(params, root, progress=not args.quiet, resume=args.resume)
+    except TrackingIncomplete as e:  # the outputs are written: say so, then what tracking lacks
+        _print_trained(params, root, e.result, e.run_id)
+        raise
+    _print_trained(params, root, result, run_id)
+    return 0
+
+
+def _print_trained(params: Params, root: Path, result, run_id: str | None) -> None:
     print(
         f"trajectory: {params.paths.trajectory} (sha256 {result.sha256}); final loss {result.final_loss:.4f}; "
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
@@ -100,6 +111,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         uri = tracking_uri(params.tracking, root)
         print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {uri}")
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .mlflow_tracker import sync
+
+    for line in sync(Path(args.params).resolve().parent):
+        print(line)
     return 0
 
 
@@ -223,21 +241,40 @@ def build_parser() -> argparse.ArgumentParser:
                 help="continue the interrupted run of this output from its last checkpoint (train.checkpoint_every)",
             )
         p.set_defaults(func=func)
+    help_text = "send to the tracking store what train runs kept while it did not answer (exit 2 if it still does not)"
+    p = sub.add_parser("sync", help=help_text, description=help_text)
+    p.add_argument("--params", default="params.yaml",
+                   help="params file marking the project root (default: params.yaml)")
+    p.set_defaults(func=cmd_sync)
     _audit_parsers(sub)
     return parser
 
 
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}; no output was written")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    for s in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: every output is atomic, so nothing half-written stays
+        signal.signal(s, _stop_on_signal)
     try:
         return args.func(args)
+    except TrackingIncomplete as e:
+        print(f"flannel-repro {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except FlannelError as e:
         print(f"flannel-repro {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        print(f"flannel-repro {args.command}: {str(e) or 'interrupted; no output was written'}", file=sys.stderr)
-        return 128 + signal.SIGINT
+        text = str(e) or "interrupted; no output was written"
+        # The resume command as this one was typed (same --params and -S options).
+        resume = shlex.join(["flannel-repro", *[a for a in argv if a != "--resume"], "--resume"])
+        print(f"flannel-repro {args.command}: {text.replace('`flannel-repro train --resume`', f'`{resume}`')}",
+              file=sys.stderr)
+        return getattr(e, "exit_code", 128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""MLflow behind the tracking interfaces: the only module of the package that imports mlflow.
+"""MLflow behind the tracking interfaces: with mlflow_spool.py, the only modules of the package that import mlflow.
 
 `MlflowTracker` is one MLflow run for a trajectory file (a parent with one child run per seed when `num_runs > 1`:
 the parent holds the artifacts of the whole file, each child its own loss curve, and every child carries the
-parent's params and tags so runs of different files, seeds and devices line up in the compare view).
-`MlflowAuditStore` is what `verify` reads the audited run from and logs its audit run to. Both go through one
-guarded client: an unreachable server fails in seconds, and any store failure is one FlannelError line. A
-`sqlite:///` store (the default, `mlflow.db` at the project root) is created under a lock, with its artifacts
-beside it.
+parent's params and tags so runs of different files, seeds and devices line up in the compare view). Once
+training starts, a store outage costs it one warning line: what the store misses is kept (mlflow_spool.py) and
+sent at the end of the run or by `flannel-repro sync` (`sync`). Each run is tagged with its host and pid, so a
+later command that opens the store closes, as KILLED, the runs of processes that died without closing them
+(`close_dead_runs`). `MlflowAuditStore` is what `verify` reads the audited run from and logs its audit run to.
+Both go through one guarded client: an unreachable server fails in seconds, MLflow's HTTP retries are bounded, and
+any store failure is one FlannelError line. A `sqlite:///` store (the default, `mlflow.db` at the project root) is
+created under a lock, with its artifacts beside it.
 
     tracker = MlflowTracker(tracking_uri(params.tracking, root), "flannel", "flannel7-seed42-cpu")
 """
@@ -15,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import socket
+import sys
 import tempfile
 import time
 import urllib.error
@@ -27,12 +33,20 @@ from urllib.parse import urlsplit
 
 from .config import TrackingConfig
 from .errors import FlannelError
-from .fsutil import project_root
+from .fsutil import pid_alive, project_root
+from .mlflow_spool import Outbox, deliver, locked_spool, pending_spools, spool_folder
 from .provenance import fingerprint_tags
 from .tracking import AuditStore, InputFile, Tracker
 
 FLUSH_EVERY = 50  # steps of metrics per MLflow call: ~22 s of the default run, so the UI's charts stay live
 PROBE_TIMEOUT_S = 3.0
+# MLflow's HTTP client retries a failed call 7 times with a backoff of up to 2 minutes, and waits 120 s for an answer:
+# about 4 minutes per call against a dead server. Unless the user set them, a failed call here costs seconds.
+HTTP_RETRY_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 _BATCH_LIMIT = 1000  # MLflow's limit on metrics in one log_batch call
 _PARAMS_TAGS_LIMIT = 100  # ... and on params or tags
 _TAG_LIMIT = 5000  # error messages are cut to this (MLflow tag values hold 8000 characters)
@@ -86,8 +100,12 @@ def _store_errors() -> tuple[type[Exception], ...]:
 
 
 def _client(uri: str):
-    """An MlflowClient for `uri`; an http server is probed first, a SQLite store is opened (and created) here."""
+    """An MlflowClient for `uri`; an http server is probed first (and MLflow's retries bounded), a SQLite store is
+    opened (and created) here."""
     check_reachable(uri)
+    if urlsplit(uri).scheme in ("http", "https"):
+        for name, value in HTTP_RETRY_LIMITS.items():
+            os.environ.setdefault(name, value)
     from mlflow import MlflowClient
 
     try:
@@ -151,7 +169,9 @@ def _store_error(uri: str, e: Exception) -> FlannelError:
 
 
 class MlflowTracker(Tracker):
-    """One MLflow run for the file (a parent with a child per seed when `child_names` is given)."""
+    """One MLflow run for the file (a parent with a child per seed when `child_names` is given). Every call after the
+    run is created goes through an `Outbox` (mlflow_spool.py): once `tolerate_outages()` is called, a store outage
+    is one warning line and the calls are kept in a spool under `spool` (`<project>/.flannel/tracking`)."""
 
     def __init__(
         self,
@@ -160,27 +180,31 @@ class MlflowTracker(Tracker):
         run_name: str,
         child_names: Mapping[int, str] | None = None,
         flush_every: int = FLUSH_EVERY,
+        spool: Path | None = None,
     ) -> None:
         self.uri = uri
         with _store_lock(uri):  # two runs creating a fresh SQLite store at once would race its schema migration
-            self._open(uri, experiment, run_name)
+            self._open(uri, experiment, run_name, spool)
         self.child_names = dict(child_names or {})
         self.flush_every = flush_every
         self._params: dict[str, str] = {}
-        self._pending: list[Any] = []  # mlflow Metric objects not yet sent
+        self._pending: list[list[Any]] = []  # [key, value, ms, step] of metrics not yet sent
         self._pending_steps = 0
         self._children: list[str] = []
         self._current = self.run_id  # where metrics go: the open child run, else the file's run
 
-    def _open(self, uri: str, experiment: str, run_name: str) -> None:
+    def _open(self, uri: str, experiment: str, run_name: str, spool: Path | None) -> None:
         self.client = _client(uri)  # probes an http server first
+        close_dead_runs(self.client, spool)
         try:
             self.experiment_id = self._experiment(experiment)
-            tags = {"mlflow.source.name": "flannel-repro train", "mlflow.source.type": "LOCAL", "flannel.kind": "train"}
+            tags = {"mlflow.source.name": "flannel-repro train", "mlflow.source.type": "LOCAL", "flannel.kind": "train",
+                    "flannel.host": socket.gethostname(), "flannel.pid": str(os.getpid())}
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         except _store_errors() as e:
             raise _store_error(uri, e) from None
         self._tags: dict[str, str] = dict(tags)
+        self.outbox = Outbox(self.client, uri, self.run_id, spool, probe=lambda: check_reachable(uri))
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -200,16 +224,18 @@ class MlflowTracker(Tracker):
                 raise
             return self.client.get_experiment_by_name(name).experiment_id
 
+    def tolerate_outages(self) -> None:
+        self.outbox.tolerant = True
+        # Each failed attempt would otherwise print urllib3's "Retrying ..." warning: the outbox says it in one line.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
     def _runs(self) -> list[str]:
         return [self.run_id, *self._children]
 
     def _log_batch(self, run_id: str, params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None):
-        from mlflow.entities import Param, RunTag
-
-        for kind, items in (("params", [Param(k, v) for k, v in (params or {}).items()]),
-                            ("tags", [RunTag(k, v) for k, v in (tags or {}).items()])):
+        for kind, items in (("params", list((params or {}).items())), ("tags", list((tags or {}).items()))):
             for i in range(0, len(items), _PARAMS_TAGS_LIMIT):
-                self.client.log_batch(run_id, **{kind: items[i : i + _PARAMS_TAGS_LIMIT]})
+                self.outbox.call("log_batch", run=run_id, **{kind: dict(items[i : i + _PARAMS_TAGS_LIMIT])})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         params = {k: str(v) for k, v in params.items()}
@@ -222,38 +248,37 @@ class MlflowTracker(Tracker):
         for run_id in self._runs():
             self._log_batch(run_id, tags=tags)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+    def resumed_from(self, run_id: str) -> None:
+        self.set_tags({"flannel.resumed_from": run_id})
 
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if len(self._pending) + len(metrics) > _BATCH_LIMIT:
             self.flush()
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._pending.extend([k, float(v), now, step] for k, v in metrics.items())
         self._pending_steps += 1
         if self._pending_steps >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
         if self._pending:
-            self.client.log_batch(self._current, metrics=self._pending)
+            self.outbox.call("log_batch", run=self._current, metrics=self._pending)
         self._pending, self._pending_steps = [], 0
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.outbox.call("log_artifact", run=self.run_id, path=str(path), artifact_path=artifact_path)
 
     def log_inputs(self, files: Sequence[InputFile]) -> None:
-        from mlflow.entities import DatasetInput, InputTag
-
-        inputs = [DatasetInput(_file_dataset(f), [InputTag("mlflow.data.context", "train")]) for f in files]
+        datasets = [_file_dataset(f) for f in files]
         for run_id in self._runs():
-            self.client.log_inputs(run_id, datasets=inputs)
+            self.outbox.call("log_inputs", run=run_id, datasets=datasets)
 
     def start_run(self, run: int, seed: int) -> None:
         if run not in self.child_names:
             return
         self.flush()
-        name = self.child_names[run]
-        child = self.client.create_run(self.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id}).info.run_id
+        child = self.outbox.call("create_run", experiment_id=self.experiment_id, run_name=self.child_names[run],
+                                 tags={PARENT_TAG: self.run_id})
         self._log_batch(child, params={**self._params, "run.index": str(run), "run.seed": str(seed)}, tags=self._tags)
         self._children.append(child)
         self._current = child
@@ -261,7 +286,7 @@ class MlflowTracker(Tracker):
     def end_run(self, run: int) -> None:
         self.flush()
         if self._current != self.run_id:
-            self.client.set_terminated(self._current, "FINISHED")
+            self.outbox.call("set_terminated", run=self._current, status="FINISHED")
             self._current = self.run_id
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
@@ -270,22 +295,57 @@ class MlflowTracker(Tracker):
         for run_id in open_runs:
             if error is not None:
                 self._log_batch(run_id, tags={"flannel.error": error[:_TAG_LIMIT]})
-            self.client.set_terminated(run_id, status)
+            self.outbox.call("set_terminated", run=run_id, status=status)
+        self.pending = self.outbox.close()
 
 
-def _file_dataset(f: InputFile):
-    """An MLflow dataset entity for a file. MLflow's digest column holds 36 characters, so the digest is the first
-    36 hex digits of the sha256; the full sha256 is in the profile (and in the run's `inputs.<name>.sha256` tag)."""
-    from mlflow.entities import Dataset
+def close_dead_runs(client: Any, spool: Path | None) -> None:
+    """Close as KILLED the RUNNING train runs that a process of this host left open when it died (kill -9, power
+    loss, OOM killer): their `flannel.host` tag is this host and no process has their `flannel.pid` any more. A run
+    whose calls wait in a spool under `spool` is left to `flannel-repro sync`."""
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return
+    quoted = host.replace("'", "\\'")
+    runs = client.search_runs(experiments, f"attributes.status = 'RUNNING' and tags.`flannel.host` = '{quoted}'",
+                              max_results=1000)
+    for run in runs:
+        pid, run_id = run.data.tags.get("flannel.pid", ""), run.info.run_id
+        if not pid.isdigit() or pid_alive(int(pid)) or (spool is not None and (spool / f"{run_id}.jsonl").exists()):
+            continue
+        why = f"process {pid} on {host} ended without closing this run (killed); closed by a later command"
+        client.set_tag(run_id, "flannel.error", why)
+        client.set_terminated(run_id, "KILLED")
+        print(f"tracking: run {run_id} was left RUNNING by process {pid}, which is gone; closed it as KILLED",
+              file=sys.stderr)
 
+
+def sync(project: Path) -> list[str]:
+    """`flannel-repro sync`: send every spool the project's train runs kept during store outages; one line each."""
+    lines = []
+    spools = pending_spools(project)
+    for spool in spools:
+        with locked_spool(spool) as (header, f):
+            client = _client(header["uri"])
+            sent = deliver(spool, client, f)
+            close_dead_runs(client, spool.parent)
+        lines.append(f"sync: sent the {sent} calls of run {header['run']} kept in {spool} to {header['uri']}")
+    return lines or [f"sync: nothing to send ({spool_folder(project)} holds no spool)"]
+
+
+def _file_dataset(f: InputFile) -> dict[str, str]:
+    """An MLflow dataset for a file, as the arguments of mlflow.entities.Dataset. MLflow's digest column holds 36
+    characters, so the digest is the first 36 hex digits of the sha256; the full sha256 is in the profile (and in the
+    run's `inputs.<name>.sha256` tag)."""
     profile = {"sha256": f.sha256, "bytes": f.path.stat().st_size}
-    return Dataset(
-        name=f.name,
-        digest=f.sha256[:_DIGEST_LIMIT],
-        source_type="local",
-        source=json.dumps({"uri": f.path.resolve().as_uri()}),
-        profile=json.dumps(profile),
-    )
+    return {
+        "name": f.name,
+        "digest": f.sha256[:_DIGEST_LIMIT],
+        "source_type": "local",
+        "source": json.dumps({"uri": f.path.resolve().as_uri()}),
+        "profile": json.dumps(profile),
+    }
 
 
 class MlflowAuditStore(AuditStore):
@@ -336,6 +396,7 @@ class MlflowAuditStore(AuditStore):
         """Log a verify result as its own run in the audited run's experiment, tagged `flannel.audit_of`; returns
         its id."""
         client = _client(self.uri)
+        close_dead_runs(client, None)
         audited = _get_run(client, audited_run_id, self.uri)
         tags = {
             "mlflow.source.name": "flannel-repro verify",

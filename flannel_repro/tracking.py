@@ -30,6 +30,16 @@ class Tracker(abc.ABC):
     each of the `num_runs` runs of one file."""
 
     run_id: str | None = None  # the tracking run of the whole file; None when nothing is tracked
+    pending: Path | None = None  # after finish(): what the store did not take, kept for `flannel-repro sync`
+
+    @abc.abstractmethod
+    def tolerate_outages(self) -> None:
+        """Training starts: from now on a store that stops answering costs a warning line, not the run; what it
+        misses is kept and sent when it answers again."""
+
+    @abc.abstractmethod
+    def resumed_from(self, run_id: str) -> None:
+        """This run continues the interrupted tracking run `run_id` (`train --resume`)."""
 
     @abc.abstractmethod
     def log_params(self, params: Mapping[str, Any]) -> None: ...
@@ -55,11 +65,17 @@ class Tracker(abc.ABC):
 
     @abc.abstractmethod
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
-        """Flush what is buffered and close the run with `status` ("FINISHED" or "FAILED")."""
+        """Flush what is buffered and close the run with `status` ("FINISHED", "FAILED" or "KILLED")."""
 
 
 class NullTracker(Tracker):
     """tracking.enabled: false. Records nothing."""
+
+    def tolerate_outages(self) -> None:
+        pass
+
+    def resumed_from(self, run_id: str) -> None:
+        pass
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass

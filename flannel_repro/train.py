@@ -1,8 +1,8 @@
 """Stage 4, `flannel-repro train`: the Flannel 7 training run, recorded step by step, tracked and reported.
 
-`run_train_stage(params, root)` is the stage as the CLI, dvc.yaml and the tests run it: it opens the tracking run
-(train_log.py), trains, writes the DVC metrics and loss curve, and logs the results. `train(params, root)` is the
-training itself, also used untracked by `verify`'s rerun and the benchmarks.
+`run_train_stage(params, root)` is the stage as the CLI, dvc.yaml and the tests run it: it holds the stop signals
+(stopping.py), opens the tracking run (train_log.py), trains, writes the DVC metrics and loss curve, and logs the
+results. `train(params, root)` is the training itself, also used untracked by `verify`'s rerun and the benchmarks.
 
 The notebook's procedure exactly: GPT2LMHeadModel with tied embeddings, dropouts 0 and bfloat16 weights; W_initial
 drawn in float32 from `init_seed` and cast to bfloat16; the notebook's TokenDataset windows; HF Trainer with the
@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 
 from .checkpoint import HISTORY_KEYS
 from .config import Params, TrainConfig
-from .errors import FlannelError
+from .errors import FlannelError, TrackingIncomplete
 from .fsutil import atomic_output, sha256_file, write_json
 from .masks import Masks, encode_corpus, load_masks
 from .model import TokenDataset, build_model, check_single_device, initial_embedding, pick_device, set_determinism
@@ -43,6 +43,8 @@ from .output import RecordedOutput, metadata_scalars, recorded_output
 from .progress import Progress
 from .provenance import fingerprint
 from .recorder import STEP_TENSORS, StepObserver, StepRecord, StepSink, TrajectoryCallback
+from .stopping import StopSignals
+from .tracking import Tracker
 from .train_log import log_train_result, tracked_run
 from .trajectory import TrajectoryWriter
 
@@ -52,13 +54,21 @@ def run_train_stage(
 ) -> tuple[TrainResult, str | None]:
     """The train stage: returns the training result and the tracking run id (None when tracking is disabled).
 
-    observers: extra `train()` observers (tests). A resumed run (`resume=True`) is a new tracking run: train()
-    replays the steps before the resume point to the observers, so its metrics are complete."""
+    observers: extra `train()` observers (tests). A resumed run (`resume=True`) is a new tracking run, tagged with
+    the interrupted one: train() replays the steps before the resume point to the observers, so its metrics are
+    complete. SIGINT, SIGTERM and SIGHUP raise `Interrupted` (stopping.py); a tracking store that stopped answering
+    and did not come back raises `TrackingIncomplete` once everything else is done."""
     root = Path(root)
-    with tracked_run(params, root, resume=resume) as (tracker, metrics):
-        result = train(params, root, observers=[*metrics, *observers, tracker], progress=progress, resume=resume)
-        write_reports(params, result, root)
+    with StopSignals() as stops, tracked_run(params, root, resume=resume) as (tracker, metrics):
+        result = train(params, root, observers=[*metrics, *observers, tracker], progress=progress, resume=resume,
+                       stops=stops)
+        write_reports(params, result, root)  # still inside the commit's critical section
+        stops.honour()
         log_train_result(tracker, params, root, result)
+    if tracker.pending is not None:
+        raise TrackingIncomplete(
+            f"tracking run {tracker.run_id} is incomplete: the store did not answer again, so what it missed is kept "
+            f"in {tracker.pending}; send it with `flannel-repro sync`", result=result, run_id=tracker.run_id)
     return result, tracker.run_id
 
 
@@ -256,6 +266,7 @@ def train(
     record: bool = True,
     progress: bool = True,
     resume: bool = False,
+    stops: StopSignals | None = None,
 ) -> TrainResult:
     """Run training with `params` and record the trajectory to `params.paths.trajectory` (under `root`).
 
@@ -264,7 +275,9 @@ def train(
     every step. write=False records nothing to disk (verify); record=False turns recording off entirely (the
     benchmark's baseline). resume=True continues the interrupted run of this output from its last checkpoint (see
     checkpoint.py); the steps before it are replayed to the observers from the partial trajectory, so they see
-    exactly what an uninterrupted run shows them.
+    exactly what an uninterrupted run shows them, and an observer with a `resumed_from(tracking_run)` hook is told
+    which tracking run was interrupted. stops: the stage's stop signals; training then stops at a step boundary
+    with a checkpoint of that step, and the commit is a critical section (see output.py).
     """
     root, cfg = Path(root), params.train
     # Device and inputs, checked before anything is opened or trained.
@@ -274,12 +287,15 @@ def train(
     w_initial = initial_embedding(params.model, cfg)
     scalars = metadata_scalars(params, inputs.masks, w_initial)
     collect = _Collect(cfg.num_runs, cfg.steps)
+    tracking_run = next((o.run_id for o in observers if isinstance(o, Tracker)), None)
     # The output: lock, resume point, temporary file and checkpoints; committed when the block ends, else kept
     # for --resume or removed.
     with recorded_output(params, root, scalars, fp, inputs.input_digests, write=write and record,
-                         resume=resume) as out:
+                         resume=resume, stops=stops, tracking_run=tracking_run) as out:
         if out.marker:
             collect.restore(out.marker.history)
+            if out.marker.tracking_run:
+                _each(observers, "resumed_from", out.marker.tracking_run)
         sinks = [o for o in observers if callable(o)]  # per-step observers; the others have run hooks only
         replayed = [collect, *sinks]  # the file has these steps already, and progress is not shown again
         steps = [*out.observers, *replayed, *([Progress(cfg.num_runs, cfg.steps, cfg.log_every)] if progress else [])]

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from .config import Params
+from .fsutil import project_root
 from .masks import Masks, load_masks
 from .model import pick_device
 from .plots import loss_curve_png
@@ -40,8 +41,9 @@ def tracked_run(params: Params, root: Path, *, resume: bool = False) -> Iterator
     """The tracking run of one `train` and its per-step metrics observer (none when tracking is off).
 
     Opened before any training (an unreachable server fails here, in seconds), with the params and tags logged;
-    closed FINISHED when the block ends, FAILED with the error as a tag when it raises or is interrupted. A resumed
-    run is a new tracking run; the interrupted one stays in the store, FAILED."""
+    from then on a store outage is one warning line and what the store misses is kept (mlflow_spool.py). Closed
+    FINISHED when the block ends, KILLED with the reason as a tag when a signal stops it, FAILED with the error
+    when it raises. A resumed run is a new tracking run tagged `flannel.resumed_from` with the interrupted one."""
     masks = None
     if params.tracking.enabled:  # read before a run exists, so a missing masks file leaves no run behind
         masks = load_masks(params.paths.under(root).masks, params.model.vocab_size)
@@ -51,6 +53,7 @@ def tracked_run(params: Params, root: Path, *, resume: bool = False) -> Iterator
         log_run_start(tracker, params, root)
         if resume:
             tracker.set_tags({"flannel.resumed": "true"})
+        tracker.tolerate_outages()
         yield tracker, metrics
     except BaseException as e:
         _close_failed(tracker, e)
@@ -97,10 +100,12 @@ def open_tracker(params: Params, root: Path, device_type: str) -> Tracker:
     cfg = params.tracking
     if not cfg.enabled:
         return NullTracker()
+    from .mlflow_spool import spool_folder
     from .mlflow_tracker import MlflowTracker, tracking_uri
 
     name, children = run_names(params, device_type)
-    return MlflowTracker(tracking_uri(cfg, root), cfg.experiment, name, children)
+    spool = spool_folder(project_root(Path(root)))
+    return MlflowTracker(tracking_uri(cfg, root), cfg.experiment, name, children, spool=spool)
 
 
 def log_run_start(tracker: Tracker, params: Params, root: Path) -> None:
@@ -142,8 +147,14 @@ def log_train_result(tracker: Tracker, params: Params, root: Path, result: Train
 
 
 def _close_failed(tracker: Tracker, error: BaseException) -> None:
+    """End the run KILLED (a stop signal, Ctrl-C) or FAILED, with the reason in the `flannel.error` tag."""
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     try:
-        tracker.finish("FAILED", error=what)
+        tracker.finish(status, error=what)
     except Exception as e:  # the store failing too must not hide the training error, which is re-raised
-        print(f"tracking: could not mark run {tracker.run_id} FAILED ({e})", file=sys.stderr)
+        print(f"tracking: could not mark run {tracker.run_id} {status} ({e})", file=sys.stderr)
+        return
+    if tracker.pending is not None:
+        print(f"tracking: run {tracker.run_id} is incomplete; what the store missed is kept in {tracker.pending}: "
+              "send it with `flannel-repro sync`", file=sys.stderr)

@@ -113,7 +113,10 @@ class TrajectoryWriter:
                         "device (header or size differs); run `flannel-repro train` without --resume to start over"
                     )
         except BaseException:
-            self.abort()
+            if resume_from is None:
+                self.abort()
+            else:  # a refused resume keeps the interrupted run's file
+                self._file.close()
             raise
 
     def _allocate(self) -> None:

@@ -263,7 +263,7 @@ class FailAfter:
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full at step 3"), KeyboardInterrupt()],
                          ids=["error", "interrupt"])
-def test_a_failing_run_ends_failed_with_the_error(tiny_project, error):
+def test_a_failing_run_ends_failed_or_killed_with_the_reason(tiny_project, error):
     write_params(tiny_project, {"tracking": {"enabled": True, "uri": "sqlite:///runs.db"}})  # relative: project root
     params = load_params(tiny_project / "params.yaml")
     with pytest.raises(type(error)):
@@ -271,9 +271,12 @@ def test_a_failing_run_ends_failed_with_the_error(tiny_project, error):
 
     client = MlflowClient(f"sqlite:///{tiny_project.resolve() / 'runs.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("flannel").experiment_id])
-    assert run.info.status == "FAILED"
-    assert run.data.tags["flannel.error"] == ("RuntimeError: disk full at step 3" if isinstance(error, RuntimeError)
-                                              else "KeyboardInterrupt")
+    if isinstance(error, RuntimeError):
+        assert run.info.status == "FAILED"
+        assert run.data.tags["flannel.error"] == "RuntimeError: disk full at step 3"
+    else:  # interrupted: KILLED, with what the user was told
+        assert run.info.status == "KILLED"
+        assert run.data.tags["flannel.error"] == "Interrupted: interrupted; no output was written"
     # What was logged before the failure is kept: steps 1..3 (the tracking sink ran before the failing one).
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3]
     assert not (tiny_project / params.paths.trajectory).exists()
