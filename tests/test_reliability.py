@@ -278,3 +278,30 @@ def test_two_runs_into_different_outputs_at_once_match_solo_runs(tiny_project, t
         assert r.info.status == "FINISHED"
         assert r.data.tags["trajectory.sha256"] == solo[int(r.data.params["train.train_seed"])]
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == list(range(1, 7))
+
+
+def test_one_output_has_one_writer_however_its_path_is_spelled(project, tmp_path):
+    """A relative spelling holds the output (paused inside its commit); an absolute spelling and one through a
+    symlinked folder, trained at the same time, are refused: the lock is the file's real location."""
+    (project / "linked").symlink_to(project / "tensors/Flannel", target_is_directory=True)
+    hold = tmp_path / "hold"
+    first = subprocess.Popen([sys.executable, "-m", "flannel_repro", "train", "-q", "-S", f"paths.trajectory=./{TRAJ}"],
+                             cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "FLANNEL_TEST_HOLD_COMMIT": str(hold)})
+    deadline = time.monotonic() + 300
+    while not hold.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.02)
+    spellings = [str(project.resolve() / TRAJ), f"linked/{Path(TRAJ).name}"]
+    others = [_start(project, "-S", f"paths.trajectory={s}") for s in spellings]
+    for spelling, proc in zip(spellings, others, strict=True):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr
+        out = Path(spelling) if spelling.startswith("/") else project / spelling
+        assert stderr.splitlines() == [
+            f"flannel-repro train: error: {out}: another `flannel-repro train` (pid {first.pid}) is writing this "
+            "trajectory; wait for it to finish or set another paths.trajectory"]
+    hold.unlink()
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert f"(sha256 {sha256_file(project / TRAJ)})" in stdout  # what it printed is the file on disk

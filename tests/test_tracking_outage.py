@@ -1,0 +1,161 @@
+"""A tracking outage costs neither the run nor its metrics: a real `mlflow server` on 127.0.0.1, killed mid-run.
+
+Training goes on after one warning line; what the store missed is kept in a spool and sent when the run ends if the
+store answers again, else by `flannel-repro sync`; the exit status and the last line say which.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import write_params
+from mlflow import MlflowClient
+
+from flannel_repro.config import load_params
+from flannel_repro.fsutil import sha256_file
+from flannel_repro.train import run_train_stage
+from flannel_repro.trajectory import load_trajectory
+
+STEPS = 120  # metrics go to the store every 50 steps, so the outage is met mid-run, before the step-50 checkpoint
+
+
+class Server:
+    """A real tracking server on a fixed port and store, killed and started again by the tests."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log = open(self.folder / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers",
+             "1", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination",
+             str(self.folder / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 240
+        while True:
+            assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not answer /health"
+                time.sleep(0.25)
+
+    def kill(self) -> None:
+        """The whole server (and its worker) at once, as a crash or an OOM kill would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("mlflow_server"))
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def _losses(path: Path) -> list[float]:
+    with load_trajectory(path) as traj:
+        return [float(x) for x in traj["losses_f32"][0, 1:]]
+
+
+def _loss_history(client: MlflowClient, run_id: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+def test_server_killed_mid_run_then_sync_delivers_everything(tiny_project, server):
+    write_params(tiny_project, {"train": {"steps": STEPS, "checkpoint_every": 50, "log_every": 1},
+                                "tracking": {"enabled": True, "uri": server.uri}})
+    if server.proc.poll() is not None:
+        server.start()
+    proc = subprocess.Popen([sys.executable, "-m", "flannel_repro", "train"], cwd=tiny_project, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stderr:
+        if line.startswith("step 2/"):
+            server.kill()
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    # The run completes and says what happened: exit 3, the file in place, one warning, a last line naming sync.
+    assert proc.returncode == 3, stderr
+    out = tiny_project / "tensors/Flannel/1.20h_flannel_7.safetensors"
+    sha = sha256_file(out)
+    assert f"trajectory: tensors/Flannel/1.20h_flannel_7.safetensors (sha256 {sha})" in stdout
+    notes = [ln for ln in stderr.splitlines() if not ln.startswith("step ")]
+    run_id = stdout.split("mlflow: run ")[1].split()[0]
+    spool = tiny_project.resolve() / f".flannel/tracking/{run_id}.jsonl"
+    assert len(notes) == 2, notes
+    assert notes[0] == (f"flannel-repro train: warning: tracking store {server.uri} stopped answering (connection "
+                        f"refused); training goes on and what it logs is kept in {spool}, sent when the run ends if "
+                        "the store answers again, else by `flannel-repro sync`")
+    assert notes[1] == (f"flannel-repro train: tracking run {run_id} is incomplete: the store did not answer again, "
+                        f"so what it missed is kept in {spool}; send it with `flannel-repro sync`")
+    assert spool.is_file()
+
+    server.start()  # the store is back: sync sends everything, and the run reads as if nothing had happened
+    sync = subprocess.run([sys.executable, "-m", "flannel_repro", "sync"], cwd=tiny_project, capture_output=True,
+                          text=True, timeout=300)
+    assert sync.returncode == 0, sync.stderr
+    assert re.search(rf"^sync: sent the \d+ calls of run {run_id} kept in {re.escape(str(spool))} to "
+                     rf"{re.escape(server.uri)}$", sync.stdout, re.M), sync.stdout
+    assert not spool.exists()
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["trajectory.sha256"] == sha
+    assert _loss_history(client, run_id) == _losses(out)  # all 120 steps, the file's float32 values exactly
+    assert {a.path for a in client.list_artifacts(run_id)} == {"params.yaml", "digests.json", "loss_curve.png",
+                                                              "metrics"}
+    again = subprocess.run([sys.executable, "-m", "flannel_repro", "sync"], cwd=tiny_project, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.startswith("sync: nothing to send")
+
+
+class Outage:
+    """Kills the server at step 2 and brings it back at step 100, while training goes on."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def __call__(self, rec) -> None:
+        if rec.step == 2:
+            self.server.kill()
+        elif rec.step == 100:
+            self.server.start()
+
+
+def test_a_store_back_before_the_end_gets_everything_at_the_end(tiny_project, server, capfd):
+    write_params(tiny_project, {"train": {"steps": STEPS, "checkpoint_every": 50},
+                                "tracking": {"enabled": True, "uri": server.uri}})
+    if server.proc.poll() is not None:
+        server.start()
+    params = load_params(tiny_project / "params.yaml")
+    result, run_id = run_train_stage(params, tiny_project, observers=[Outage(server)], progress=False)
+    err = capfd.readouterr().err.splitlines()
+    assert [ln.split(" stopped answering")[0] for ln in err if "warning" in ln] == [
+        f"flannel-repro train: warning: tracking store {server.uri}"]  # one warning line for the whole outage
+    assert re.search(rf"^flannel-repro train: tracking store {re.escape(server.uri)} answers again; sent the \d+ "
+                     r"calls kept during the outage$", "\n".join(err), re.M)
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["trajectory.sha256"] == result.sha256
+    assert _loss_history(client, run_id) == _losses(result.trajectory)
+    assert not (tiny_project / ".flannel/tracking" / f"{run_id}.jsonl").exists()
