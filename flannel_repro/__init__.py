@@ -8,12 +8,14 @@ Module map. Each `flannel-repro X` command (and dvc.yaml stage X) is `X(params, 
 - stages: corpus.py, tokenizer_corpus.py (`flannel-repro tokenizer-corpus`), tokenizer.py, masks.py, train.py
   (`run_train_stage`: tracking, training, reports; `train`: the training itself); model.py is the notebook's
   model, data windows and device.
-- recording: output.py (the output's lock, resume point, temporary file, commit or abort), recorder.py (the
-  Trainer callback that captures each step), trajectory.py (the file format, written and read), layout.py (the
-  file's keys, shapes and scalars from the params, without torch), content.py (the content record and digest),
-  checkpoint.py (resumable checkpoints and their marker), progress.py.
-- tracking: tracking.py (the interfaces), train_log.py (what a train run logs), mlflow_tracker.py (MLflow, the
-  only module that imports it), provenance.py (versions, device fingerprint, git and DVC tags).
+- recording: output.py (the output's lock, resume point, temporary file, stop at a step boundary, commit or
+  abort), stopping.py (SIGINT, SIGTERM and SIGHUP during a train run), recorder.py (the Trainer callback that
+  captures each step), trajectory.py (the file format, written and read), layout.py (the file's keys, shapes and
+  scalars from the params, without torch), content.py (the content record and digest), checkpoint.py (resumable
+  checkpoints, their marker and their checks), progress.py.
+- tracking: tracking.py (the interfaces), train_log.py (what a train run logs), mlflow_tracker.py (MLflow) and
+  mlflow_spool.py (what a store outage kept, `flannel-repro sync`), the only modules that import mlflow;
+  provenance.py (versions, device fingerprint, git and DVC tags).
 - audit: verify.py (`flannel-repro verify`), stepcheck.py (its per-step comparison), check.py (`flannel-repro
   check`, the integrity check without a rerun), diff.py (`flannel-repro diff`), bits.py (bit-level comparisons).
 - infrastructure: cli.py, config.py (params.yaml as frozen dataclasses), errors.py, fsutil.py (atomic outputs,
