@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stop_on_signal(signum: int, frame: object) -> None:
-    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}; no output was written")
+    raise Interrupted(signum)  # "stopped by SIGTERM"; train says more (stopping.py)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,7 +146,7 @@ class RecordedOutput:
         if self.writer is None:
             return
         _test_hold()
-        # Every step is in the temporary file by now: it is renamed into place, then the checkpoints go.
+        # Every step's slices must be in the temporary file before it is renamed into place; then the checkpoints go.
         self.writer.commit()
         self.committed = True
         self.checkpoints.finish()
