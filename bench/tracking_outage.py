@@ -29,6 +29,7 @@ from flannel_repro.config import load_params  # noqa: E402
 from flannel_repro.corpus import corpus  # noqa: E402
 from flannel_repro.masks import masks  # noqa: E402
 from flannel_repro.tokenizer import tokenizer  # noqa: E402
+from flannel_repro.tokenizer_corpus import tokenizer_corpus  # noqa: E402
 
 STEPS = 120
 
@@ -84,6 +85,7 @@ def main() -> None:
     params = load_params(write_params(project, {"train": {"steps": STEPS, "checkpoint_every": 50, "log_every": 1},
                                                 "tracking": {"enabled": True}}))
     corpus(params, project)
+    tokenizer_corpus(params, project)
     tokenizer(params, project)
     masks(params, project)
     results = []

@@ -39,7 +39,7 @@ from .fsutil import sha256_file
 from .masks import Masks
 from .provenance import versions
 from .recorder import FileSink, trajectory_specs
-from .safetensors_header import DTYPES, read_header
+from .safetensors_header import dtype_name, read_header
 from .stopping import StopSignals
 from .trajectory import FORMAT, TensorSpec, TrajectoryWriter
 
@@ -303,7 +303,7 @@ def _check_partial(temp: Path, specs: dict[str, TensorSpec], metadata: dict[str,
     if diff is None:
         for name, spec in specs.items():
             entry = header.get(name) or {}
-            want = [DTYPES[spec.dtype], list(spec.shape)]
+            want = [dtype_name(spec.dtype), list(spec.shape)]
             if [entry.get("dtype"), entry.get("shape")] != want:
                 diff = f"tensor {name}: {entry.get('dtype')} {entry.get('shape')} -> {want[0]} {want[1]}"
                 break
