@@ -107,9 +107,11 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None) -> No
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
     )
     if run_id is not None:
-        from .mlflow_tracker import tracking_uri
+        from .mlflow_tracker import tracking_uri, training_runs_url
 
         uri = tracking_uri(params.tracking, root)
+        ui = "" if uri.startswith(("http:", "https:")) else f" (`mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)"
+        print(f"mlflow: training runs at {training_runs_url(uri, run_id)}{ui}")
         print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {uri}")
 
 

@@ -9,7 +9,8 @@ later command that opens the store closes, as KILLED, the runs of processes that
 (`close_dead_runs`). `MlflowAuditStore` is what `verify` reads the audited run from and logs its audit run to.
 Both go through one guarded client: an unreachable server fails in seconds, MLflow's HTTP retries are bounded, and
 any store failure is one FlannelError line. A `sqlite:///` store (the default, `mlflow.db` at the project root) is
-created under a lock, with its artifacts beside it.
+created under a lock, with its artifacts beside it. The experiment is tagged as model training
+(`mlflow.experimentKind`); `training_runs_url` is the UI page that shows it on its training runs.
 
     tracker = MlflowTracker(tracking_uri(params.tracking, root), "flannel", "flannel7-seed42-cpu")
 """
@@ -52,6 +53,12 @@ _PARAMS_TAGS_LIMIT = 100  # ... and on params or tags
 _TAG_LIMIT = 5000  # error messages are cut to this (MLflow tag values hold 8000 characters)
 _DIGEST_LIMIT = 36  # MLflow stores a dataset digest in a 36-character column
 PARENT_TAG = "mlflow.parentRunId"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # MLflow 3's "Machine learning" experiments: training runs, not traces
+# MLflow 3.17's UI picks its GenAI or "Model training" layout from a per-browser switch, not from KIND_TAG; this URL
+# parameter selects the training layout (mlflow/mlflow#24498).
+TRAINING_VIEW = "workflowType=machine_learning"
 SQLITE = "sqlite:///"
 
 
@@ -190,7 +197,7 @@ class MlflowTracker(Tracker):
         self._params: dict[str, str] = {}
         self._pending: list[list[Any]] = []  # [key, value, ms, step] of metrics not yet sent
         self._pending_steps = 0
-        self._children: list[str] = []
+        self._children: dict[int, str] = {}  # run index -> child run id
         self._current = self.run_id  # where metrics go: the open child run, else the file's run
 
     def _open(self, uri: str, experiment: str, run_name: str, spool: Path | None) -> None:
@@ -207,22 +214,26 @@ class MlflowTracker(Tracker):
         self.outbox = Outbox(self.client, uri, self.run_id, spool, probe=lambda: check_reachable(uri))
 
     def _experiment(self, name: str) -> str:
+        """The experiment's id, created if need be, tagged as model training unless it already has a kind (one made
+        by an older flannel-repro gets the tag; a kind the user chose is kept)."""
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            if exp.lifecycle_stage == "deleted":
-                raise FlannelError(f"MLflow experiment {name!r} is deleted in {self.uri}; restore it with `mlflow "
-                                   "experiments restore` or choose another tracking.experiment")
-            return exp.experiment_id
-        location = None
-        db = sqlite_path(self.uri)
-        if db is not None:  # artifacts beside the database, not in whatever folder we run from
-            location = (Path(db).parent / "mlruns").as_uri()
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except StoreError as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # a queued run beside us created it first
-                raise
-            return self.client.get_experiment_by_name(name).experiment_id
+        if exp is None:
+            location = None
+            db = sqlite_path(self.uri)
+            if db is not None:  # artifacts beside the database, not in whatever folder we run from
+                location = (Path(db).parent / "mlruns").as_uri()
+            try:
+                return self.client.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
+            except StoreError as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":  # a queued run beside us created it first
+                    raise
+            exp = self.client.get_experiment_by_name(name)
+        if exp.lifecycle_stage == "deleted":
+            raise FlannelError(f"MLflow experiment {name!r} is deleted in {self.uri}; restore it with `mlflow "
+                               "experiments restore` or choose another tracking.experiment")
+        if KIND_TAG not in exp.tags:
+            self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
+        return exp.experiment_id
 
     def tolerate_outages(self) -> None:
         self.outbox.tolerant = True
@@ -230,12 +241,15 @@ class MlflowTracker(Tracker):
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
     def _runs(self) -> list[str]:
-        return [self.run_id, *self._children]
+        return [self.run_id, *self._children.values()]
 
     def _log_batch(self, run_id: str, params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None):
         for kind, items in (("params", list((params or {}).items())), ("tags", list((tags or {}).items()))):
             for i in range(0, len(items), _PARAMS_TAGS_LIMIT):
                 self.outbox.call("log_batch", run=run_id, **{kind: dict(items[i : i + _PARAMS_TAGS_LIMIT])})
+
+    def set_note(self, text: str, run: int | None = None) -> None:
+        self._log_batch(self._children.get(run, self.run_id), tags={NOTE_TAG: text[:_TAG_LIMIT]})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         params = {k: str(v) for k, v in params.items()}
@@ -280,7 +294,7 @@ class MlflowTracker(Tracker):
         child = self.outbox.call("create_run", experiment_id=self.experiment_id, run_name=self.child_names[run],
                                  tags={PARENT_TAG: self.run_id})
         self._log_batch(child, params={**self._params, "run.index": str(run), "run.seed": str(seed)}, tags=self._tags)
-        self._children.append(child)
+        self._children[run] = child
         self._current = child
 
     def end_run(self, run: int) -> None:
@@ -416,6 +430,14 @@ class MlflowAuditStore(AuditStore):
             client.log_artifact(run_id, str(report))
         client.set_terminated(run_id, "FINISHED")
         return run_id
+
+
+def training_runs_url(uri: str, run_id: str) -> str:
+    """The MLflow UI page of this run's experiment, on its training runs: on the tracking server itself, or where
+    `mlflow ui --host 127.0.0.1` serves a local store (port 5000)."""
+    experiment_id = _get_run(_client(uri), run_id, uri).info.experiment_id
+    base = uri.rstrip("/") if urlsplit(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
 
 
 def _get_run(client, run_id: str, uri: str):

@@ -34,6 +34,7 @@ class StepRecord:
     tensors: dict[str, torch.Tensor]  # recorded (V, H) bf16 slices on the CPU
     digests: dict[str, bytes] = field(default_factory=dict)
     batch_indices: torch.Tensor | None = None  # int64[batch]; None at t = 0
+    motion: dict[str, float] = field(default_factory=dict)  # token motion, filled by motion.TokenMotion
 
 
 class StepSink(Protocol):

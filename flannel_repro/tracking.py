@@ -58,6 +58,11 @@ class Tracker(abc.ABC):
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
     @abc.abstractmethod
+    def set_note(self, text: str, run: int | None = None) -> None:
+        """The description (markdown) of the file's run, or with `run` of that seed's run (the file's run when the
+        file holds one)."""
+
+    @abc.abstractmethod
     def start_run(self, run: int, seed: int) -> None: ...
 
     @abc.abstractmethod
@@ -90,6 +95,9 @@ class NullTracker(Tracker):
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def set_note(self, text: str, run: int | None = None) -> None:
         pass
 
     def start_run(self, run: int, seed: int) -> None:

@@ -39,6 +39,7 @@ from .errors import FlannelError, TrackingIncomplete
 from .fsutil import atomic_output, sha256_file, write_json
 from .masks import Masks, encode_corpus, load_masks
 from .model import TokenDataset, build_model, check_single_device, initial_embedding, pick_device, set_determinism
+from .motion import MOTION_NAMES, TokenMotion
 from .output import RecordedOutput, metadata_scalars, recorded_output
 from .progress import Progress
 from .provenance import fingerprint
@@ -73,17 +74,19 @@ def run_train_stage(
 
 
 def write_reports(params: Params, result: TrainResult, root: Path) -> None:
-    """metrics/train.json (DVC metrics) and the per-step loss curve CSV (DVC plots)."""
+    """metrics/train.json (DVC metrics) and the per-step CSV (DVC plots): loss, gradient norm, learning rate and
+    the token motion of live and dead tokens."""
     paths = params.paths.under(root)
     write_json(paths.metrics, result.metrics())
     with atomic_output(paths.loss_curve) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["run", "step", "loss", "grad_norm", "learning_rate"])
+            w.writerow(["run", "step", "loss", "grad_norm", "learning_rate", *MOTION_NAMES])
             for run, losses in enumerate(result.losses):
                 for step in range(1, len(losses)):
                     w.writerow([run, step, repr(losses[step]), repr(result.grad_norms[run][step]),
-                                repr(result.learning_rates[run][step])])
+                                repr(result.learning_rates[run][step]),
+                                *(repr(result.motion[name][run][step]) for name in MOTION_NAMES)])
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class TrainResult:
     losses: list[list[float]] = field(repr=False)  # (runs, steps+1), NaN at t = 0
     grad_norms: list[list[float]] = field(repr=False)
     learning_rates: list[list[float]] = field(repr=False)
+    motion: dict[str, list[list[float]]] = field(repr=False)  # motion.MOTION_NAMES -> (runs, steps+1)
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -288,6 +292,7 @@ def train(
     scalars = metadata_scalars(params, inputs.masks, w_initial)
     collect = _Collect(cfg.num_runs, cfg.steps)
     tracking_run = next((o.run_id for o in observers if isinstance(o, Tracker)), None)
+    motion = TokenMotion(inputs.masks, cfg.num_runs, cfg.steps)  # before the other observers: they see rec.motion
     # The output: lock, resume point, temporary file and checkpoints; committed when the block ends, else kept
     # for --resume or removed.
     with recorded_output(params, root, scalars, fp, inputs.input_digests, write=write and record,
@@ -297,7 +302,7 @@ def train(
             if out.marker.tracking_run:
                 _each(observers, "resumed_from", out.marker.tracking_run)
         sinks = [o for o in observers if callable(o)]  # per-step observers; the others have run hooks only
-        replayed = [collect, *sinks]  # the file has these steps already, and progress is not shown again
+        replayed = [collect, motion, *sinks]  # the file has these steps already, and progress is not shown again
         steps = [*out.observers, *replayed, *([Progress(cfg.num_runs, cfg.steps, cfg.log_every)] if progress else [])]
         dataset = TokenDataset(inputs.tokens.to(device), params.model.max_seq_len, cfg.label_mode)
         setup = _Setup(params, device, w_initial, dataset, record, steps)
@@ -306,17 +311,17 @@ def train(
             _each(observers, "start_run", run, cfg.train_seed + run)
             done = out.steps_done(run)
             if done >= 0:
-                _replay(out.writer, run, done, collect, replayed, with_tensors=bool(sinks))
+                _replay(out.writer, run, done, collect, replayed)
             if done < cfg.steps:
                 _train_one(setup, run, out, collect.history)
                 out.run_done(run, collect.history)
             _each(observers, "end_run", run)
         runtime = time.perf_counter() - start
-    return _result(out, inputs.masks, collect, runtime, device, fp)
+    return _result(out, inputs.masks, collect, motion, runtime, device, fp)
 
 
-def _result(out: RecordedOutput, masks: Masks, collect: _Collect, runtime: float, device: torch.device,
-            fp: dict[str, Any]) -> TrainResult:
+def _result(out: RecordedOutput, masks: Masks, collect: _Collect, motion: TokenMotion, runtime: float,
+            device: torch.device, fp: dict[str, Any]) -> TrainResult:
     cfg = out.params.train
     first_run, first_step = (out.marker.run, out.marker.step) if out.marker else (0, 0)
     trained = cfg.num_runs * cfg.steps - (first_run * cfg.steps + first_step)  # a resumed run trains fewer steps
@@ -335,6 +340,7 @@ def _result(out: RecordedOutput, masks: Masks, collect: _Collect, runtime: float
         losses=collect.losses,
         grad_norms=collect.grad_norms,
         learning_rates=collect.lrs,
+        motion=motion.curves,
     )
 
 
@@ -369,15 +375,15 @@ class _Setup:
     sinks: list[StepSink]  # every per-step observer, the file's first
 
 
-def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: _Collect, sinks, with_tensors: bool) -> None:
-    """Feed steps 0..upto of `run`, already in the partial trajectory, to the sinks (not to the file again)."""
+def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: _Collect, sinks) -> None:
+    """Feed steps 0..upto of `run`, already in the partial trajectory, to the sinks (not to the file again), with
+    their tensors: token motion is computed from them, as in flight."""
     names = [n for n in writer.specs if n in STEP_TENSORS]
     for t in range(upto + 1):
         tensors, digests = {}, {}
-        if with_tensors:
-            for name in names:
-                tensors[name] = writer.read(name, (run, t))
-                digests[name] = bytes(writer.read(f"digest_{name}", (run, t)).tolist())
+        for name in names:
+            tensors[name] = writer.read(name, (run, t))
+            digests[name] = bytes(writer.read(f"digest_{name}", (run, t)).tolist())
         indices = writer.read("batch_indices", (run, t - 1)) if t > 0 else None
         rec = StepRecord(run, t, collect.losses[run][t], collect.grad_norms[run][t], collect.lrs[run][t], tensors,
                          digests=digests, batch_indices=indices)

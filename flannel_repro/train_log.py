@@ -1,10 +1,12 @@
 """What a train run logs to tracking, around the training itself.
 
-Before training: every resolved param, where the trajectory goes, the code (git) and the DVC experiment. During it:
-loss, gradient norm, learning rate and the mean norms of the live and dead rows of W, step by step (`StepMetrics`,
-a `train()` observer). After the reports are written: the file's hashes, provenance, inputs, summary metrics and
-artifacts (params, digest manifest, the loss curve as CSV and PNG). `tracked_run` opens and closes the run around
-all of it; train.py's `run_train_stage` uses it. Everything goes through the `tracking.Tracker` interface.
+Before training: every resolved param, where the trajectory goes, the code (git), the DVC experiment and a short
+description (MLflow's note: seeds, steps, device, and the command that audits the run). During it: loss, gradient
+norm, learning rate, the mean norms of the live and dead rows of W and the token motion (motion.py), step by step
+(`StepMetrics`, a `train()` observer). After the reports are written: the file's hashes, provenance, inputs,
+summary metrics, artifacts (params, digest manifest, the loss curve as CSV and PNG) and the final description.
+`tracked_run` opens and closes the run around all of it; train.py's `run_train_stage` uses it. Everything goes
+through the `tracking.Tracker` interface.
 """
 
 from __future__ import annotations
@@ -47,10 +49,11 @@ def tracked_run(params: Params, root: Path, *, resume: bool = False) -> Iterator
     masks = None
     if params.tracking.enabled:  # read before a run exists, so a missing masks file leaves no run behind
         masks = load_masks(params.paths.under(root).masks, params.model.vocab_size)
-    tracker = open_tracker(params, root, pick_device(params.train.device).type)
+    device_type = pick_device(params.train.device).type
+    tracker = open_tracker(params, root, device_type)
     metrics = [StepMetrics(tracker, masks)] if masks is not None else []
     try:
-        log_run_start(tracker, params, root)
+        log_run_start(tracker, params, root, device_type)
         if resume:
             tracker.set_tags({"flannel.resumed": "true"})
         tracker.tolerate_outages()
@@ -62,8 +65,9 @@ def tracked_run(params: Params, root: Path, *, resume: bool = False) -> Iterator
 
 
 class StepMetrics:
-    """The per-step sink: loss, gradient norm and learning rate (steps 1..N), and the mean L2 norm of the live and
-    of the dead rows of W (steps 0..N, when W is recorded), computed in float32."""
+    """The per-step sink: loss, gradient norm and learning rate (steps 1..N), the mean L2 norm of the live and of
+    the dead rows of W (steps 0..N, when W is recorded), computed in float32, and the token motion that train()'s
+    `motion.TokenMotion` put in the record (drift, speed, force; steps 0..N)."""
 
     def __init__(self, tracker: Tracker, masks: Masks) -> None:
         self.tracker = tracker
@@ -80,6 +84,7 @@ class StepMetrics:
         if w is not None:
             live, dead = (w.float().norm(dim=1) @ self.weights).tolist()
             metrics.update({n: v for n, v in (("W_norm_live", live), ("W_norm_dead", dead)) if n in self.names})
+        metrics.update({n: v for n, v in rec.motion.items() if not math.isnan(v)})  # NaN: no tokens of that kind
         if metrics:
             self.tracker.log_metrics(metrics, rec.step)
 
@@ -108,10 +113,37 @@ def open_tracker(params: Params, root: Path, device_type: str) -> Tracker:
     return MlflowTracker(tracking_uri(cfg, root), cfg.experiment, name, children, spool=spool)
 
 
-def log_run_start(tracker: Tracker, params: Params, root: Path) -> None:
-    """Before training: every resolved param, where the trajectory goes, the code (git) and the DVC experiment."""
+def log_run_start(tracker: Tracker, params: Params, root: Path, device_type: str) -> None:
+    """Before training: every resolved param, where the trajectory goes, the code (git), the DVC experiment, and a
+    first description."""
     tracker.log_params(params.flat())
     tracker.set_tags({"trajectory.path": params.paths.trajectory, **git_tags(Path(root)), **dvc_tags(os.environ)})
+    if tracker.run_id is not None:
+        tracker.set_note(run_note(params, tracker.run_id, device_type))
+
+
+def run_note(params: Params, run_id: str, device: str, run: int | None = None,
+             result: TrainResult | None = None) -> str:
+    """A run's description (markdown): its seeds, steps and device, what it wrote once finished (file sha256 and the
+    content digest of its numbers), and the command that audits it. `run_id` is the file's
+    run; `run` names one seed of a file that holds several (its child run is audited through the file's run)."""
+    t = params.train
+    if run is not None:
+        what = f"seed {t.train_seed + run}, run {run + 1} of {t.num_runs} in the file of run `{run_id}`"
+    elif t.num_runs > 1:
+        what = f"{t.num_runs} runs, seeds {t.train_seed}-{t.train_seed + t.num_runs - 1} (one child run each)"
+    else:
+        what = f"seed {t.train_seed}"
+    path = params.paths.trajectory
+    lines = [f"Flannel 7 training: {what}; {t.steps} steps, init seed {t.init_seed}; on {device}.", ""]
+    if result is None:
+        lines.append(f"- trajectory: `{path}` (recording)")
+    else:
+        lines.append(f"- trajectory: `{path}`, sha256 `{result.sha256}`")
+        if result.content_digest:  # equal for two runs if and only if they recorded the same numbers
+            lines.append(f"- content digest of its numbers: `{result.content_digest}`")
+    lines.append(f"- audit it: `flannel-repro verify {path}` or `flannel-repro verify --run-id {run_id}`")
+    return "\n".join(lines)
 
 
 def log_train_result(tracker: Tracker, params: Params, root: Path, result: TrainResult) -> None:
@@ -122,6 +154,7 @@ def log_train_result(tracker: Tracker, params: Params, root: Path, result: Train
     with load_trajectory(result.trajectory) as traj:
         doc = manifest(traj)
     inputs = [InputFile(name, path, doc["inputs"][f"{name}_sha256"]) for name, path in paths.inputs().items()]
+    _describe_finished(tracker, params, result)
     tracker.set_tags({
         "trajectory.sha256": result.sha256,
         "trajectory.content_digest": result.content_digest,  # equal iff the recorded numbers are bit-identical
@@ -144,6 +177,15 @@ def log_train_result(tracker: Tracker, params: Params, root: Path, result: Train
     tracker.log_artifact(paths.loss_curve, "metrics")
     if params.tracking.upload_trajectory:
         tracker.log_artifact(result.trajectory, "trajectory")
+
+
+def _describe_finished(tracker: Tracker, params: Params, result: TrainResult) -> None:
+    """The final descriptions: the file's run, and with several seeds each seed's child run."""
+    device = f"{result.device}, {result.fingerprint.get('torch_threads')} torch threads"
+    tracker.set_note(run_note(params, tracker.run_id, device, result=result))
+    if params.train.num_runs > 1:
+        for run in range(params.train.num_runs):
+            tracker.set_note(run_note(params, tracker.run_id, device, run=run, result=result), run=run)
 
 
 def _close_failed(tracker: Tracker, error: BaseException) -> None:

@@ -10,10 +10,13 @@ digest, which it reserves at the start; a killed run leaves no file at the outpu
 (named with its pid) is either removed by the next run of that output or, with checkpoints on, reopened by `train
 --resume` (`resume_from=`). The result loads with `safetensors.torch.load_file` like the notebook's own file.
 
-`load_trajectory(path)` opens a file lazily: reading W at one step maps just that slice.
+`load_trajectory(path)` opens a file lazily: reading W at one step maps just that slice, and a token's path across
+all steps reads one H-wide row per step (strided reads of the mapped file), never the whole tensor.
 
     traj = load_trajectory("tensors/Flannel/1.20h_flannel_7.safetensors")
     traj.step("W", 250)          # (V, H) bf16, read from the mapped file
+    traj.token_rows("W", 7)      # (steps+1, H) bf16: token 7's row at t = 0..steps
+    traj.step_block("W", 10, 20) # (10, V, H) bf16: steps 10..19
     traj.params.train.train_seed # 42
 """
 
@@ -25,12 +28,14 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -42,6 +47,8 @@ from .layout import FORMAT, Spec, header_digest
 from .safetensors_header import dtype_name, header_bytes, read_header
 
 TORCH_DTYPES = {"I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool, "U8": torch.uint8}
+# numpy has no bfloat16: a bf16 tensor is mapped as its raw 16-bit words, then viewed as bf16 by torch
+_NUMPY_DTYPES = {"I64": np.int64, "F32": np.float32, "BF16": np.uint16, "BOOL": np.bool_, "U8": np.uint8}
 
 
 @dataclass(frozen=True)
@@ -238,7 +245,11 @@ class Trajectory:
                 f"{self.metadata.get('format')!r}); give a file written by `flannel-repro train`"
             )
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        with open(self.path, "rb") as f:
+            self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         self._f = safe_open(str(self.path), framework="pt")
+        self._maps: dict[str, np.memmap] = {}
 
     def __enter__(self) -> Trajectory:
         return self
@@ -248,6 +259,7 @@ class Trajectory:
 
     def close(self) -> None:
         self._f = None
+        self._maps.clear()  # the last reference to each np.memmap: unmaps it
 
     def keys(self) -> list[str]:
         return sorted(self.shapes)
@@ -262,6 +274,45 @@ class Trajectory:
     def step(self, name: str, t: int, run: int = 0) -> torch.Tensor:
         """`name[run, t]`, reading only that slice from the mapped file."""
         return self._f.get_slice(name)[run, t]
+
+    def token_rows(
+        self, name: str, tokens: int | Sequence[int], run: int = 0, steps: slice = slice(None)
+    ) -> torch.Tensor:
+        """The rows of `tokens` in the per-step tensor `name` (W, grad_W, ...) across `steps`: (n_steps, H) for one
+        token, (n_steps, k, H) for a list of k. Reads only those rows (one strided read of the mapped file per
+        step and token), so a token's whole path over 500 steps costs about 500 pages, not the 1.28 GB tensor."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.tolist()
+        path = self._per_step(name)[self._check_run(name, run)][steps][:, tokens]  # still a view of the map
+        return self._as_torch(name, np.array(path))  # the copy is the read
+
+    def step_block(self, name: str, start: int, stop: int, run: int = 0) -> torch.Tensor:
+        """`name[run, start:stop]`, (stop - start, V, H): a block of consecutive steps in one contiguous read."""
+        block = self._per_step(name)[self._check_run(name, run), start:stop]
+        return self._as_torch(name, np.array(block))  # the copy is the read
+
+    def _per_step(self, name: str) -> np.memmap:
+        """The (R, S+1, V, H) tensor `name` as a read-only memory map of the file (no bytes read yet)."""
+        if name not in self._maps:
+            entry = self._entries.get(name)
+            if entry is None or len(entry["shape"]) != 4:
+                per_step = sorted(k for k, v in self._entries.items() if len(v["shape"]) == 4)
+                raise FlannelError(f"{self.path}: {name!r} is not a per-step tensor of this trajectory; it has "
+                                   f"{', '.join(per_step) or 'none'}")
+            self._maps[name] = np.memmap(self.path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r",
+                                         offset=self._data_start + entry["data_offsets"][0],
+                                         shape=tuple(entry["shape"]))
+        return self._maps[name]
+
+    def _check_run(self, name: str, run: int) -> int:
+        runs = self.shapes[name][0]
+        if not 0 <= run < runs:
+            raise IndexError(f"run {run} is out of range: {self.path} holds {runs} run(s)")
+        return run
+
+    def _as_torch(self, name: str, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        return t.view(torch.bfloat16) if self._entries[name]["dtype"] == "BF16" else t
 
     @cached_property
     def params(self) -> Params:

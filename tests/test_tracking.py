@@ -4,6 +4,7 @@ in a git repository, shared by the tests that read it back."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ from flannel_repro.config import Params, TrackingConfig, load_params
 from flannel_repro.errors import FlannelError
 from flannel_repro.fsutil import sha256_file
 from flannel_repro.masks import load_masks
-from flannel_repro.mlflow_tracker import MlflowAuditStore, tracking_uri
+from flannel_repro.mlflow_tracker import MlflowAuditStore, tracking_uri, training_runs_url
+from flannel_repro.motion import MOTION_NAMES
 from flannel_repro.train import run_train_stage
 from flannel_repro.trajectory import load_trajectory, manifest
 
@@ -109,9 +111,11 @@ def tracked(request, tmp_path_factory, tiny_data) -> Tracked:
     if request.param == "sqlite":
         git_project(root, tiny_data, {})
         proc = run_cli("train", "-q", cwd=root, env={"MLFLOW_TRACKING_URI": ""}, check=True)
-        line = proc.stdout.strip().splitlines()[-1]
+        view, line = proc.stdout.strip().splitlines()[-2:]
         uri = f"sqlite:///{root.resolve() / 'mlflow.db'}"
         assert line.startswith("mlflow: run ") and line.endswith(f" in experiment 'flannel' at {uri}")
+        assert view == ("mlflow: training runs at http://127.0.0.1:5000/#/experiments/1/runs?"
+                        f"workflowType=machine_learning (`mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)")
         run_id = line.split()[2]
     else:
         uri = request.getfixturevalue("mlflow_server")
@@ -156,6 +160,31 @@ def test_the_dead_set_is_logged_as_metrics(tracked):
     assert logged["dead_share"] == round(masks.n_dead / tracked.params.model.vocab_size, 4)
     assert (logged["n_dead_bytes"], logged["n_dead_merges"]) == (masks.n_dead_bytes, masks.n_dead_merges)
     assert masks.n_dead_bytes is not None and masks.n_dead_bytes + masks.n_dead_merges == masks.n_dead
+
+
+def test_token_motion_is_logged_at_every_step_as_in_the_csv(tracked):
+    with open(tracked.root / tracked.params.paths.loss_curve, newline="") as f:
+        rows = list(csv.DictReader(f))  # steps 1..N
+    for name in MOTION_NAMES:
+        got = {m.step: m.value for m in tracked.client.get_metric_history(tracked.run_id, name)}
+        assert got == {0: 0.0, **{int(r["step"]): float(r[name]) for r in rows}}, name  # the same floats, exactly
+    assert tracked.run.data.metrics["drift_dead"] > 0
+
+
+def test_experiment_opens_on_training_runs_and_the_run_says_what_it_is(tracked):
+    experiment = tracked.client.get_experiment(tracked.run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    note = tracked.run.data.tags["mlflow.note.content"]
+    path = tracked.params.paths.trajectory
+    assert note.startswith(f"Flannel 7 training: seed 42; {STEPS} steps, init seed 42; on cpu: ")
+    assert ", 1 torch threads." in note.splitlines()[0]
+    assert f"- trajectory: `{path}`, sha256 `{sha256_file(tracked.root / path)}`" in note
+    digest = tracked.run.data.tags["trajectory.content_digest"]
+    assert f"- content digest of its numbers: `{digest}`" in note
+    assert f"- audit it: `flannel-repro verify {path}` or `flannel-repro verify --run-id {tracked.run_id}`" in note
+    base = tracked.uri if tracked.uri.startswith("http") else "http://127.0.0.1:5000"
+    assert training_runs_url(tracked.uri, tracked.run_id) == (
+        f"{base}/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning")
 
 
 def test_tags_name_the_file_hash_the_commit_and_the_device(tracked):
@@ -303,12 +332,34 @@ def test_several_runs_are_a_parent_with_a_child_per_seed(tiny_project):
         assert child.data.tags["trajectory.sha256"] == parent.data.tags["trajectory.sha256"]
         history = sorted(client.get_metric_history(child.info.run_id, "loss"), key=lambda m: m.step)
         assert [m.value for m in history] == [float(x) for x in losses[r, 1:]]
+        drift = client.get_metric_history(child.info.run_id, "drift_live")
+        assert sorted(m.step for m in drift) == list(range(STEPS + 1))  # each child has its own motion curves
+        note = child.data.tags["mlflow.note.content"]
+        assert note.startswith(f"Flannel 7 training: seed {42 + r}, run {r + 1} of 2 in the file of run `{parent_id}`;")
+        assert f"`flannel-repro verify --run-id {parent_id}`" in note
+    assert parent.data.tags["mlflow.note.content"].startswith(
+        "Flannel 7 training: 2 runs, seeds 42-43 (one child run each); ")
+    assert "drift_live" not in parent.data.metrics
     assert "loss" not in parent.data.metrics  # per-step curves live in the children
     # A child's reference is its parent's manifest: one file holds every seed.
     got = MlflowAuditStore(uri).run_manifest(children[1].info.run_id)
     assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
     with pytest.raises(FlannelError, match="MLflow run 'f00' not found in sqlite:///"):
         MlflowAuditStore(uri).run_manifest("f00")
+
+
+def test_a_reused_experiment_is_tagged_unless_it_has_a_kind(tiny_project):
+    """An experiment made before this tag existed (or by hand) gets it; a kind the user chose is kept."""
+    write_params(tiny_project, {"tracking": {"enabled": True, "uri": "sqlite:///runs.db"}})
+    client = MlflowClient(f"sqlite:///{tiny_project.resolve() / 'runs.db'}")
+    old = client.create_experiment("flannel")
+    chosen = client.create_experiment("genai-by-choice", tags={"mlflow.experimentKind": "genai_development"})
+    params = load_params(tiny_project / "params.yaml")
+    run_train_stage(params, tiny_project, progress=False)
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    params = load_params(tiny_project / "params.yaml", ["tracking.experiment=genai-by-choice"])
+    run_train_stage(params, tiny_project, progress=False)
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
 
 def test_tracking_uri_resolution(tmp_path, monkeypatch):
