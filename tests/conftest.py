@@ -4,10 +4,16 @@ project's own stages."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -86,3 +92,44 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, check: bool = False,
     if check and proc.returncode != 0:
         raise AssertionError(f"flannel-repro {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 over `backend` (default: a new SQLite file in `folder`), killed on exit;
+    yields its URL. MLflow's own usage telemetry is off, so nothing leaves the machine."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    backend = backend or f"sqlite:///{folder / 'server.db'}"
+    log_path = folder / "server.log"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
+             "--workers", "1", "--backend-store-uri", backend, "--artifacts-destination", str(folder / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    tail = log_path.read_text()[-2000:]
+                    raise AssertionError(f"mlflow server exited with {proc.returncode}:\n{tail}")
+                try:
+                    with urllib.request.urlopen(uri + "/health", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"mlflow server did not answer /health within 120 s:\n"
+                                             f"{log_path.read_text()[-2000:]}") from None
+                    time.sleep(0.25)
+            yield uri
+        finally:
+            # The server and its uvicorn worker share the new session; its store is thrown away: no graceful stop.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

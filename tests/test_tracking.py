@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, write_params
+from conftest import free_port, run_cli, write_params
+from conftest import mlflow_server as start_mlflow_server
 from mlflow import MlflowClient
 
 from flannel_repro.config import Params, TrackingConfig, load_params
@@ -31,12 +26,6 @@ from flannel_repro.train import run_train_stage
 from flannel_repro.trajectory import load_trajectory, manifest
 
 STEPS = 6  # conftest TINY
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def git(root: Path, *args: str) -> str:
@@ -59,36 +48,8 @@ def git_project(root: Path, tiny_data: Path, tracking: dict) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real tracking server on 127.0.0.1, started once for the module and killed at teardown."""
-    folder = tmp_path_factory.mktemp("mlflow_server")
-    uri = f"http://127.0.0.1:{free_port()}"
-    log = open(folder / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1],
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    def tail() -> str:
-        return (folder / "server.log").read_text()[-2000:]
-
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{tail()}")
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not answer /health within 120 s:\n{tail()}")
-                time.sleep(0.25)
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as uri:
         yield uri
-    finally:
-        # The server and its uvicorn worker share the new session; its store is thrown away, so no graceful stop.
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
 
 
 @dataclass
