@@ -4,6 +4,7 @@ Runs the train stage with tracking (`train.run_train_stage`, what `flannel-repro
 process, with a timer around every tracking entry point: opening the store (importing mlflow, creating the run),
 the params/git/DVC tags, the per-step metrics sink, run start/end, the final hashes, inputs and artifacts, and
 closing the run. Prints the tracking seconds and their share of the run; a fresh SQLite store in a scratch folder.
+Beside them, the token motion that train() computes at every step for the CSV and tracking (`motion.TokenMotion`).
 
     python bench/tracking_overhead.py                    # the default 500 steps (about 4 minutes on 2 cores)
     python bench/tracking_overhead.py -S train.steps=20  # a smoke run
@@ -18,11 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
-from flannel_repro import mlflow_tracker, train, train_log
+from flannel_repro import mlflow_tracker, motion, train, train_log
 from flannel_repro.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 SPENT: dict[str, float] = {}
+MOTION: list[float] = []  # seconds of each TokenMotion call, one per step
 
 
 def timed(name: str, fn):
@@ -33,6 +35,18 @@ def timed(name: str, fn):
             return fn(*args, **kwargs)
         finally:
             SPENT[name] = SPENT.get(name, 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
+def timed_motion(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            MOTION.append(time.perf_counter() - start)
 
     return wrapper
 
@@ -71,6 +85,7 @@ def main() -> None:
     for method in ("start_run", "end_run", "finish"):
         cls = mlflow_tracker.MlflowTracker
         setattr(cls, method, timed(f"run {method}", getattr(cls, method)))
+    motion.TokenMotion.__call__ = timed_motion(motion.TokenMotion.__call__)
 
     start = time.perf_counter()
     result, run_id = train.run_train_stage(params, wd, progress=False)
@@ -84,6 +99,10 @@ def main() -> None:
         "tracking_share": spent / total,
         "per_step_ms": 1000 * SPENT.get("per-step metrics", 0.0) / (params.train.steps + 1),
         "breakdown_s": SPENT,
+        "motion_s": sum(MOTION),
+        "motion_per_step_ms": 1000 * sum(MOTION) / len(MOTION),
+        "motion_median_ms": 1000 * sorted(MOTION)[len(MOTION) // 2],
+        "motion_share_of_loop": sum(MOTION) / result.runtime_s,
         "run_id": run_id,
     }
     out = REPO / "bench" / "results" / "tracking_overhead.json"
@@ -93,6 +112,9 @@ def main() -> None:
         print(f"{name:28}{s:8.3f} s")
     print(f"\ntracking: {spent:.2f} s of a {total:.1f} s run = {100 * spent / total:.2f}% "
           f"(per step {doc['per_step_ms']:.2f} ms)")
+    print(f"token motion (train): {doc['motion_s']:.2f} s = {100 * doc['motion_share_of_loop']:.2f}% of the "
+          f"{result.runtime_s:.1f} s training loop (per step {doc['motion_per_step_ms']:.2f} ms mean, "
+          f"{doc['motion_median_ms']:.2f} ms median)")
 
 
 if __name__ == "__main__":
