@@ -27,6 +27,7 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,9 @@ from .safetensors_header import dtype_name, header_bytes, read_header
 TORCH_DTYPES = {"I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool, "U8": torch.uint8}
 # numpy has no bfloat16: a bf16 tensor is mapped as its raw 16-bit words, then viewed as bf16 by torch
 _NUMPY_DTYPES = {"I64": np.int64, "F32": np.float32, "BF16": np.uint16, "BOOL": np.bool_, "U8": np.uint8}
+# Up to this many tokens, a path is read row by row (a random 4 KB page read each); past it, reading each step's
+# slice whole and in order is as fast from disk (measured at 10 tokens: 1.3 s row by row, 1.0 s whole; bench/).
+_SCATTERED_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,7 @@ class Trajectory:
         with open(self.path, "rb") as f:
             self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         self._f = safe_open(str(self.path), framework="pt")
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[tuple[str, bool], np.memmap] = {}  # (name, scattered) -> its map
 
     def __enter__(self) -> Trajectory:
         return self
@@ -279,11 +283,13 @@ class Trajectory:
         self, name: str, tokens: int | Sequence[int], run: int = 0, steps: slice = slice(None)
     ) -> torch.Tensor:
         """The rows of `tokens` in the per-step tensor `name` (W, grad_W, ...) across `steps`: (n_steps, H) for one
-        token, (n_steps, k, H) for a list of k. Reads only those rows (one strided read of the mapped file per
-        step and token), so a token's whole path over 500 steps costs about 500 pages, not the 1.28 GB tensor."""
+        token, (n_steps, k, H) for a list of k. Reads only those rows (strided reads of the mapped file), so a
+        token's whole path over 500 steps costs 500 pages from disk, not the 640 MB of the tensor."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.tolist()
-        path = self._per_step(name)[self._check_run(name, run)][steps][:, tokens]  # still a view of the map
+        few = isinstance(tokens, int) or len(tokens) <= _SCATTERED_TOKENS
+        rows = self._per_step(name, scattered=few)
+        path = rows[self._check_run(name, run)][steps][:, tokens]  # still a view of the map
         return self._as_torch(name, np.array(path))  # the copy is the read
 
     def step_block(self, name: str, start: int, stop: int, run: int = 0) -> torch.Tensor:
@@ -291,18 +297,22 @@ class Trajectory:
         block = self._per_step(name)[self._check_run(name, run), start:stop]
         return self._as_torch(name, np.array(block))  # the copy is the read
 
-    def _per_step(self, name: str) -> np.memmap:
-        """The (R, S+1, V, H) tensor `name` as a read-only memory map of the file (no bytes read yet)."""
-        if name not in self._maps:
+    def _per_step(self, name: str, scattered: bool = False) -> np.memmap:
+        """The (R, S+1, V, H) tensor `name` as a read-only memory map of the file (no bytes read yet). A `scattered`
+        map reads no pages ahead: one row per step sits in its own 1.28 MB slice, and the kernel's read-around of a
+        normal map would read all of it from disk."""
+        if (name, scattered) not in self._maps:
             entry = self._entries.get(name)
             if entry is None or len(entry["shape"]) != 4:
                 per_step = sorted(k for k, v in self._entries.items() if len(v["shape"]) == 4)
                 raise FlannelError(f"{self.path}: {name!r} is not a per-step tensor of this trajectory; it has "
                                    f"{', '.join(per_step) or 'none'}")
-            self._maps[name] = np.memmap(self.path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r",
-                                         offset=self._data_start + entry["data_offsets"][0],
-                                         shape=tuple(entry["shape"]))
-        return self._maps[name]
+            mapped = np.memmap(self.path, dtype=_NUMPY_DTYPES[entry["dtype"]], mode="r",
+                               offset=self._data_start + entry["data_offsets"][0], shape=tuple(entry["shape"]))
+            if scattered:
+                mapped._mmap.madvise(mmap.MADV_RANDOM)
+            self._maps[name, scattered] = mapped
+        return self._maps[name, scattered]
 
     def _check_run(self, name: str, run: int) -> int:
         runs = self.shapes[name][0]

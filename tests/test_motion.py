@@ -152,6 +152,10 @@ def test_token_rows_match_the_full_tensor(two_runs, name):
             assert torch.equal(got.view(torch.int16), full[run, 2:5][:, tokens].view(torch.int16))
             got = traj.token_rows(name, torch.tensor(tokens), run=run)  # a tensor of ids, e.g. masks.dead_indices
             assert torch.equal(got.view(torch.int16), full[run][:, tokens].view(torch.int16))
+            many = list(range(V - 1, 0, -23))  # past the few read row by row: whole slices, in order
+            assert len(many) > 8
+            got = traj.token_rows(name, many, run=run, steps=slice(1, None))
+            assert torch.equal(got.view(torch.int16), full[run, 1:][:, many].view(torch.int16))
             block = traj.step_block(name, 1, 4, run=run)
             assert block.shape == (3, *full.shape[2:])
             assert torch.equal(block.view(torch.int16), full[run, 1:4].view(torch.int16))
