@@ -95,13 +95,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result, run_id = run_train_stage(params, root, progress=not args.quiet, resume=args.resume)
     except TrackingIncomplete as e:  # the outputs are written: say so, then what tracking lacks
-        _print_trained(params, root, e.result, e.run_id)
+        _print_trained(params, root, e.result, e.run_id, store_reached=False)
         raise
     _print_trained(params, root, result, run_id)
     return 0
 
 
-def _print_trained(params: Params, root: Path, result, run_id: str | None) -> None:
+def _print_trained(params: Params, root: Path, result, run_id: str | None, store_reached: bool = True) -> None:
     print(
         f"trajectory: {params.paths.trajectory} (sha256 {result.sha256}); final loss {result.final_loss:.4f}; "
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
@@ -110,8 +110,15 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None) -> No
         from .mlflow_tracker import tracking_uri, training_runs_url
 
         uri = tracking_uri(params.tracking, root)
-        ui = "" if uri.startswith(("http:", "https:")) else f" (`mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)"
-        print(f"mlflow: training runs at {training_runs_url(uri, run_id)}{ui}")
+        if store_reached:  # the page needs the run's experiment id, read back from the store
+            try:
+                page = training_runs_url(uri, run_id)
+            except FlannelError as e:
+                print(f"mlflow: the training runs page could not be looked up ({e})")
+            else:
+                local = not uri.startswith(("http:", "https:"))
+                ui = f" (`mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)" if local else ""
+                print(f"mlflow: training runs at {page}{ui}")
         print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {uri}")
 
 
