@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import Params, load_params
 from .errors import FlannelError, Interrupted, TrackingIncomplete
+from .runtime import configure
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -264,9 +265,12 @@ def _stop_on_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime = configure()  # before any step allocates: large freed blocks are kept for the next step
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if runtime.note and args.command in ("train", "verify"):
+        print(f"flannel-repro {args.command}: note: {runtime.note}", file=sys.stderr)
     for s in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: every output is atomic, so nothing half-written stays
         signal.signal(s, _stop_on_signal)
     try:
