@@ -10,6 +10,7 @@ naming the key. Stage functions take these objects; nothing else reads params.ya
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .fsutil import file_kind
 
 LABEL_MODES = ("notebook", "next_token")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -410,6 +412,10 @@ def apply_overrides(doc: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
     path = Path(path)
+    with contextlib.suppress(OSError):  # a missing file is told below
+        kind = file_kind(path.stat().st_mode)
+        if kind is not None:  # a FIFO would block the read forever
+            raise ConfigError(f"{path}: params file is {kind}, not a file; pass --params a YAML file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

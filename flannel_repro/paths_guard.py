@@ -121,6 +121,8 @@ def check_files(files: Files) -> None:
 
 
 def _where(key: str) -> str:
+    if key == "the tracking store":
+        return " (tracking.uri in params.yaml, or MLFLOW_TRACKING_URI)"
     return " in params.yaml" if key.startswith("paths.") or key.endswith(".source") else ""
 
 

@@ -410,11 +410,11 @@ def _prepare(params: Params, root: Path, write: bool, resume: bool) -> torch.dev
 
 
 def _warn_oversubscribed(threads: int | None, device: torch.device) -> None:
-    """More CPU threads than cores runs many times slower; the count is part of the bits, so it is kept, and said."""
+    """More CPU threads than cores can run many times slower; the count is part of the bits, so it is kept, and said."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if device.type == "cpu" and threads is not None and cores and threads > cores:
         print(f"flannel-repro: warning: {threads} CPU threads (train.num_threads) on {cores} available cores: this "
-              "run will be much slower; keep the count only to match a recorded run (it is part of the bits)",
+              "run may be much slower; keep the count only to match a recorded run (it is part of the bits)",
               file=sys.stderr)
 
 

@@ -257,6 +257,17 @@ def test_an_output_that_is_a_folder_is_refused_before_any_work(recorded, capsys,
     assert _snapshot(recorded) == before
 
 
+@pytest.mark.parametrize("argv, key", [(["verify", TRAJ, "--report", "odd"], "--report"),
+                                       (["diff", TRAJ, TRAJ, "--csv", "odd"], "--csv")])
+def test_an_output_that_is_a_fifo_or_device_is_not_replaced(recorded, capsys, monkeypatch, argv, key):
+    """Renaming a report over /dev/null (as root) would replace the device; a FIFO stands in for it here."""
+    os.mkfifo(recorded / "odd")
+    monkeypatch.chdir(recorded)
+    assert main(argv) == 2
+    assert f"odd: {key} is a FIFO (named pipe), not a file" in _one_error_line(capsys, argv[0])
+    assert (recorded / "odd").is_fifo()
+
+
 def test_an_output_folder_that_cannot_be_written_is_refused_before_training(recorded, capsys, monkeypatch):
     before = _snapshot(recorded)
     monkeypatch.chdir(recorded)
@@ -406,8 +417,11 @@ def test_a_symbolic_link_loop_is_not_reported_as_missing(recorded, capsys, monke
     assert "paths.masks is a loop of symbolic links" in line and "not found" not in line
 
 
+@pytest.mark.parametrize("command", ["train", "verify"])
 @pytest.mark.parametrize("how", ["chattr +i", "read-only file"])
-def test_a_tracking_store_that_cannot_be_written_is_one_line(recorded, how):
+def test_a_tracking_store_that_cannot_be_written_is_one_line(recorded, how, command):
+    """train refuses before any work; verify still gives its verdict, and one note that it could not be logged."""
+    write_params(recorded, {"tracking": {"enabled": True}})
     db = recorded / "mlflow.db"
     db.write_bytes(b"")
     if how == "chattr +i":
@@ -418,13 +432,20 @@ def test_a_tracking_store_that_cannot_be_written_is_one_line(recorded, how):
             pytest.skip("root writes a read-only file anyway")
         db.chmod(0o444)
     try:
-        proc = run_cli("train", "-q", "-S", "tracking.enabled=true", cwd=recorded)
+        proc = run_cli(command, *([TRAJ] if command == "verify" else []), "-q", cwd=recorded)
     finally:
         subprocess.run(["chattr", "-i", str(db)], capture_output=True)
-    assert proc.returncode == 2, proc.stderr
-    [line] = proc.stderr.splitlines() or [proc.stderr]
-    assert line.startswith(f"flannel-repro train: error: {db}: the tracking store cannot be written (")
-    assert "tracking.enabled: false" in line
+    if command == "train":
+        assert proc.returncode == 2, proc.stderr
+        [line] = proc.stderr.splitlines()
+        assert line.startswith(f"flannel-repro train: error: {db}: the tracking store cannot be written (")
+        assert "tracking.enabled: false" in line
+    else:
+        assert proc.returncode == 0 and proc.stderr == ""
+        *_, verdict, note = proc.stdout.splitlines()
+        assert verdict == "verdict: bit-identical (exit 0)"
+        assert note.startswith("note: the verdict could not be logged to tracking: tracking store ")
+        assert "readonly database" in note
 
 
 @pytest.mark.parametrize("after", ["yaml", "torch"])
@@ -541,7 +562,7 @@ def test_far_more_threads_than_cores_is_one_warning(tiny_project, capsys, monkey
         torch.set_num_threads(threads)
     _, err = capsys.readouterr()
     assert err.splitlines() == [f"flannel-repro: warning: {4 * cores} CPU threads (train.num_threads) on {cores} "
-                                "available cores: this run will be much slower; keep the count only to match a "
+                                "available cores: this run may be much slower; keep the count only to match a "
                                 "recorded run (it is part of the bits)"]
 
 
