@@ -151,18 +151,18 @@ def _check_output(key: str, path: Path, in_place: bool) -> None:
         st = None
     except OSError as e:
         raise FlannelError(_unreachable(key, path, e)) from None
-    if st is not None and os.path.isdir(path):
+    kind = file_kind(st.st_mode) if st is not None else None
+    if kind == "a folder":
         raise FlannelError(f"{path}: is a folder; {key} must name a file, fix it{_where(key)}")
-    if st is not None and file_kind(st.st_mode) is not None:  # renaming over /dev/null would replace the device
-        raise FlannelError(f"{path}: {key} is {file_kind(st.st_mode)}, not a file; give {key} a file path"
-                           f"{_where(key)}")
+    if kind is not None:  # renaming over /dev/null would replace the device
+        raise FlannelError(f"{path}: {key} is {kind}, not a file; give {key} a file path{_where(key)}")
     if in_place and st is not None:
         try:
             os.close(os.open(path, os.O_RDWR))
         except OSError as e:
             raise FlannelError(f"{path}: {key} cannot be written ({e.strerror}); make it writable (chmod u+w, "
                                "chattr -i), or set tracking.uri or tracking.enabled: false in params.yaml") from None
-    folder = next(p for p in Path(os.path.abspath(path)).parents if p.exists() or p == p.parent)
+    folder = _nearest_existing_folder(key, path)
     if not folder.is_dir():
         raise FlannelError(f"{path.parent}: cannot create the output folder: {folder} is a file, not a folder; "
                            f"move it or fix {key}{_where(key)}")
@@ -173,6 +173,17 @@ def _check_output(key: str, path: Path, in_place: bool) -> None:
                            f"{key}{_where(key)}") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def _nearest_existing_folder(key: str, path: Path) -> Path:
+    """The folder of `path`, or the nearest parent that exists (the rest is made when the output is written)."""
+    for parent in Path(os.path.abspath(path)).parents:
+        if parent.exists():
+            return parent
+        if parent.is_symlink():
+            raise FlannelError(f"{path.parent}: cannot create the output folder: {parent} is a symbolic link to "
+                               f"{os.readlink(parent)}, which does not exist; fix the link or {key}{_where(key)}")
+    return Path("/")
 
 
 def _unreachable(key: str, path: Path, e: OSError) -> str:

@@ -268,12 +268,17 @@ def test_an_output_that_is_a_fifo_or_device_is_not_replaced(recorded, capsys, mo
     assert (recorded / "odd").is_fifo()
 
 
-def test_an_output_folder_that_cannot_be_written_is_refused_before_training(recorded, capsys, monkeypatch):
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "-S", "paths.metrics=/proc/flannel/train.json"], "/proc/flannel: cannot write the output folder"),
+    (["verify", TRAJ, "--report", "gone/v.json"], "gone is a symbolic link to /nonexistent/folder, which does not exist"),
+])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(recorded, capsys, monkeypatch, argv,
+                                                                          expected):
+    os.symlink("/nonexistent/folder", recorded / "gone")
     before = _snapshot(recorded)
     monkeypatch.chdir(recorded)
-    assert main(["train", "-q", "-S", "paths.metrics=/proc/flannel/train.json"]) == 2
-    line = _one_error_line(capsys, "train")
-    assert "/proc/flannel: cannot write the output folder" in line and "paths.metrics" in line
+    assert main(argv) == 2
+    assert expected in _one_error_line(capsys, argv[0])  # and no verdict: the rerun never started
     assert _snapshot(recorded) == before  # the trajectory was not replaced by a run whose reports cannot be written
 
 
