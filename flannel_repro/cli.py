@@ -38,14 +38,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace, stage: str) -> tuple[Params, Path]:
-    """The params of a stage command, after checking the files it reads and writes."""
+def _load(args: argparse.Namespace, stage: str | None = None) -> tuple[Params, Path]:
+    """The params and project root; for a `stage` command, after checking the files it reads and writes."""
     from .config import load_params
     from .paths_guard import check_files, stage_files
 
     params = load_params(args.params, args.overrides)
     root = Path(args.params).resolve().parent
-    check_files(stage_files(stage, params, root, Path(args.params)))
+    if stage is not None:
+        check_files(stage_files(stage, params, root, Path(args.params)))
     return params, root
 
 
@@ -156,8 +157,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     current = load_params(params_path) if params_path.is_file() or args.reference is None else None
     ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
     # The reference and the inputs its rerun reads; the project's own files are kept too.
-    reads = {"the reference": ref.trajectory.path} if ref.trajectory is not None else {}
-    reads |= {f"the reference's paths.{k}": p for k, p in ref.params.paths.under(root).inputs().items()}
+    reads = {"the reference": Path(args.reference)} if args.reference else {}
+    if ref.params is not None:  # None: a corrupt reference, given its verdict without a rerun
+        reads |= {f"the reference's paths.{k}": p for k, p in ref.params.paths.under(root).inputs().items()}
     keeps = project_files(current, root, params_path) if current is not None else {}
     check_files(Files(reads, {"--report": Path(args.report)} if args.report else {}, keeps))
     report = verify(
@@ -183,6 +185,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import check
     from .fsutil import write_json
+    from .paths_guard import Files, check_files
 
     path = Path(args.file) if args.file else None
     if path is None:
@@ -190,6 +193,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         path = root / params.paths.trajectory
     if args.threads < 1:
         raise FlannelError(f"--threads {args.threads}: give at least 1")
+    report_path = {"--report": Path(args.report)} if args.report else {}
+    check_files(Files({"the trajectory": path}, report_path, {"--params": Path(args.params)}))
     report = check(path, threads=args.threads)
     if args.report:
         write_json(Path(args.report), report.to_json())

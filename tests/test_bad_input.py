@@ -216,6 +216,9 @@ SAME_FILE_CASES = [
     ("diff --csv over A's masks", None, ["diff", TRAJ, TRAJ, "--csv", MASKS], ["is the same file as A's paths.masks"]),
     ("verify --report over the corpus", None, ["verify", TRAJ, "--report", CORPUS],
      ["is the same file as the reference's paths.corpus"]),
+    ("check R --report R", None, ["check", TRAJ, "--report", TRAJ], ["--report (", "is the same file as the trajectory"]),
+    ("check --report over params.yaml", None, ["check", TRAJ, "--report", "params.yaml"],
+     ["is the same file as --params"]),
 ]
 
 
@@ -245,6 +248,7 @@ def test_the_tokenizer_may_be_trained_on_the_model_corpus_itself(recorded, capsy
 @pytest.mark.parametrize("argv, key", [
     (["verify", TRAJ, "--report", "reports"], "--report"),
     (["diff", TRAJ, TRAJ, "--csv", "reports"], "--csv"),
+    (["check", TRAJ, "--report", "reports"], "--report"),
     (["train", "-S", "paths.loss_curve=reports"], "paths.loss_curve"),
 ])
 def test_an_output_that_is_a_folder_is_refused_before_any_work(recorded, capsys, monkeypatch, argv, key):
@@ -332,16 +336,17 @@ def _number_metadata(header: dict) -> None:
 
 
 HEADER_CORRUPTIONS = {
-    "unknown dtype": (_unknown_dtype, "has dtype 'Q8', which is not a safetensors dtype"),
+    "unknown dtype": (_unknown_dtype, "has dtype 'Q8', which no file of this project uses"),
     "overlapping offsets": (_overlap, "overlaps the tensor before it"),
-    "non-string metadata": (_number_metadata, "its header metadata must map names to strings"),
+    "non-string metadata": (_number_metadata, "__metadata__: holds a value that is not a string"),
 }
 
 
 @pytest.mark.parametrize("command", ["train", "verify", "diff"])
 @pytest.mark.parametrize("corruption", list(HEADER_CORRUPTIONS))
 def test_a_forged_safetensors_header_is_one_line(recorded, capsys, monkeypatch, command, corruption):
-    """Masks for train, the reference for verify, trajectory B for diff; read_header is the one gate."""
+    """Masks for train, trajectory B for diff: one error line (read_header is the one gate). The reference for
+    verify: its verdict, reference corrupt (exit 1), without a rerun or a traceback."""
     edit, expected = HEADER_CORRUPTIONS[corruption]
     target = {"train": MASKS, "verify": TRAJ, "diff": "b.safetensors"}[command]
     if command == "diff":
@@ -349,9 +354,16 @@ def test_a_forged_safetensors_header_is_one_line(recorded, capsys, monkeypatch, 
     _rewrite_header(recorded / target, edit)
     monkeypatch.chdir(recorded)
     argv = {"train": ["train"], "verify": ["verify", TRAJ], "diff": ["diff", TRAJ, target]}[command]
+    if command == "verify":
+        assert main(argv) == 1
+        out, err = capsys.readouterr()
+        assert err == "" and "not rerun: the reference is corrupt" in out
+        assert "verdict: reference corrupt (exit 1): " in out and expected.split(": ")[-1] in out, out
+        return
     assert main(argv) == 2
     line = _one_error_line(capsys, command)
-    assert f"{target}: " in line and "is corrupt" in line and expected in line, line
+    assert f"{target}: " in line and "is truncated or corrupt: " in line, line
+    assert expected.replace(": ", " ") in line, line
 
 
 @pytest.mark.parametrize("command", ["verify", "diff"])
@@ -371,10 +383,10 @@ def test_a_reference_with_a_bad_recorded_value_is_not_blamed_on_params_yaml(reco
 
     _rewrite_header(recorded / TRAJ, edit)
     monkeypatch.chdir(recorded)
-    assert main(["verify", TRAJ]) == 2
-    line = _one_error_line(capsys, "verify")
-    assert f"{TRAJ} (header params): train.learning_rate = -1.0 must be positive and finite" in line
-    assert "(in params.yaml)" not in line and "params.yaml is not involved" in line
+    assert main(["verify", TRAJ]) == 1  # a corrupt reference
+    out, err = capsys.readouterr()
+    assert err == "" and "train.learning_rate = -1.0 must be positive and finite" in out
+    assert "(in params.yaml)" not in out and "params.yaml is not involved" in out
 
 
 @pytest.mark.parametrize("command", ["masks", "train"])
