@@ -1,10 +1,11 @@
 """Every command's files, checked before any work: an output never replaces an input or another output.
 
 A command names the files it reads and the files it writes, each by the name a user knows it by (`paths.metrics`,
-`--report`, `trajectory A`). `check_files` resolves them all, so that a symbolic link, `./x` against `/abs/x`, and
-two hard links of one file are the same file, and refuses in one line, naming both, an output that is an input or
-another output. It also refuses an input that is not a regular file (a folder, a FIFO, a symbolic-link loop) and an
-output whose folder cannot be written, so none of these is found after a long run.
+`--report`, `trajectory A`). `check_files` resolves them all, so that a symbolic link, `./x` against `/abs/x` or a
+bind mount reaching the same file count as the same file, and refuses in one line, naming both, an output that is an
+input or another output (see `same_file` for hard links). It also refuses an input that is not a regular file (a
+folder, a FIFO, a symbolic-link loop) and an output whose folder cannot be written, so none of these is found after
+a long run.
 
     check_files(stage_files("train", params, root, Path("params.yaml")))
 """
@@ -91,8 +92,12 @@ def tracking_store(params: Params, root: Path) -> Path | None:
     return Path(db) if db is not None and db != ":memory:" else None
 
 
-def same_file(a: Path, b: Path) -> bool:
-    """Whether `a` and `b` name one file: the same real path, or (where both exist) the same device and inode."""
+def same_file(a: Path, b: Path, in_place: bool = False) -> bool:
+    """Whether writing `a` would replace the file `b` names. Outputs are new files renamed into place, so that is the
+    same directory entry however it is reached: the same real path (symbolic links, `./x` against `/abs/x`), or the
+    same inode through an alias the real path does not see (a bind mount, a case-insensitive filesystem). A second
+    hard link is another entry, left as it was by the rename (DVC's cache links identical files so), unless `a` is
+    written in place (a database), which changes every link."""
     real_a, real_b = os.path.realpath(a), os.path.realpath(b)
     if real_a == real_b:
         return True
@@ -100,7 +105,13 @@ def same_file(a: Path, b: Path) -> bool:
         sa, sb = os.stat(real_a), os.stat(real_b)
     except OSError:
         return False
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    if (sa.st_dev, sa.st_ino) != (sb.st_dev, sb.st_ino):
+        return False
+    if in_place or sa.st_nlink == 1:
+        return True
+    parents = [os.stat(os.path.dirname(r)) for r in (real_a, real_b)]
+    same_folder = {(st.st_dev, st.st_ino) for st in parents} == {(parents[0].st_dev, parents[0].st_ino)}
+    return same_folder and os.path.basename(real_a).casefold() == os.path.basename(real_b).casefold()
 
 
 def check_files(files: Files) -> None:
@@ -111,7 +122,7 @@ def check_files(files: Files) -> None:
     seen = {**files.reads, **files.keeps}
     for key, path in files.writes.items():
         for other, other_path in seen.items():
-            if same_file(path, other_path):
+            if same_file(path, other_path, in_place=key in files.in_place):
                 raise FlannelError(
                     f"{key} ({path}) is the same file as {other} ({other_path}), and writing {key} would replace "
                     f"it; give {key} a path of its own{_where(key)}"

@@ -195,8 +195,9 @@ SAME_FILE_CASES = [
      ["paths.metrics (", "is the same file as paths.corpus"]),
     ("trajectory is the metrics", None, ["train", "-S", "paths.trajectory=metrics/train.json"],
      ["paths.metrics (", "is the same file as paths.trajectory"]),
-    ("a hard link of the corpus as metrics", lambda r: os.link(r / CORPUS, r / "m.json"),
-     ["train", "-S", "paths.metrics=m.json"], ["is the same file as paths.corpus"]),
+    ("a hard link of the corpus as the SQLite store", lambda r: os.link(r / CORPUS, r / "store.db"),
+     ["train", "-S", "tracking.enabled=true", "-S", "tracking.uri=sqlite:///store.db"],
+     ["the tracking store (", "is the same file as paths.corpus"]),
     ("a symbolic link to the masks as loss curve", lambda r: os.symlink(r / MASKS, r / "curve.csv"),
      ["train", "-S", "paths.loss_curve=curve.csv"], ["paths.loss_curve (", "is the same file as paths.masks"]),
     ("the tracking store as metrics", None,
@@ -222,18 +223,51 @@ SAME_FILE_CASES = [
 ]
 
 
+def _bind_mount(root: Path) -> None:
+    (root / "alias").mkdir()
+    if subprocess.run(["mount", "--bind", str(root / "data"), str(root / "alias")], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+
+
+SAME_FILE_CASES.append(("the corpus through a bind mount", _bind_mount,
+                        ["train", "-S", f"paths.metrics=alias/{CORPUS.split('/')[1]}"],
+                        ["paths.metrics (", "is the same file as paths.corpus"]))
+
+
 @pytest.mark.parametrize("case, setup, argv, expected", SAME_FILE_CASES, ids=[c[0] for c in SAME_FILE_CASES])
 def test_an_output_is_never_an_input_or_another_output(recorded, capsys, monkeypatch, case, setup, argv, expected):
     if setup is not None:
         setup(recorded)
     before = _snapshot(recorded)
     monkeypatch.chdir(recorded)
-    code = main([a.format(root=recorded) for a in argv])
+    try:
+        code = main([a.format(root=recorded) for a in argv])
+    finally:
+        if (recorded / "alias").is_mount():
+            subprocess.run(["umount", str(recorded / "alias")], check=True)
     line = _one_error_line(capsys, argv[0])
     assert code == 2
     assert all(x in line for x in expected), line
     assert "give " in line and "a path of its own" in line
     assert _snapshot(recorded) == before  # nothing written, nothing replaced, no report folder made
+
+
+def test_a_second_hard_link_is_its_own_entry(recorded, capsys, monkeypatch):
+    """Outputs are renamed into place, so an output at a hard link of the corpus replaces that link, never the
+    corpus: DVC's cache links identical files (a tokenizer corpus copied from the model corpus) and their stages
+    must rerun."""
+    os.link(recorded / CORPUS, recorded / "m.json")
+    write_params(recorded, {"tokenizer_corpus": {"source": CORPUS}})
+    os.unlink(recorded / TOKENIZER_CORPUS)
+    os.link(recorded / CORPUS, recorded / TOKENIZER_CORPUS)  # as `dvc checkout` leaves them
+    corpus = (recorded / CORPUS).read_bytes()
+    monkeypatch.chdir(recorded)
+    assert main(["tokenizer-corpus"]) == 0
+    assert main(["train", "-q", "-S", "paths.metrics=m.json"]) == 0
+    capsys.readouterr()
+    assert (recorded / CORPUS).read_bytes() == corpus
+    assert (recorded / TOKENIZER_CORPUS).read_bytes() == corpus
+    assert json.loads((recorded / "m.json").read_text())["trajectory_sha256"]
 
 
 def test_the_tokenizer_may_be_trained_on_the_model_corpus_itself(recorded, capsys, monkeypatch):
