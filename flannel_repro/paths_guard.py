@@ -1,11 +1,11 @@
 """Every command's files, checked before any work: an output never replaces an input or another output.
 
 A command names the files it reads and the files it writes, each by the name a user knows it by (`paths.metrics`,
-`--report`, `trajectory A`). `check_files` resolves them all, so that a symbolic link, `./x` against `/abs/x` or a
-bind mount reaching the same file count as the same file, and refuses in one line, naming both, an output that is an
-input or another output (see `same_file` for hard links). It also refuses an input that is not a regular file (a
-folder, a FIFO, a symbolic-link loop) and an output whose folder cannot be written, so none of these is found after
-a long run.
+`--report`, `trajectory A`). `check_files` resolves them all, so that a path through a symbolic link, `./x` against
+`/abs/x` or a bind mount reaching the same file count as the same file, and refuses in one line, naming both, an
+output that would replace an input or another output (`replaces`: symbolic links and hard links at an output's own
+path). It also refuses an input that is not a regular file (a folder, a FIFO, a symbolic-link loop) and an output
+whose folder cannot be written, so none of these is found after a long run.
 
     check_files(stage_files("train", params, root, Path("params.yaml")))
 """
@@ -92,26 +92,41 @@ def tracking_store(params: Params, root: Path) -> Path | None:
     return Path(db) if db is not None and db != ":memory:" else None
 
 
-def same_file(a: Path, b: Path, in_place: bool = False) -> bool:
-    """Whether writing `a` would replace the file `b` names. Outputs are new files renamed into place, so that is the
-    same directory entry however it is reached: the same real path (symbolic links, `./x` against `/abs/x`), or the
-    same inode through an alias the real path does not see (a bind mount, a case-insensitive filesystem). A second
-    hard link is another entry, left as it was by the rename (DVC's cache links identical files so), unless `a` is
-    written in place (a database), which changes every link."""
-    real_a, real_b = os.path.realpath(a), os.path.realpath(b)
-    if real_a == real_b:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: the same real path, or the same inode reached another way (a bind mount, a
+    case-insensitive filesystem)."""
+    return _same_entry(os.path.realpath(a), os.path.realpath(b))
+
+
+def replaces(output: Path, other: str, in_place: bool = False) -> bool:
+    """Whether writing `output` replaces `other`, a resolved path (`_resolved`). An output is a new file renamed into
+    place, so what it replaces is the directory entry at its path, reached through its real folder: a symbolic link
+    at the path itself is replaced, not followed (as the commit does), and a second hard link elsewhere is another
+    entry, left as it was (DVC's cache links identical files so). An `in_place` output (a database) is written
+    through every link."""
+    return _same_entry(os.path.realpath(output) if in_place else _entry(output), other, any_link=in_place)
+
+
+def _entry(path: Path) -> str:
+    """The directory entry at `path`: its real folder, and its own name unresolved."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _same_entry(a: str, b: str, any_link: bool = False) -> bool:
+    """Whether resolved paths `a` and `b` are one directory entry (with `any_link`: one inode)."""
+    if a == b:
         return True
     try:
-        sa, sb = os.stat(real_a), os.stat(real_b)
+        sa, sb = os.lstat(a), os.lstat(b)
     except OSError:
         return False
     if (sa.st_dev, sa.st_ino) != (sb.st_dev, sb.st_ino):
         return False
-    if in_place or sa.st_nlink == 1:
+    if any_link or sa.st_nlink == 1:  # one entry only: both paths reach it
         return True
-    parents = [os.stat(os.path.dirname(r)) for r in (real_a, real_b)]
-    same_folder = {(st.st_dev, st.st_ino) for st in parents} == {(parents[0].st_dev, parents[0].st_ino)}
-    return same_folder and os.path.basename(real_a).casefold() == os.path.basename(real_b).casefold()
+    folders = {(st.st_dev, st.st_ino) for st in (os.stat(os.path.dirname(a)), os.stat(os.path.dirname(b)))}
+    return len(folders) == 1 and os.path.basename(a).casefold() == os.path.basename(b).casefold()
 
 
 def check_files(files: Files) -> None:
@@ -119,16 +134,18 @@ def check_files(files: Files) -> None:
     not a regular file; and an output that cannot be written."""
     for key, path in files.reads.items():
         _check_input(key, Path(path))
-    seen = {**files.reads, **files.keeps}
+    # What each file is: a read or kept file where its path leads, an output the entry it replaces.
+    seen = {key: (path, os.path.realpath(path)) for key, path in {**files.reads, **files.keeps}.items()}
     for key, path in files.writes.items():
-        for other, other_path in seen.items():
-            if same_file(path, other_path, in_place=key in files.in_place):
+        in_place = key in files.in_place
+        for other, (other_path, resolved) in seen.items():
+            if replaces(path, resolved, in_place):
                 raise FlannelError(
                     f"{key} ({path}) is the same file as {other} ({other_path}), and writing {key} would replace "
                     f"it; give {key} a path of its own{_where(key)}"
                 )
-        seen[key] = path
-        _check_output(key, Path(path), key in files.in_place)
+        seen[key] = (path, os.path.realpath(path) if in_place else _entry(path))
+        _check_output(key, Path(path), in_place)
 
 
 def _where(key: str) -> str:
