@@ -19,7 +19,7 @@ Module map. Each `flannel-repro X` command (and dvc.yaml stage X) is `X(params, 
 - audit: verify.py (`flannel-repro verify`), stepcheck.py (its per-step comparison), check.py (`flannel-repro
   check`, the integrity check without a rerun), diff.py (`flannel-repro diff`), bits.py (bit-level comparisons).
 - infrastructure: cli.py, config.py (params.yaml as frozen dataclasses), errors.py, fsutil.py (atomic outputs,
-  hashes), safetensors_header.py, plots.py.
+  hashes), paths_guard.py (each command's files, checked before any work), safetensors_header.py, plots.py.
 """
 
 __all__ = ["Trajectory", "load_trajectory"]

@@ -40,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import FlannelError
-from .fsutil import TMP_PREFIX, pid_alive, write_json
+from .fsutil import TMP_PREFIX, pid_alive, write_failure, write_json
 from .safetensors_header import read_header
 from .trajectory import TrajectoryWriter, digest
 
@@ -345,7 +345,8 @@ def _load_plain(path: Path, start_over: str):
 def io_error_message(e: OSError, what: str) -> str:
     where = e.filename or "the output folder"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"{where}: no space left while writing the {what} ({e.strerror}); free space and run again"
+        why, fix = write_failure(e, Path(e.filename).parent if e.filename else Path("."))
+        return f"{where}: cannot write the {what} ({why}); {fix} and run again"
     return f"{where}: I/O error while writing the {what} ({e.strerror})"
 
 

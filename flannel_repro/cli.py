@@ -3,23 +3,31 @@
     flannel-repro corpus | tokenizer-corpus | tokenizer | masks | train   [--params params.yaml] [-S section.key=value]
 
 Paths in params.yaml are relative to the folder holding params.yaml. A problem with the input is one line on
-stderr and exit status 2; no traceback. SIGTERM and SIGHUP stop every command as Ctrl-C does: one line, exit
+stderr and exit status 2; no traceback. Before any work, each command checks its files (paths_guard.py): no output
+may be one of its inputs or another output. SIGTERM and SIGHUP stop every command as Ctrl-C does: one line, exit
 128 + the signal number (train stops at a step boundary: see stopping.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
+import os
 import shlex
 import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import Params, load_params
 from .errors import FlannelError, Interrupted, TrackingIncomplete
 from .runtime import configure
+
+if TYPE_CHECKING:  # the config and everything else is imported in main(), where Ctrl-C is one line
+    from .config import Params
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -30,9 +38,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> tuple[Params, Path]:
+def _load(args: argparse.Namespace, stage: str | None = None) -> tuple[Params, Path]:
+    """The params and project root; for a `stage` command, after checking the files it reads and writes."""
+    from .config import load_params
+    from .paths_guard import check_files, stage_files
+
     params = load_params(args.params, args.overrides)
-    return params, Path(args.params).resolve().parent
+    root = Path(args.params).resolve().parent
+    if stage is not None:
+        check_files(stage_files(stage, params, root, Path(args.params)))
+    return params, root
 
 
 def _refuse_dvc_added(root: Path, out: str, build_key: str) -> None:
@@ -49,7 +64,7 @@ def _refuse_dvc_added(root: Path, out: str, build_key: str) -> None:
 def cmd_corpus(args: argparse.Namespace) -> int:
     from .corpus import corpus
 
-    params, root = _load(args)
+    params, root = _load(args, "corpus")
     _refuse_dvc_added(root, params.paths.corpus, "corpus.build")
     r = corpus(params, root)
     print(f"corpus: {params.paths.corpus} ({r.n_bytes:,} bytes, sha256 {r.sha256[:12]}, source {r.source})")
@@ -59,7 +74,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 def cmd_tokenizer_corpus(args: argparse.Namespace) -> int:
     from .tokenizer_corpus import tokenizer_corpus
 
-    params, root = _load(args)
+    params, root = _load(args, "tokenizer-corpus")
     _refuse_dvc_added(root, params.paths.tokenizer_corpus, "tokenizer_corpus.build")
     r = tokenizer_corpus(params, root)
     print(f"tokenizer corpus: {params.paths.tokenizer_corpus} ({r.n_bytes:,} bytes, sha256 {r.sha256[:12]}, "
@@ -70,7 +85,7 @@ def cmd_tokenizer_corpus(args: argparse.Namespace) -> int:
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from .tokenizer import tokenizer
 
-    params, root = _load(args)
+    params, root = _load(args, "tokenizer")
     _refuse_dvc_added(root, params.paths.tokenizer, "tokenizer.build")
     r = tokenizer(params, root)
     print(f"tokenizer: {params.paths.tokenizer} ({r.vocab_size:,} tokens, sha256 {r.sha256[:12]}, source {r.source})")
@@ -80,7 +95,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 def cmd_masks(args: argparse.Namespace) -> int:
     from .masks import masks
 
-    params, root = _load(args)
+    params, root = _load(args, "masks")
     r = masks(params, root)
     share = r.n_dead / (r.n_live + r.n_dead)
     print(f"masks: {params.paths.masks} ({r.n_tokens:,} corpus tokens; live {r.n_live:,} | dead {r.n_dead:,} "
@@ -91,7 +106,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import run_train_stage
 
-    params, root = _load(args)
+    params, root = _load(args, "train")
     # Opens the tracking run first (an unreachable server fails here), then trains, writes the reports, logs them.
     try:
         result, run_id = run_train_stage(params, root, progress=not args.quiet, resume=args.resume)
@@ -132,13 +147,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .config import load_params
     from .fsutil import write_json
+    from .paths_guard import Files, check_files, project_files
     from .verify import load_reference, log_audit, verify
 
     params_path = Path(args.params)
     root = params_path.resolve().parent
     current = load_params(params_path) if params_path.is_file() or args.reference is None else None
     ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
+    # The reference and the inputs its rerun reads; the project's own files are kept too.
+    reads = {"the reference": Path(args.reference)} if args.reference else {}
+    if ref.params is not None:  # None: a corrupt reference, given its verdict without a rerun
+        reads |= {f"the reference's paths.{k}": p for k, p in ref.params.paths.under(root).inputs().items()}
+    keeps = project_files(current, root, params_path) if current is not None else {}
+    check_files(Files(reads, {"--report": Path(args.report)} if args.report else {}, keeps))
     report = verify(
         ref, root, current=current, full=args.full, strict=args.strict, repeat=args.repeat, threads=args.threads,
         progress=not args.quiet,
@@ -162,6 +185,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import check
     from .fsutil import write_json
+    from .paths_guard import Files, check_files
 
     path = Path(args.file) if args.file else None
     if path is None:
@@ -169,6 +193,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         path = root / params.paths.trajectory
     if args.threads < 1:
         raise FlannelError(f"--threads {args.threads}: give at least 1")
+    report_path = {"--report": Path(args.report)} if args.report else {}
+    check_files(Files({"the trajectory": path}, report_path, {"--params": Path(args.params)}))
     report = check(path, threads=args.threads)
     if args.report:
         write_json(Path(args.report), report.to_json())
@@ -178,9 +204,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from .diff import diff, write_csv, write_plot
+    from .paths_guard import Files, check_files
+    from .trajectory import load_trajectory
 
     root = Path(args.params).resolve().parent
-    result = diff(Path(args.a), Path(args.b), root)
+    a, b = Path(args.a), Path(args.b)
+    with load_trajectory(a) as traj:
+        reads = {"trajectory A": a, "trajectory B": b, "A's paths.masks": root / traj.params.paths.masks}
+    check_files(Files(reads, {"--csv": Path(args.csv), "--plot": Path(args.plot)}, {"--params": Path(args.params)}))
+    result = diff(a, b, root)
     write_csv(result, Path(args.csv))
     write_plot(result, Path(args.plot))
     print("\n".join(result.lines()))
@@ -264,11 +296,41 @@ def _stop_on_signal(signum: int, frame: object) -> None:
     raise Interrupted(signum)  # "stopped by SIGTERM"; train says more (stopping.py)
 
 
+@contextlib.contextmanager
+def _starting(name: list[str]) -> Iterator[None]:
+    """Start-up: until the command's modules are imported nothing is written, so Ctrl-C (or SIGTERM, SIGHUP) ends
+    the process at once, in one line. (Raised as KeyboardInterrupt inside torch's import, it can abort the process
+    from C++.) A signal the caller ignores, or handles itself, is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        os.write(2, f"{' '.join(name)}: interrupted; no output was written\n".encode())
+        os._exit(128 + signum)
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                signal.SIGHUP: signal.SIG_DFL}
+    ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
+    for s in ours:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s in ours:
+            signal.signal(s, defaults[s])
+
+
 def main(argv: list[str] | None = None) -> int:
     runtime = configure()  # before any step allocates: large freed blocks are kept for the next step
-    parser = build_parser()
+    name = ["flannel-repro"]
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    with _starting(name):
+        args = build_parser().parse_args(argv)
+        name.append(args.command)
+        for module in (args.command.replace("-", "_"), "config", "paths_guard"):  # `flannel-repro X` runs X.py
+            if importlib.util.find_spec(f"{__package__}.{module}") is not None:
+                importlib.import_module(f"{__package__}.{module}")
     if runtime.note and args.command in ("train", "verify"):
         print(f"flannel-repro {args.command}: note: {runtime.note}", file=sys.stderr)
     for s in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: every output is atomic, so nothing half-written stays

@@ -10,6 +10,7 @@ naming the key. Stage functions take these objects; nothing else reads params.ya
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .fsutil import file_kind
 
 LABEL_MODES = ("notebook", "next_token")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -60,10 +62,9 @@ class _Section:
             expected = hints[f.name]
             ok, coerced = _check_type(value, expected)
             if not ok:
-                raise ConfigError(
-                    f"params: {self._section}.{f.name} must be {_type_name(expected)}, got {value!r} "
-                    f"({type(value).__name__}); fix it in params.yaml"
-                )
+                problem = (f"{self._section}.{f.name} must be {_type_name(expected)}, got {value!r} "
+                           f"({type(value).__name__})")
+                raise InvalidValue(f"params: {problem}; fix it in params.yaml", problem)
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
         self._check()
@@ -72,7 +73,17 @@ class _Section:
         pass
 
     def _fail(self, key: str, why: str) -> None:
-        raise ConfigError(f"params: {self._section}.{key} = {getattr(self, key)!r} {why} (in params.yaml)")
+        problem = f"{self._section}.{key} = {getattr(self, key)!r} {why}"
+        raise InvalidValue(f"params: {problem} (in params.yaml)", problem)
+
+
+class InvalidValue(ConfigError):
+    """A section refused a value. `problem` names the key and value without saying where they came from, so that a
+    value recorded in a trajectory or a tracking run is not blamed on params.yaml."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
 def _check_type(value: Any, expected: Any) -> tuple[bool, Any]:
@@ -185,10 +196,8 @@ class ModelConfig(_Section):
             if getattr(self, key) < 1:
                 self._fail(key, "must be at least 1")
         if self.hidden_dim % self.n_head:
-            raise ConfigError(
-                f"params: model.n_head = {self.n_head} does not divide model.hidden_dim = {self.hidden_dim}; "
-                "choose an n_head that divides hidden_dim in params.yaml"
-            )
+            problem = f"model.n_head = {self.n_head} does not divide model.hidden_dim = {self.hidden_dim}"
+            raise InvalidValue(f"params: {problem}; choose an n_head that divides hidden_dim in params.yaml", problem)
 
 
 @dataclass(frozen=True)
@@ -352,8 +361,9 @@ class Params:
 _SECTION_TYPES = typing.get_type_hints(Params)
 
 
-def params_from_dict(doc: Any, source: str = "params.yaml") -> Params:
-    """Build `Params` from a parsed document; every problem is a ConfigError naming the key."""
+def params_from_dict(doc: Any, source: str = "params.yaml", recorded: bool = False) -> Params:
+    """Build `Params` from a parsed document; every problem is a ConfigError naming the key. `recorded`: the document
+    is what a trajectory or tracking run recorded (`source`), so a bad value is reported as coming from there."""
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -374,7 +384,13 @@ def params_from_dict(doc: Any, source: str = "params.yaml") -> Params:
                 raise ConfigError(
                     f"{source}: unknown key '{name}.{key}'; the keys of {name} are {', '.join(sorted(known))}"
                 )
-        built[name] = cls(**{str(k): v for k, v in section.items()})
+        try:
+            built[name] = cls(**{str(k): v for k, v in section.items()})
+        except InvalidValue as e:
+            if not recorded:
+                raise
+            raise ConfigError(f"{source}: {e.problem}; these recorded params are invalid (the record is corrupt or "
+                              "was edited), params.yaml is not involved") from None
     return Params(**built)
 
 
@@ -396,6 +412,10 @@ def apply_overrides(doc: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
     path = Path(path)
+    with contextlib.suppress(OSError):  # a missing file is told below
+        kind = file_kind(path.stat().st_mode)
+        if kind is not None:  # a FIFO would block the read forever
+            raise ConfigError(f"{path}: params file is {kind}, not a file; pass --params a YAML file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -420,4 +440,4 @@ def params_from_json(text: str, source: str) -> Params:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{source}: recorded params are not valid JSON ({e})") from None
-    return params_from_dict(doc, source)
+    return params_from_dict(doc, source, recorded=True)

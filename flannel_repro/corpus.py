@@ -128,6 +128,17 @@ def read_text(path: Path, what: str, key: str) -> str:
         raise FlannelError(f"{path}: cannot read {what} ({e.strerror}); fix {key} in params.yaml") from None
 
 
+def read_corpus(path: Path, key: str = "paths.corpus") -> str:
+    """The text at `key` (the model corpus, or `paths.tokenizer_corpus`). An empty one (or only whitespace) is
+    refused: it has no tokens to learn from or to mark live."""
+    what = key.removeprefix("paths.").replace("_", " ")
+    text = read_text(path, what, key)
+    if not text.strip():
+        raise FlannelError(f"{path}: {what} is empty; give {key} a UTF-8 text file with content, or remake it with "
+                           f"`flannel-repro {what.replace(' ', '-')}`")
+    return text
+
+
 def corpus(params: Params, root: Path = Path(".")) -> CorpusResult:
     """Write the model corpus to `paths.corpus` under `root`, the folder of params.yaml (atomically), and return
     its size and sha256. A relative `corpus.source` path is relative to `root` too."""

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from .config import Params
-from .corpus import read_text
+from .corpus import read_corpus
 from .errors import FlannelError
 from .fsutil import sha256_file
 from .safetensors_header import read_header, save_tensors
@@ -74,13 +74,20 @@ def encode_corpus(corpus_path: Path, tokenizer_path: Path, vocab_size: int) -> t
     ones this project trains) the text is encoded in pieces cut at pre-token boundaries, with identical ids.
     """
     tok = load_tokenizer(Path(tokenizer_path), vocab_size)
-    text = read_text(Path(corpus_path), "corpus", "paths.corpus")
+    text = read_corpus(Path(corpus_path))
     if not _cut_invariant(tok):
-        return torch.tensor(tok.encode(text).ids, dtype=torch.long)
-    ids = array("q")
-    for piece in _pieces(text):
-        ids.extend(tok.encode(piece).ids)
-    return torch.frombuffer(ids, dtype=torch.long).clone() if ids else torch.zeros(0, dtype=torch.long)
+        tokens = torch.tensor(tok.encode(text).ids, dtype=torch.long)
+    else:
+        ids = array("q")
+        for piece in _pieces(text):
+            ids.extend(tok.encode(piece).ids)
+        tokens = torch.frombuffer(ids, dtype=torch.long).clone() if ids else torch.zeros(0, dtype=torch.long)
+    if len(tokens) and int(tokens.max()) >= vocab_size:  # ids must index the vocabulary the file declares
+        raise FlannelError(
+            f"{tokenizer_path}: tokenizer gives token id {int(tokens.max())} but has {vocab_size} tokens (ids from 0 "
+            f"to {vocab_size - 1}); fix or replace the tokenizer file"
+        )
+    return tokens
 
 
 def _cut_invariant(tok: Tokenizer) -> bool:
@@ -137,12 +144,7 @@ def masks(params: Params, root: Path = Path(".")) -> MasksResult:
     return the counts (the dead tokens split into single bytes and merges)."""
     paths, vocab_size = params.paths.under(root), params.model.vocab_size
     corpus_path, tokenizer_path, out_path = paths.corpus, paths.tokenizer, paths.masks
-    tokens = encode_corpus(corpus_path, tokenizer_path, vocab_size)
-    if len(tokens) and int(tokens.max()) >= vocab_size:  # ids must index the vocabulary the file declares
-        raise FlannelError(
-            f"{tokenizer_path}: tokenizer gives token id {int(tokens.max())} but has {vocab_size} tokens (ids from 0 "
-            f"to {vocab_size - 1}); fix or replace the tokenizer file"
-        )
+    tokens = encode_corpus(corpus_path, tokenizer_path, vocab_size)  # every id checked to index the vocabulary
     single = single_byte_tokens(load_tokenizer(Path(tokenizer_path), vocab_size), vocab_size)
     m = masks_from_tokens(tokens, vocab_size, single)
     tensors = {

@@ -115,6 +115,9 @@ def _client(uri: str):
             os.environ.setdefault(name, value)
     from mlflow import MlflowClient
 
+    # Its ERROR log repeats, with two tracebacks, the store error this module reports in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
     try:
         return _GuardedClient(MlflowClient(tracking_uri=uri), uri)
     except _store_errors() as e:
@@ -170,7 +173,8 @@ def _store_lock(uri: str) -> Iterator[None]:
 
 
 def _store_error(uri: str, e: Exception) -> FlannelError:
-    why = str(getattr(e, "message", e)).splitlines()[0]
+    lines = str(getattr(e, "message", e)).splitlines() or [type(e).__name__]
+    why = next((x for x in lines if not x.startswith("(raised as a result of")), lines[0])  # SQLAlchemy's preamble
     return FlannelError(f"tracking store {uri} cannot be used ({why}); fix tracking.uri or MLFLOW_TRACKING_URI, or "
                         "set tracking.enabled: false")
 

@@ -3,7 +3,8 @@ writer's side: the header bytes for given tensors, and `save_tensors` for small 
 `flannel-repro check` reads a trajectory without it.
 
 Every safetensors file the project reads (trajectories, masks files) goes through `read_header` first, so a
-truncated or hand-edited file is one clear error before safetensors maps it; `read_raw_header` and
+truncated or hand-edited file (an unknown dtype, non-string metadata, overlapping tensors, ...) is one clear error
+before safetensors maps it; `read_raw_header` and
 `layout_problems` are its two halves, for `check`, which lists every problem instead of stopping at the first.
 Every file it writes gets its header from `header_bytes`, whose bytes depend on the arguments alone, so rerunning a
 stage rewrites the same bytes.
@@ -15,8 +16,10 @@ stage rewrites the same bytes.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import FlannelError
-from .fsutil import atomic_output
+from .fsutil import atomic_output, file_kind
 
 ITEMSIZE = {"I64": 8, "F32": 4, "BF16": 2, "BOOL": 1, "U8": 1}  # the dtypes the project writes, bytes per element
 _NAMES = {"torch.int64": "I64", "torch.float32": "F32", "torch.bfloat16": "BF16", "torch.bool": "BOOL",
@@ -102,8 +105,8 @@ class RawHeader:
 def read_raw_header(path: Path, what: str = "trajectory file") -> RawHeader:
     """Read a safetensors header; a file that is not one (too short, no JSON header) is a FlannelError."""
     path = Path(path)
+    size = _regular_file_size(path, what)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -114,15 +117,12 @@ def read_raw_header(path: Path, what: str = "trajectory file") -> RawHeader:
                     f"{path}: {what} is not a safetensors file or is truncated (header of {n} bytes, file of {size})"
                 )
             raw = f.read(n)
-    except FileNotFoundError:
-        raise FlannelError(f"{path}: {what} not found; check the path") from None
-    except IsADirectoryError:
-        raise FlannelError(f"{path}: {what} is a directory, not a file") from None
-    except PermissionError:
-        raise FlannelError(f"{path}: {what} cannot be read (permission denied)") from None
+    except OSError as e:
+        raise FlannelError(f"{path}: {what} cannot be read ({e.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        json.dumps(header, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape is no Unicode text
+    except (UnicodeError, json.JSONDecodeError, RecursionError):
         raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not a JSON object)")
@@ -135,15 +135,16 @@ def layout_problems(raw: RawHeader) -> list[tuple[str, str]]:
     last tensor ("" for the file as a whole). Empty means safetensors can map every tensor as the header says."""
     data_len = raw.size - raw.data_start
     problems: list[tuple[str, str]] = []
+    meta = raw.header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        problems.append(("__metadata__", "holds a value that is not a string (safetensors metadata maps names to "
+                                         "strings)"))
     spans = []
     for name, info in raw.entries().items():
-        try:
-            dtype = info["dtype"]
-            lo, hi = (int(x) for x in info["data_offsets"])
-            numel = math.prod(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError):
+        if not _well_formed(info):  # what safetensors' strict parser would refuse: a float offset, a list dtype
             problems.append((name, "has a malformed header entry"))
             continue
+        dtype, (lo, hi), numel = info["dtype"], info["data_offsets"], math.prod(info["shape"])
         if dtype not in ITEMSIZE:
             problems.append((name, f"has dtype {dtype!r}, which no file of this project uses"))
         elif hi - lo != numel * ITEMSIZE[dtype]:
@@ -168,6 +169,34 @@ def layout_problems(raw: RawHeader) -> list[tuple[str, str]]:
     elif not problems and end < data_len:
         problems.append(("", f"{data_len - end:,} bytes follow the last tensor (appended to the file)"))
     return problems
+
+
+def _well_formed(info: Any) -> bool:
+    """A header entry of the form safetensors parses: a string dtype, a shape of naturals, two natural offsets."""
+    def natural(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(info, dict):
+        return False
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    return (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+            and all(natural(x) for x in (*shape, *offsets)))
+
+
+def _regular_file_size(path: Path, what: str) -> int:
+    """The size of the file at `path`, which must be a regular file: a FIFO would block the read forever."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FlannelError(f"{path}: {what} not found; check the path") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FlannelError(f"{path}: {what} is a loop of symbolic links, not a file; fix the links") from None
+        raise FlannelError(f"{path}: {what} cannot be read ({e.strerror})") from None
+    kind = file_kind(st.st_mode)
+    if kind is not None:
+        raise FlannelError(f"{path}: {what} is {kind}, not a file; give a regular file")
+    return st.st_size
 
 
 def read_header(path: Path, what: str = "trajectory file") -> dict[str, Any]:

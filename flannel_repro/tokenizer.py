@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .config import Params
-from .corpus import read_text
+from .corpus import read_corpus
 from .errors import FlannelError
 from .fsutil import atomic_output, sha256_file
 
@@ -49,6 +49,10 @@ def load_tokenizer(path: Path, vocab_size: int, key: str = "paths.tokenizer") ->
             f"{path}: tokenizer has {actual} tokens but model.vocab_size is {vocab_size}; set model.vocab_size "
             f"to {actual} in params.yaml or use a tokenizer with {vocab_size} tokens"
         )
+    top = max(tok.get_vocab().values(), default=-1)
+    if top >= vocab_size:  # W has one row per id: a token numbered past the end has none, even if the corpus lacks it
+        raise FlannelError(f"{path}: tokenizer gives token id {top} but has {actual} tokens (ids from 0 to "
+                           f"{actual - 1}); fix or replace the tokenizer file")
     return tok
 
 
@@ -79,7 +83,7 @@ def tokenizer(params: Params, root: Path = Path(".")) -> TokenizerResult:
     paths = params.paths.under(root)
     corpus_path, out_path = paths.tokenizer_corpus, paths.tokenizer
     if cfg.source == "train":
-        text = read_text(Path(corpus_path), "tokenizer corpus", "paths.tokenizer_corpus")
+        text = read_corpus(Path(corpus_path), "paths.tokenizer_corpus")
         tok = train_bpe(text, vocab_size, cfg.min_frequency)
         if tok.get_vocab_size() != vocab_size:
             raise FlannelError(

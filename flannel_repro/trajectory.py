@@ -22,7 +22,6 @@ all steps reads one H-wide row per step (strided reads of the mapped file), neve
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -43,7 +42,7 @@ from safetensors import safe_open
 from . import content
 from .config import Params, params_from_json
 from .errors import FlannelError
-from .fsutil import commit_file, temp_path_for
+from .fsutil import commit_file, temp_path_for, write_failure
 from .layout import FORMAT, Spec, header_digest
 from .safetensors_header import dtype_name, header_bytes, read_header
 
@@ -139,13 +138,11 @@ class TrajectoryWriter:
                 self._file.truncate(self.size)
                 return
             folder = self.out_path.parent
-            free = ""
-            with contextlib.suppress(OSError):
-                st = os.statvfs(folder)
-                free = f", {st.f_bavail * st.f_frsize:,} free"
+            why, fix = write_failure(e, folder)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                fix += " or set paths.trajectory to a folder with room"
             raise FlannelError(
-                f"{folder}: cannot reserve {self.size:,} bytes for the trajectory ({e.strerror}{free}); free space "
-                "there or set paths.trajectory to a folder with room"
+                f"{folder}: cannot reserve {self.size:,} bytes for the trajectory ({why}); {fix}"
             ) from None
 
     def write(self, name: str, index: tuple[int, ...], value: torch.Tensor) -> None:
@@ -248,6 +245,14 @@ class Trajectory:
                 f"{self.path}: not a flannel-repro trajectory (metadata format is "
                 f"{self.metadata.get('format')!r}); give a file written by `flannel-repro train`"
             )
+        provenance = {}
+        for key in PROVENANCE:
+            try:
+                provenance[key] = json.loads(self.metadata.get(key, "null"))
+            except json.JSONDecodeError:
+                raise FlannelError(f"{self.path}: the trajectory's recorded {key} is not JSON; the file is corrupt or "
+                                   "was edited: re-record it with `flannel-repro train`") from None
+        check_provenance(provenance, str(self.path))
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
         with open(self.path, "rb") as f:
@@ -338,6 +343,25 @@ class Trajectory:
     @property
     def n_steps(self) -> int:
         return self.params.train.steps
+
+
+# Header metadata (and digest-manifest fields) holding JSON objects; for some, objects of strings.
+PROVENANCE = {"params": object, "fingerprint": object, "versions": str, "inputs": str}
+
+
+def check_provenance(doc: Mapping[str, Any], source: str) -> None:
+    """Refuse recorded provenance of the wrong JSON type (a fingerprint that is a list, a sha256 that is a number)
+    before anything reads it."""
+    for key, values in PROVENANCE.items():
+        value = doc.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not all(isinstance(v, values) for v in value.values()):
+            kinds = {list: "a JSON list", str: "a JSON string", bool: "a boolean", int: "a number", float: "a number"}
+            kind = "an object with a value that is not a string" if isinstance(value, dict) else kinds[type(value)]
+            raise FlannelError(f"{source}: the recorded {key} is {kind}, not a JSON object"
+                               f"{' of strings' if values is str else ''}; the record is corrupt or was edited: "
+                               "re-record it with `flannel-repro train`")
 
 
 def load_trajectory(path: str | os.PathLike) -> Trajectory:

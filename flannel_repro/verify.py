@@ -38,7 +38,7 @@ from .provenance import fingerprint, fingerprint_mismatches
 from .recorder import recorded_tensors
 from .stepcheck import STEP_VALUES, Divergence, StepCheck, Stop
 from .tracking import AuditStore
-from .trajectory import MANIFEST_FORMAT, Trajectory, load_trajectory, manifest
+from .trajectory import MANIFEST_FORMAT, Trajectory, check_provenance, load_trajectory, manifest
 
 
 @dataclass
@@ -89,7 +89,7 @@ def file_reference(path: Path) -> Reference:
 
 def run_reference(run_id: str, store: AuditStore) -> Reference:
     doc = store.run_manifest(run_id)
-    params = params_from_dict(doc.get("params"), f"MLflow run {run_id} (recorded params)")
+    params = params_from_dict(doc.get("params"), f"MLflow run {run_id} (recorded params)", recorded=True)
     ref = _checked(Reference(f"MLflow run {run_id}", doc, params, run_id=run_id))
     record, text = ref.record, doc.get("content")
     if record is None:
@@ -110,6 +110,7 @@ def _checked(ref: Reference) -> Reference:
     m, t = ref.manifest, ref.params.train
     if m.get("format") != MANIFEST_FORMAT:
         raise FlannelError(f"{ref.source}: not a flannel-repro digest manifest (format {m.get('format')!r})")
+    check_provenance(m, ref.source)
     want = set(recorded_tensors(ref.params.record))
     have = set(m.get("digests") or {})
     if have != want:
