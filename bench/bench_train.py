@@ -5,12 +5,16 @@ Runs, one after the other on the same machine and thread count:
   2. `flannel-repro train` (recording W, grad_W, losses; tracking off),
   3. the same training with recording off (the recording overhead's baseline),
   4. two small-batch runs of 500 and 2,000 steps at the default vocabulary, to show peak RSS is flat in steps,
-then checks the notebook's keys of both files are byte-identical and prints ratios. Peak RSS is each child
-process's own maximum (wait4 rusage).
+  5. the tiny-step case (batch 1, 16 tokens, 300 steps: a step takes milliseconds, so recording 2.56 MB of W and
+     grad_W per step shows, as on a fast GPU): recording off, synchronous recording (ring_slots=0) and the recording
+     ring, interleaved for --rounds rounds (medians); the two recording runs must write the same bytes,
+then checks the notebook's keys of both files are byte-identical and prints ratios. Peak RSS and CPU time are each
+child process's own (wait4 rusage).
 
     python bench/bench_train.py                   # the default 500 steps (about 15 minutes on 2 cores)
     python bench/bench_train.py --steps 20        # a quick smoke run
     python bench/bench_train.py --fidelity-only   # 1. and 2. only, and the byte comparison (about 8 minutes)
+    python bench/bench_train.py --tiny-only       # 5. only, the tiny-step case
 """
 
 from __future__ import annotations
@@ -19,17 +23,23 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECORD_OFF = (
-    "import sys, time, json; from pathlib import Path; from flannel_repro.config import load_params; "
-    "from flannel_repro.train import train; p = load_params('params.yaml', sys.argv[1:]); "
-    "r = train(p, Path('.'), record=False, progress=False); print(json.dumps({'train_s': r.runtime_s}))"
+# train() in a child: argv[1] is its keyword arguments as JSON (record, ring_slots), the rest -S overrides.
+TRAIN = (
+    "import sys, json; from pathlib import Path; from flannel_repro.config import load_params; "
+    "from flannel_repro.train import train; p = load_params('params.yaml', sys.argv[2:]); "
+    "r = train(p, Path('.'), progress=False, **json.loads(sys.argv[1])); "
+    "print(json.dumps({'train_s': r.runtime_s, 'sha256': r.sha256}))"
 )
+TINY = ["train.batch_size=1", "model.max_seq_len=16", "tracking.enabled=false",
+        "paths.trajectory=tensors/tiny.safetensors"]
+TINY_CASES = {"recording off": {"record": False}, "synchronous recording": {"ring_slots": 0}, "recording ring": {}}
 
 
 def run(cmd: list[str], cwd: Path) -> dict:
@@ -47,7 +57,7 @@ def run(cmd: list[str], cwd: Path) -> dict:
         info = json.loads(last)
     except json.JSONDecodeError:
         info = {}
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, **info}
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024, **info}
 
 
 def same_bytes(a: Path, b: Path) -> dict[str, bool]:
@@ -79,6 +89,34 @@ def fidelity_report(results: dict, wd: Path, out: Path) -> None:
         raise SystemExit(1)
 
 
+def tiny_case(wd: Path, steps: int, rounds: int) -> dict:
+    """The tiny-step case, each variant once per round in a rotating order; medians over the rounds."""
+    names = list(TINY_CASES)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % 3:] + names[: i % 3]:
+            print(f"tiny-step case, {name}, round {i + 1}/{rounds} ...", flush=True)
+            runs[name].append(run([sys.executable, "-c", TRAIN, json.dumps(TINY_CASES[name]), f"train.steps={steps}",
+                                   *TINY], wd))
+    (wd / "tensors/tiny.safetensors").unlink(missing_ok=True)
+    shas = {r["sha256"] for name in names[1:] for r in runs[name]}
+    out = {name: {k: statistics.median(r[k] for r in rs) for k in ("train_s", "wall_s", "cpu_s", "peak_rss_mb")}
+           for name, rs in runs.items()}
+    off = out["recording off"]["train_s"]
+    for r in out.values():
+        r["overhead"] = r["train_s"] / off - 1
+    return {"steps": steps, "rounds": rounds, "cases": out, "runs": runs, "recordings_identical": len(shas) == 1}
+
+
+def print_tiny(t: dict) -> None:
+    print(f"\ntiny-step case ({t['steps']} steps, batch 1, 16 tokens; medians of {t['rounds']} rounds)")
+    print(f"{'':24}{'train loop s':>14}{'steps/s':>10}{'process CPU s':>15}{'peak RSS MB':>13}{'overhead':>10}")
+    for name, r in t["cases"].items():
+        print(f"{name:24}{r['train_s']:>14.2f}{t['steps'] / r['train_s']:>10.1f}{r['cpu_s']:>15.1f}"
+              f"{r['peak_rss_mb']:>13.0f}{100 * r['overhead']:>+9.1f}%")
+    print(f"synchronous and ring recordings byte-identical: {t['recordings_identical']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=500)
@@ -88,6 +126,9 @@ def main() -> None:
     ap.add_argument("--fidelity-only", action="store_true",
                     help="only the notebook's code and flannel-repro train, and whether the notebook's keys are "
                     "byte-identical (exit 1 if not)")
+    ap.add_argument("--tiny-steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the tiny-step case (medians)")
+    ap.add_argument("--tiny-only", action="store_true", help="only the tiny-step case")
     args = ap.parse_args()
 
     wd = args.workdir
@@ -96,6 +137,12 @@ def main() -> None:
     exe = [sys.executable, "-m", "flannel_repro"]
     for stage in ("corpus", "tokenizer-corpus", "tokenizer", "masks"):
         run([*exe, stage], wd)
+    if args.tiny_only:
+        tiny = tiny_case(wd, args.tiny_steps, args.rounds)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"tiny_step": tiny}, indent=2) + "\n")
+        print_tiny(tiny)
+        return
 
     steps = [f"train.steps={args.steps}", "tracking.enabled=false"]
     nb_cfg = {
@@ -119,7 +166,7 @@ def main() -> None:
         fidelity_report(results, wd, args.out)
         return
     print("recording off ...", flush=True)
-    results["recording_off"] = run([sys.executable, "-c", RECORD_OFF, *steps], wd)
+    results["recording_off"] = run([sys.executable, "-c", TRAIN, '{"record": false}', *steps], wd)
     shutil.rmtree(wd / "notebook_scratch", ignore_errors=True)
 
     flat = {}
@@ -130,6 +177,7 @@ def main() -> None:
         flat[n] = run([*exe, "train", "-q", *sum((["-S", s] for s in over), [])], wd)["peak_rss_mb"]
     (wd / "tensors/flat.safetensors").unlink(missing_ok=True)
     results["flat_peak_rss_mb"] = flat
+    results["tiny_step"] = tiny_case(wd, args.tiny_steps, args.rounds)
 
     identical = same_bytes(wd / "notebook.safetensors", wd / "tensors/Flannel/1.20h_flannel_7.safetensors")
     results["bit_identical_keys"] = identical
@@ -152,6 +200,7 @@ def main() -> None:
           f"({results['rss_ratio']:.2f}x); flat in steps: "
           + ", ".join(f"{k} steps {v:.0f} MB" for k, v in flat.items()))
     print(f"notebook keys bit-identical: {all(identical.values())} ({sum(identical.values())}/{len(identical)})")
+    print_tiny(results["tiny_step"])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Module map. Each `flannel-repro X` command (and dvc.yaml stage X) is `X(params, 
   model, data windows and device.
 - recording: output.py (the output's lock, resume point, temporary file, stop at a step boundary, commit or
   abort), stopping.py (SIGINT, SIGTERM and SIGHUP during a train run), recorder.py (the Trainer callback that
-  captures each step), trajectory.py (the file format, written and read), layout.py (the file's keys, shapes and
+  captures each step), ring.py (the writer thread that digests, writes and observes each step off the training
+  thread), trajectory.py (the file format, written and read), layout.py (the file's keys, shapes and
   scalars from the params, without torch), content.py (the content record and digest), checkpoint.py (resumable
   checkpoints, their marker and their checks), progress.py.
 - tracking: tracking.py (the interfaces), train_log.py (what a train run logs), mlflow_tracker.py (MLflow) and

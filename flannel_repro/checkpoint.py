@@ -237,7 +237,8 @@ def fsync_tree(folder: Path) -> None:
 
 
 class CheckpointCallback(TrainerCallback):
-    """After each Trainer checkpoint: make the trajectory durable, then publish the marker, then prune."""
+    """After each Trainer checkpoint: drain the recording ring, make the trajectory durable, then publish the marker,
+    then prune."""
 
     def __init__(
         self,
@@ -246,10 +247,12 @@ class CheckpointCallback(TrainerCallback):
         run: int,
         params_json: str,
         history: Callable[[], dict[str, list[list[float]]]],
-        tracking_run: str | None = None,
+        tracking_run: str | None,
+        drain: Callable[[], None],
     ) -> None:
         self.checkpoints, self.writer, self.run = checkpoints, writer, run
         self.params_json, self.history, self.tracking_run = params_json, history, tracking_run
+        self.drain = drain  # waits until every recorded step so far is in the trajectory (the recording ring)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
@@ -258,6 +261,7 @@ class CheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody needs: never left to be loaded
+        self.drain()  # steps up to this one are in the trajectory (and in the history) before the marker says so
         try:
             fsync_tree(folder)
             self.writer.flush()

@@ -2,18 +2,22 @@
 
 `recorded_output(...)` owns everything between "training may start" and "the trajectory is in place": the output's
 lock (keyed on the file's real location, however its path is spelled), the resume point of `--resume` and the
-checks before it is trusted, the temporary file the trajectory streams into, the Trainer checkpoints and their
-marker (checkpoint.py), stop signals while training (stopping.py: stop at the next step boundary, with a
-checkpoint of that step), and the end:
-- commit (`RecordedOutput.commit`): one critical section in which stop signals wait, then the file is in place;
-- on an error or a stop: keep the partial file when a checkpoint can resume it, else remove it, and turn the error
-  into one line that says which.
+checks before it is trusted, the temporary file the trajectory streams into, the recording ring whose writer
+thread fills it (ring.py), the Trainer checkpoints and their marker (checkpoint.py), stop signals while training
+(stopping.py: stop at the next step boundary, with a checkpoint of that step), and the end:
+- commit (`RecordedOutput.commit`): every step through the ring, then one critical section in which stop signals
+  wait, then the file is in place;
+- on an error or a stop: stop the ring's writer thread, keep the partial file when a checkpoint can resume it,
+  else remove it, and turn the error into one line that says which.
+The ring is also drained before every checkpoint marker (a marker promises the partial trajectory up to its step)
+and at the end of each run.
 
 Test hook: with the environment variable FLANNEL_TEST_HOLD_COMMIT=PATH, the commit creates PATH and waits, inside
 its critical section, until PATH is removed, so a test can signal the process at exactly that moment.
 
     with recorded_output(params, root, scalars, fp, digests, write=True, resume=False) as out:
-        ...train, feeding out.observers...
+        ring = out.record_steps(sinks, device)
+        ...train, submitting each step to the ring...
     out.sha256
 """
 
@@ -39,6 +43,7 @@ from .fsutil import sha256_file
 from .masks import Masks
 from .provenance import versions
 from .recorder import FileSink, trajectory_specs
+from .ring import RING_SLOTS, RecordingRing
 from .safetensors_header import dtype_name, read_header
 from .stopping import StopSignals
 from .trajectory import FORMAT, TensorSpec, TrajectoryWriter
@@ -90,6 +95,7 @@ class RecordedOutput:
     committed: bool = False  # the trajectory is in place
     sha256: str | None = None  # set once the file is committed
     observers: list[Any] = field(default_factory=list)  # the file's own per-step sink, first of all
+    ring: RecordingRing | None = None  # set by record_steps()
 
     @property
     def checkpointing(self) -> bool:
@@ -113,19 +119,37 @@ class RecordedOutput:
         """The Trainer's output_dir for `run` when checkpoints are on (else a scratch folder is used)."""
         return self.checkpoints.dir / f"run-{run}" if self.checkpointing else None
 
+    def record_steps(self, sinks: list[Any], device: torch.device, slots: int = RING_SLOTS) -> RecordingRing:
+        """The ring every recorded step goes through: its writer thread feeds the file's own sink, then `sinks`, in
+        step order (slots=0: on the training thread)."""
+        self.ring = RecordingRing([*self.observers, *sinks], cuda=device.type == "cuda", slots=slots)
+        return self.ring
+
+    def drain(self) -> None:
+        """Every step submitted so far is in the file and seen by every sink; raises the writer thread's error."""
+        if self.ring is not None:
+            self.ring.drain()
+
+    def stop_recording(self) -> None:
+        """Stop the writer thread (the steps it has not started are dropped): nothing writes to the file after."""
+        if self.ring is not None:
+            self.ring.close()
+
     def callbacks(self, run: int, history: History) -> list[Any]:
         """Trainer callbacks of `run`: a resume marker after each checkpoint, and the stop at a step boundary."""
         callbacks: list[Any] = []
         if self.checkpointing:
             callbacks.append(CheckpointCallback(self.checkpoints, self.writer, run, self.params.to_json(), history,
-                                                self.tracking_run))
+                                                self.tracking_run, self.drain))
         if self.stops is not None:
             callbacks.append(StopCallback(self))
         return callbacks
 
     def run_done(self, run: int, history: History) -> None:
         """`run` has ended: complete (a resume then starts the next run afresh), or stopped by a signal, which is
-        raised here; the checkpoint of the step it stopped at is then the resume point."""
+        raised here; the checkpoint of the step it stopped at is then the resume point. Either way every step it
+        recorded has gone through the ring first."""
+        self.drain()
         runs = self.params.train.num_runs
         where = f" of run {run + 1}" if runs > 1 else ""
         if self.stopped_at is not None:
@@ -141,13 +165,16 @@ class RecordedOutput:
     def commit(self) -> None:
         """Put the finished trajectory in place: the critical section of the run. Stop signals wait from here until
         the stage has written its reports too (`StopSignals.honour`), so the outputs are replaced together."""
+        # Every step's slices must be in the temporary file before it is renamed into place (and every observer,
+        # verify's check included, must have seen every step): drain the ring and stop its thread.
+        self.drain()
+        self.stop_recording()
         if self.stops is not None:
             self.stops.hold()
         if self.writer is None:
             return
         _test_hold()
-        # Every step's slices must be in the temporary file before it is renamed into place; then the checkpoints go.
-        self.writer.commit()
+        self.writer.commit()  # then the checkpoints go
         self.committed = True
         self.checkpoints.finish()
         self.sha256 = sha256_file(self.path)
@@ -208,6 +235,7 @@ def recorded_output(
             yield out
         out.commit()
     except BaseException as e:
+        out.stop_recording()  # nothing writes to the file while it is kept or removed
         if out.committed:  # the file is in place; nothing to keep or remove
             raise
         raise _ended(out, e) from None

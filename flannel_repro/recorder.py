@@ -6,22 +6,26 @@ What is recorded, and when, follows the notebook's BatchRecorder exactly:
   post-accumulate-grad hook on the tied embedding); W, momentum and variance are read after the optimizer step
   (`on_step_end`); the loss is the one `compute_loss` returned for that step's batch.
 
-Each step becomes a `StepRecord`; sinks (the trajectory writer, tracking, progress, verify) consume it. Digests are
-the sha256 of each recorded slice's raw bytes, exactly as stored in the file.
+Each step becomes a `StepRecord` whose tensors are copied into a slot of the recording ring (ring.py); the ring's
+writer thread digests it and hands it to the sinks (the trajectory writer, tracking, progress, verify) in step
+order. Digests are the sha256 of each recorded slice's raw bytes, exactly as stored in the file.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import TrainerCallback
 
 from .config import RecordConfig
 from .layout import STEP_TENSORS, recorded_tensors  # noqa: F401 (STEP_TENSORS: re-exported for train.py)
-from .trajectory import TensorSpec, TrajectoryWriter, digest
+from .trajectory import TensorSpec, TrajectoryWriter
+
+if TYPE_CHECKING:
+    from .ring import RecordingRing, Slot
 
 
 @dataclass
@@ -31,7 +35,7 @@ class StepRecord:
     loss: float  # NaN at t = 0
     grad_norm: float  # pre-clip global gradient norm; NaN at t = 0
     learning_rate: float  # learning rate used by this step's update; NaN at t = 0
-    tensors: dict[str, torch.Tensor]  # recorded (V, H) bf16 slices on the CPU
+    tensors: dict[str, torch.Tensor]  # recorded (V, H) bf16 slices on the CPU (a ring slot's: copy what you keep)
     digests: dict[str, bytes] = field(default_factory=dict)
     batch_indices: torch.Tensor | None = None  # int64[batch]; None at t = 0
     motion: dict[str, float] = field(default_factory=dict)  # token motion, filled by motion.TokenMotion
@@ -54,79 +58,72 @@ class StepObserver:
 
 
 class TrajectoryCallback(TrainerCallback):
-    """Builds one `StepRecord` per optimizer step and hands it to every sink."""
+    """Builds one `StepRecord` per optimizer step, its tensors copied into a slot of the recording ring, and submits
+    it; the ring's writer thread digests it and hands it to every sink (ring.py)."""
 
-    def __init__(
-        self,
-        run: int,
-        record: RecordConfig,
-        observer: StepObserver,
-        sinks: list[StepSink],
-        want_digests: bool,
-    ) -> None:
+    def __init__(self, run: int, record: RecordConfig, observer: StepObserver, ring: RecordingRing) -> None:
         self.run = run
         self.names = recorded_tensors(record)
         self.observer = observer
-        self.sinks = sinks
-        self.want_digests = want_digests
-        self._grad: torch.Tensor | None = None
+        self.ring = ring
+        self._grad: torch.Tensor | None = None  # grad_W before clipping, on the model's device
         self._hook = None
-        self._pending: StepRecord | None = None
+        self._pending: tuple[StepRecord, Slot] | None = None
 
     def emit_initial(self, weight: torch.Tensor) -> None:
-        w = weight.detach().to("cpu", torch.bfloat16, copy=True)
-        zero = torch.zeros_like(w)
-        tensors = {name: (w if name == "W" else zero) for name in self.names}
-        self._emit(StepRecord(self.run, 0, math.nan, math.nan, math.nan, tensors))
+        slot = self.ring.acquire()
+        tensors = {name: slot.copy(name, weight.to(torch.bfloat16)) if name == "W"
+                   else slot.zero(name, weight.shape, torch.bfloat16) for name in self.names}
+        slot.ready()
+        self.ring.submit(StepRecord(self.run, 0, math.nan, math.nan, math.nan, tensors), slot)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         weight = model.get_input_embeddings().weight
         if "grad_W" in self.names:
-            self._grad = torch.zeros(weight.shape, dtype=torch.bfloat16)
+            self._grad = torch.zeros(weight.shape, dtype=torch.bfloat16, device=weight.device)
 
-            def capture(param: torch.Tensor) -> None:  # after backward, before clipping
+            def capture(param: torch.Tensor) -> None:  # after backward, before clipping (a device-side copy)
                 self._grad.copy_(param.grad)
 
             self._hook = weight.register_post_accumulate_grad_hook(capture)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         weight = model.get_input_embeddings().weight
+        slot = self.ring.acquire()  # waits only while every slot is still being written
         tensors: dict[str, torch.Tensor] = {}
         if "W" in self.names:
-            tensors["W"] = weight.detach().to("cpu", torch.bfloat16, copy=True)
+            tensors["W"] = slot.copy("W", weight.to(torch.bfloat16))
         if "grad_W" in self.names:
-            tensors["grad_W"] = self._grad.clone()
+            tensors["grad_W"] = slot.copy("grad_W", self._grad)
         if "momentum" in self.names or "variance" in self.names:
             adam = getattr(optimizer, "optimizer", optimizer).state[weight]
             for name, key in (("momentum", "exp_avg"), ("variance", "exp_avg_sq")):
                 if name in self.names:
-                    tensors[name] = adam[key].detach().to("cpu", torch.bfloat16, copy=True)
-        self._pending = StepRecord(
-            self.run, state.global_step, self.observer.loss, math.nan, math.nan, tensors,
-            batch_indices=self.observer.indices,
-        )
+                    tensors[name] = slot.copy(name, adam[key].to(torch.bfloat16))
+        slot.ready()
+        rec = StepRecord(self.run, state.global_step, self.observer.loss, math.nan, math.nan, tensors,
+                         batch_indices=self.observer.indices)
+        self._pending = (rec, slot)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The Trainer logs every step (logging_steps=1) right after on_step_end: the pre-clip gradient norm and
         # the learning rate this step used.
-        rec, self._pending = self._pending, None
-        if rec is None or rec.step != state.global_step:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        rec, slot = pending
+        if rec.step != state.global_step:
+            self.ring.release(slot)
             return
         logs = logs or {}
         rec.grad_norm = float(logs.get("grad_norm", math.nan))
         rec.learning_rate = float(logs.get("learning_rate", math.nan))
-        self._emit(rec)
+        self.ring.submit(rec, slot)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-
-    def _emit(self, rec: StepRecord) -> None:
-        if self.want_digests:
-            rec.digests = {name: digest(t) for name, t in rec.tensors.items()}
-        for sink in self.sinks:
-            sink(rec)
 
 
 def trajectory_specs(record: RecordConfig, runs: int, steps: int, vocab: int, hidden: int, batch: int):

@@ -7,8 +7,9 @@ results. `train(params, root)` is the training itself, also used untracked by `v
 The notebook's procedure exactly: GPT2LMHeadModel with tied embeddings, dropouts 0 and bfloat16 weights; W_initial
 drawn in float32 from `init_seed` and cast to bfloat16; the notebook's TokenDataset windows; HF Trainer with the
 notebook's TrainingArguments (adamw_torch, bf16, linear schedule, default clipping) and the same seeds, so the same
-data order. Recording happens in `recorder.TrajectoryCallback`; the trajectory streams into the output file, whose
-lifecycle (lock, resume point, checkpoints, commit or abort) is output.py's.
+data order. Recording happens in `recorder.TrajectoryCallback`, which hands each step to the recording ring
+(ring.py): a writer thread digests and writes it into the output file and feeds the observers, off the training
+thread. The output's lifecycle (lock, resume point, ring, checkpoints, commit or abort) is output.py's.
 
     result, run_id = run_train_stage(load_params("params.yaml"), root=Path("."))
     result.sha256, result.final_loss
@@ -48,7 +49,8 @@ from .output import RecordedOutput, metadata_scalars, recorded_output
 from .paths_guard import check_files, stage_files
 from .progress import Progress
 from .provenance import fingerprint
-from .recorder import STEP_TENSORS, StepObserver, StepRecord, StepSink, TrajectoryCallback, trajectory_specs
+from .recorder import STEP_TENSORS, StepObserver, StepRecord, TrajectoryCallback, trajectory_specs
+from .ring import RING_SLOTS, RecordingRing
 from .stopping import StopSignals
 from .tokenizer import load_tokenizer
 from .tracking import Tracker
@@ -324,17 +326,21 @@ def train(
     progress: bool = True,
     resume: bool = False,
     stops: StopSignals | None = None,
+    ring_slots: int = RING_SLOTS,
 ) -> TrainResult:
     """Run training with `params` and record the trajectory to `params.paths.trajectory` (under `root`).
 
     observers: what watches the run besides the file (tracking, verify), each with any of `start_run(run, seed)`
     and `end_run(run)`, told when each of the `num_runs` runs begins and ends, and `__call__(StepRecord)`, given
-    every step. write=False records nothing to disk (verify); record=False turns recording off entirely (the
-    benchmark's baseline). resume=True continues the interrupted run of this output from its last checkpoint (see
-    checkpoint.py); the steps before it are replayed to the observers from the partial trajectory, so they see
-    exactly what an uninterrupted run shows them, and an observer with a `resumed_from(tracking_run)` hook is told
-    which tracking run was interrupted. stops: the stage's stop signals; training then stops at a step boundary
-    with a checkpoint of that step, and the commit is a critical section (see output.py).
+    every step in order on the recording ring's writer thread (ring.py). write=False records nothing to disk
+    (verify); record=False turns recording off entirely (the benchmark's baseline). resume=True continues the
+    interrupted run of this output from its last checkpoint (see checkpoint.py); the steps before it are replayed to
+    the observers from the partial trajectory, so they see exactly what an uninterrupted run shows them, and an
+    observer with a `resumed_from(tracking_run)` hook is told which tracking run was interrupted. stops: the stage's
+    stop signals; training then stops at a step boundary with a checkpoint of that step, and the commit is a
+    critical section (see output.py). ring_slots: steps in flight between training and the writer thread; 0 records
+    on the training thread itself (the benchmark's synchronous baseline; an observer's error then surfaces at its
+    own step).
     """
     root, cfg = Path(root), params.train
     # Device and inputs, checked before anything is opened or trained.
@@ -356,9 +362,11 @@ def train(
                 _each(observers, "resumed_from", out.marker.tracking_run)
         sinks = [o for o in observers if callable(o)]  # per-step observers; the others have run hooks only
         replayed = [collect, motion, *sinks]  # the file has these steps already, and progress is not shown again
-        steps = [*out.observers, *replayed, *([Progress(cfg.num_runs, cfg.steps, cfg.log_every)] if progress else [])]
+        shown = [Progress(cfg.num_runs, cfg.steps, cfg.log_every)] if progress else []
+        # record=False (the benchmark's baseline) trains without the recorder: no per-step copies of W or grad_W.
+        ring = out.record_steps([*replayed, *shown], device, ring_slots) if record else None
         dataset = TokenDataset(inputs.tokens.to(device), params.model.max_seq_len, cfg.label_mode)
-        setup = _Setup(params, device, w_initial, dataset, record, steps)
+        setup = _Setup(params, device, w_initial, dataset, ring)
         start = time.perf_counter()
         for run in range(cfg.num_runs):
             _each(observers, "start_run", run, cfg.train_seed + run)
@@ -434,8 +442,7 @@ class _Setup:
     device: torch.device
     w_initial: torch.Tensor  # (V, H) bf16
     dataset: Dataset
-    record: bool  # False: train without the recorder (the benchmark's baseline)
-    sinks: list[StepSink]  # every per-step observer, the file's first
+    ring: RecordingRing | None  # where each step's record goes; None: train without the recorder
 
 
 def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: _Collect, sinks) -> None:
@@ -464,10 +471,7 @@ def _train_one(setup: _Setup, run: int, out: RecordedOutput, history) -> None:
     np.random.seed(seed)
     model = build_model(params.model, setup.w_initial, setup.device)
     observer = StepObserver()
-    # record=False (the benchmark's baseline) trains without the recorder: no per-step copies of W or grad_W.
-    callback = None
-    if setup.record:
-        callback = TrajectoryCallback(run, params.record, observer, setup.sinks, want_digests=True)
+    callback = TrajectoryCallback(run, params.record, observer, setup.ring) if setup.ring is not None else None
     with contextlib.ExitStack() as stack:
         scratch = str(output_dir) if output_dir is not None else stack.enter_context(_scratch_dir())
         every = params.train.checkpoint_every if output_dir is not None else 0
@@ -475,6 +479,6 @@ def _train_one(setup: _Setup, run: int, out: RecordedOutput, history) -> None:
         trainer = make_trainer(model, args, setup.dataset, observer, [callback] if callback else [])
         for cb in out.callbacks(run, history):
             trainer.add_callback(cb)
-        if setup.record and resume_dir is None:
+        if callback is not None and resume_dir is None:
             callback.emit_initial(model.transformer.wte.weight)
         trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir is not None else None)
