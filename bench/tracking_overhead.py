@@ -21,6 +21,7 @@ from pathlib import Path
 
 from flannel_repro import mlflow_tracker, motion, train, train_log
 from flannel_repro.config import load_params
+from flannel_repro.runtime import configure
 
 REPO = Path(__file__).resolve().parents[1]
 SPENT: dict[str, float] = {}
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / "results" / "tracking")
     ap.add_argument("--data", type=Path, default=None, help="folder with data/ and tensors/ to reuse")
     args = ap.parse_args()
+    configure()  # the start-up settings `flannel-repro` applies, as this process stands for it
 
     wd = args.workdir
     shutil.rmtree(wd, ignore_errors=True)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from flannel_repro.config import load_params
+from flannel_repro.runtime import configure
 from flannel_repro.train import train
 from flannel_repro.trajectory import read_header
 from flannel_repro.verify import file_reference, verify
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, help="divergent step (default: steps // 2)")
     ap.add_argument("--rounds", type=int, default=1, help="time each case R times and keep the fastest")
     args = ap.parse_args()
+    configure()  # the start-up settings `flannel-repro` applies, as this process stands for it
 
     base = load_params(args.params, args.overrides)
     root = Path(args.params).resolve().parent

@@ -5,8 +5,8 @@ at the output path, and a resume still ends in the uninterrupted run's sha256.""
 from __future__ import annotations
 
 import errno
-import re
 import hashlib
+import re
 import shutil
 import signal
 import subprocess
