@@ -100,8 +100,14 @@ class RecordingRing:
         self._thread: threading.Thread | None = None
         if self._threaded:
             # A daemon, so that nothing can keep the process alive; close() joins it on every path that ends a run.
-            self._thread = threading.Thread(target=self._run, name="flannel-recorder", daemon=True)
+            threads = torch.get_num_threads()  # the training thread's
+            started = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(started,), name="flannel-recorder", daemon=True)
             self._thread.start()
+            started.wait()
+            # The writer set its own intra-op threads to 1, which also changed torch's process-wide default for
+            # threads started later; put that back to the training thread's count (which itself is unchanged).
+            torch.set_num_threads(threads)
 
     # -- the training thread ----------------------------------------------------------------------------------------
     def acquire(self) -> Slot:
@@ -153,7 +159,13 @@ class RecordingRing:
             raise self._error
 
     # -- the writer thread ------------------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, started: threading.Event) -> None:
+        # The writer's own tensor work (token motion's norms) runs on this thread alone: with torch's intra-op
+        # threads it would start a second team of OpenMP workers beside the training thread's, and recording would
+        # slow training more than recording on the training thread does (README, Benchmarks: the tiny-step case).
+        torch.get_num_threads()  # torch's per-thread set-up first: it would later reset the count to the default
+        torch.set_num_threads(1)
+        started.set()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:

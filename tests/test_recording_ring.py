@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -65,6 +66,33 @@ def project(tiny_project) -> Path:
 
 def _temps(project: Path) -> list[str]:
     return sorted(p.name for p in (project / TRAJ).parent.glob(f"{TMP_PREFIX}*"))
+
+
+class Threads:
+    """The intra-op thread count that observers run with."""
+
+    def __init__(self) -> None:
+        self.counts: set[int] = set()
+
+    def __call__(self, rec) -> None:
+        self.counts.add(torch.get_num_threads())
+
+
+def test_writer_thread_runs_single_threaded_and_leaves_training_threads_alone(project):
+    """Observers on the writer thread get one intra-op thread (no second OpenMP team beside training's); the training
+    thread keeps its count, and so do threads started after the ring (torch's process-wide default is put back)."""
+    write_params(project, {"train": {"num_threads": 2}})
+    params = load_params(project / "params.yaml")
+    on_writer, on_training = Threads(), Threads()
+    train(params, project, observers=[on_writer], progress=False)
+    train(params, project, observers=[on_training], progress=False, ring_slots=0)
+    assert on_writer.counts == {1}
+    assert on_training.counts == {2}
+    later: list[int] = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [2]
 
 
 def test_ring_writes_the_bytes_of_synchronous_recording_even_when_full(project):
