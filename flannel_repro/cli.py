@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if runtime.note and args.command in ("train", "verify"):
         print(f"flannel-repro {args.command}: note: {runtime.note}", file=sys.stderr)
     for s in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: every output is atomic, so nothing half-written stays
-        signal.signal(s, _stop_on_signal)
+        if signal.getsignal(s) is signal.SIG_DFL:  # one the caller ignores (`nohup`: SIGHUP) stays ignored
+            signal.signal(s, _stop_on_signal)
     try:
         return args.func(args)
     except TrackingIncomplete as e:

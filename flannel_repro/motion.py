@@ -25,7 +25,7 @@ MOTION_NAMES = ("drift_live", "drift_dead", "speed_live", "speed_dead", "force_l
 
 
 class TokenMotion:
-    """Drift, speed and force of live and dead tokens per (run, step); about 2 ms of one core per step at 10,000 x 64."""
+    """Drift, speed and force of live and dead tokens per (run, step); about 2 ms of CPU a step at 10,000 x 64."""
 
     def __init__(self, masks: Masks, runs: int, steps: int) -> None:
         # Each mean is a float64 sum over one token set in numpy (pairwise, one thread), rounded to float32: the

@@ -192,3 +192,21 @@ def test_a_signal_during_start_up_stops_at_once_and_closes_the_run(project):
     assert proc.returncode == 128 + signal.SIGTERM
     assert _messages(stderr) == ["flannel-repro train: stopped by SIGTERM; no output was written"]
     assert (project / TRAJ).read_bytes() == PREVIOUS and _temps((project / TRAJ).parent) == []
+
+
+def test_a_signal_the_caller_ignores_stays_ignored(tiny_project, reference):
+    """Under `nohup` SIGHUP is ignored: closing the terminal must not stop the run, which completes as if untouched."""
+    write_params(tiny_project, PARAMS)
+    (tiny_project / TRAJ).write_bytes(PREVIOUS)
+
+    def nohup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    proc = subprocess.Popen([sys.executable, "-m", "flannel_repro", "train"], cwd=tiny_project, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=nohup)
+    _signal_at_step(proc, 5, signal.SIGHUP)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert sha256_file(tiny_project / TRAJ) == reference
+    assert [r.info.status for r in _runs(tiny_project).values()] == ["FINISHED"]
