@@ -109,8 +109,15 @@ def replaces(output: Path, other: str, in_place: bool = False) -> bool:
 
 def _entry(path: Path) -> str:
     """The directory entry at `path`: its real folder, and its own name unresolved."""
-    path = os.path.abspath(path)
+    path = _absolute(path)
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _absolute(path: Path) -> str:
+    """`path` made absolute as the kernel reads it: `..` is not folded away first (os.path.abspath does), since
+    after a symbolic link it leads to the parent of the link's target (`tensors/up/..` is `data` when `up` links to
+    `data/sub`)."""
+    return os.path.join(os.getcwd(), path)
 
 
 def _same_entry(a: str, b: str, any_link: bool = False) -> bool:
@@ -205,7 +212,7 @@ def _check_output(key: str, path: Path, in_place: bool) -> None:
 
 def _nearest_existing_folder(key: str, path: Path) -> Path:
     """The folder of `path`, or the nearest parent that exists (the rest is made when the output is written)."""
-    for parent in Path(os.path.abspath(path)).parents:
+    for parent in Path(_absolute(path)).parents:
         if parent.exists():
             return parent
         if parent.is_symlink():

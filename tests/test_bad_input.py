@@ -183,6 +183,11 @@ def _one_error_line(capsys, command: str) -> str:
     return line
 
 
+def _link_into_data(root: Path) -> None:
+    (root / "data" / "sub").mkdir()
+    os.symlink(root / "data" / "sub", root / "tensors" / "up")
+
+
 # (case id, how to set it up, the command line, fragments the one line must contain)
 SAME_FILE_CASES = [
     ("diff A B --csv A", None, ["diff", TRAJ, TRAJ, "--csv", TRAJ], ["--csv (", "is the same file as trajectory A"]),
@@ -200,6 +205,13 @@ SAME_FILE_CASES = [
      ["the tracking store (", "is the same file as paths.corpus"]),
     ("the corpus through a symbolic-linked folder", lambda r: os.symlink(r / "data", r / "d"),
      ["train", "-S", f"paths.metrics=d/{CORPUS.split('/')[1]}"], ["paths.metrics (", "is the same file as paths.corpus"]),
+    # The kernel takes `..` after a symbolic link from the link's target: tensors/up/.. is data/, not tensors/.
+    ("the corpus through a symbolic link and ..", _link_into_data,
+     ["train", "-S", f"paths.trajectory=tensors/up/../{CORPUS.split('/')[1]}"],
+     ["paths.trajectory (", "is the same file as paths.corpus"]),
+    ("verify --report over the corpus through a symbolic link and ..", _link_into_data,
+     ["verify", TRAJ, "--report", f"tensors/up/../{CORPUS.split('/')[1]}"],
+     ["is the same file as the reference's paths.corpus"]),
     ("the reference through a symbolic link", lambda r: os.symlink(r / TRAJ, r / "link.st"),
      ["verify", "link.st", "--report", TRAJ], ["--report (", "is the same file as the reference (link.st)"]),
     ("the tracking store as metrics", None,
