@@ -11,6 +11,7 @@ may be one of its inputs or another output. SIGTERM and SIGHUP stop every comman
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib.util
 import json
@@ -353,5 +354,33 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(e, "exit_code", 128 + signal.SIGINT)
 
 
+def entry() -> None:
+    """The `flannel-repro` program: main(), the exit handlers registered on the way, and the end of the process.
+
+    Every output is complete and closed when main() returns, so the interpreter's own teardown (about a second of
+    freeing torch and the rest, after Python has put the signals back to their defaults) is skipped: a stop signal
+    in it would kill the process with no word and a signal's status. A stop signal during the exit handlers ends
+    the process at once with main()'s status, in one line."""
+    code = main()
+
+    def finished(signum: int, frame: object) -> None:
+        os.write(2, f"flannel-repro: {signal.Signals(signum).name} while exiting; the command had finished "
+                    f"(exit {code})\n".encode())
+        os._exit(code)
+
+    def flush() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`) or stream
+                stream.flush()
+
+    flush()
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, finished)
+    atexit._run_exitfuncs()
+    flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

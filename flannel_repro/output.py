@@ -122,7 +122,8 @@ class RecordedOutput:
     def record_steps(self, sinks: list[Any], device: torch.device, slots: int = RING_SLOTS) -> RecordingRing:
         """The ring every recorded step goes through: its writer thread feeds the file's own sink, then `sinks`, in
         step order (slots=0: on the training thread)."""
-        self.ring = RecordingRing([*self.observers, *sinks], cuda=device.type == "cuda", slots=slots)
+        self.ring = RecordingRing([*self.observers, *sinks], cuda=device.type == "cuda", slots=slots,
+                                  file_sinks=len(self.observers))
         return self.ring
 
     def drain(self) -> None:
@@ -277,7 +278,7 @@ def _open(out: RecordedOutput, root: Path, scalars, fp, input_digests, resume: b
     try:
         marker = _resume_point(checkpoints, params, resume)
         if marker is not None:
-            _check_partial(marker.temp, specs, metadata)
+            _check_partial(marker.temp, specs, metadata, out.path)
         checkpoints.clear(keep=marker.temp if marker else None)
         writer = TrajectoryWriter(out.path, specs, metadata, resume_from=marker.temp if marker else None)
         if marker is not None and marker.step > 0:
@@ -315,11 +316,15 @@ def _resume_point(checkpoints: Checkpoints, params: Params, resume: bool) -> Mar
     return marker
 
 
-def _check_partial(temp: Path, specs: dict[str, TensorSpec], metadata: dict[str, str]) -> None:
+def _check_partial(temp: Path, specs: dict[str, TensorSpec], metadata: dict[str, str], out_path: Path) -> None:
     """Refuse to continue a partial trajectory recorded in another setting, naming the first field that differs
     (e.g. `fingerprint.torch_threads: 1 -> 2`)."""
     start_over = "or run `flannel-repro train` without --resume to start over"
     if not temp.is_file():
+        if _completed_here(out_path, metadata):  # killed between the rename and the end of the commit
+            raise FlannelError(f"{out_path}: the interrupted run had already put its complete trajectory here and "
+                               "was stopped before its metrics were written; `flannel-repro check` confirms the "
+                               "file, and `flannel-repro train` without --resume writes them (training again)")
         raise FlannelError(f"{temp}: the partial trajectory of the interrupted run is gone; run `flannel-repro "
                            "train` without --resume to start over")
     try:
@@ -338,6 +343,16 @@ def _check_partial(temp: Path, specs: dict[str, TensorSpec], metadata: dict[str,
     if diff is not None:
         raise FlannelError(f"{temp}: the interrupted run was recorded in another setting ({diff}); resume it in the "
                            f"same setting, {start_over}")
+
+
+def _completed_here(out_path: Path, metadata: dict[str, str]) -> bool:
+    """Whether the file at the output path was recorded with exactly this setting (params, versions, fingerprint and
+    inputs): the trajectory of the interrupted run itself, complete."""
+    try:
+        recorded = read_header(out_path, "trajectory").get("__metadata__") or {}
+    except (FlannelError, OSError):
+        return False
+    return all(recorded.get(key) == value for key, value in metadata.items())
 
 
 def _difference(key: str, old: str | None, new: str) -> str | None:

@@ -86,14 +86,16 @@ class Slot:
 class RecordingRing:
     """The slots, the writer thread and the sinks it feeds, in order (see the module docstring)."""
 
-    def __init__(self, sinks: Sequence[StepSink], *, cuda: bool, slots: int = RING_SLOTS) -> None:
+    def __init__(self, sinks: Sequence[StepSink], *, cuda: bool, slots: int = RING_SLOTS, file_sinks: int = 0) -> None:
         if slots < 0:
             raise ValueError(f"slots must be >= 0, got {slots}")
         self.sinks = list(sinks)
+        self.file_sinks = file_sinks  # the first sinks write the output file: close() waits while one is running
         self._free = [Slot(cuda) for _ in range(max(slots, 1))]
         self._threaded = slots > 0
         self._queue: collections.deque[tuple[StepRecord, Slot]] = collections.deque()  # submitted, not yet taken
         self._busy = False  # the writer is processing a step
+        self._in_sink: int | None = None  # the index of the sink the writer is in, if any
         self._error: BaseException | None = None
         self._closed = False
         self._cond = threading.Condition()
@@ -145,13 +147,19 @@ class RecordingRing:
             self._raise_error()
 
     def close(self) -> None:
-        """Stop the writer thread: the step it is on completes, the ones it has not started are dropped. Does not
-        raise the writer's error (it runs while a run is being abandoned, or after the final drain); idempotent."""
+        """Stop the writer thread: it takes no further step nor sink, and the steps it has not started are dropped.
+        Returns once nothing writes to the file: it waits for a file sink the writer is in, but not for an observer
+        (a tracking store that stopped answering must not hold up a stop, a second Ctrl-C above all); that call
+        finishes on the daemon thread and nothing after it runs. Does not raise the writer's error (it runs while a
+        run is being abandoned, or after the final drain); idempotent."""
         with self._cond:
             self._closed = True
             self._queue.clear()
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
+            while self._in_sink is not None and self._in_sink < self.file_sinks:
+                self._cond.wait()
+            in_observer = self._in_sink is not None
+        if self._thread is not None and self._thread is not threading.current_thread() and not in_observer:
             self._thread.join()
 
     def _raise_error(self) -> None:
@@ -190,5 +198,18 @@ class RecordingRing:
     def _process(self, rec: StepRecord, slot: Slot) -> None:
         slot.wait()
         rec.digests = {name: digest(t) for name, t in rec.tensors.items()}
-        for sink in self.sinks:
-            sink(rec)
+        if not self._threaded:
+            for sink in self.sinks:
+                sink(rec)
+            return
+        for i, sink in enumerate(self.sinks):
+            with self._cond:
+                if self._closed:  # close() has returned or is waiting for the file sinks: no further sink runs
+                    return
+                self._in_sink = i
+            try:
+                sink(rec)
+            finally:
+                with self._cond:
+                    self._in_sink = None
+                    self._cond.notify_all()

@@ -211,8 +211,6 @@ HUNG_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="close() joins the writer thread, which finishes the observer call it is in "
-                                       "first: a second signal waits for a hung observer")
 def test_a_second_signal_stops_at_once_while_an_observer_hangs(project):
     """README (Interrupted runs): a second signal while a run is stopping stops it at once. The first one is a
     request for the next step boundary, which the training thread, waiting for a free slot, does not reach while

@@ -210,3 +210,47 @@ def test_a_signal_the_caller_ignores_stays_ignored(tiny_project, reference):
     assert proc.returncode == 0, err
     assert sha256_file(tiny_project / TRAJ) == reference
     assert [r.info.status for r in _runs(tiny_project).values()] == ["FINISHED"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_exiting_ends_with_the_commands_own_status(tiny_project, signum):
+    """Once a command has finished, a stop signal during its exit handlers (held open here by one that sleeps) ends
+    the process at once with the command's status and one line; nothing is left to the interpreter's teardown."""
+    child = ("import atexit, sys, time; atexit.register(time.sleep, 60); from flannel_repro.cli import entry; "
+             "sys.argv = ['flannel-repro', 'masks']; entry()")
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=tiny_project, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.stdout.readline().startswith("masks: ")  # the command has run
+    time.sleep(0.5)
+    start = time.monotonic()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 10  # not the 60 s of the exit handler
+    assert proc.returncode == 0
+    assert err.splitlines()[-1] == f"flannel-repro: {signal.Signals(signum).name} while exiting; the command had " \
+                                   "finished (exit 0)"
+
+
+def test_killed_right_after_the_rename_resume_says_the_file_is_complete(tiny_project, reference):
+    """kill -9 between putting the trajectory in place and writing its metrics: the file is the complete run, and
+    `--resume` says so, names the check, and keeps it (there is no partial file left to continue)."""
+    write_params(tiny_project, PARAMS)
+    child = ("import os, signal, sys; import flannel_repro.trajectory as t; rename = t.commit_file\n"
+             "def commit_file(tmp, out):\n"
+             "    rename(tmp, out)\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n"
+             "t.commit_file = commit_file\n"
+             "from flannel_repro.cli import main; main(['train', '-q'])")
+    killed = subprocess.run([sys.executable, "-c", child], cwd=tiny_project, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert sha256_file(tiny_project / TRAJ) == reference
+    assert not (tiny_project / "metrics/train.json").exists()
+
+    proc = _start(tiny_project, "-q", "--resume")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2
+    assert _messages(err)[-1] == (
+        f"flannel-repro train: error: {(tiny_project / TRAJ).resolve()}: the interrupted run had already put its "
+        "complete trajectory here and was stopped before its metrics were written; `flannel-repro check` confirms "
+        "the file, and `flannel-repro train` without --resume writes them (training again)")
+    assert sha256_file(tiny_project / TRAJ) == reference
