@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -372,11 +373,13 @@ def entry() -> None:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`) or stream
                 stream.flush()
+        with contextlib.suppress(OSError, AttributeError):  # what C code wrote through stdio (MKL_VERBOSE, say)
+            ctypes.CDLL(None).fflush(None)
 
-    flush()
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(s) is not signal.SIG_IGN:
             signal.signal(s, finished)
+    flush()
     atexit._run_exitfuncs()
     flush()
     os._exit(code)

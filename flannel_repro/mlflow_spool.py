@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,15 @@ class Outbox:
         self.spool = Path(folder) / f"{run_id}.jsonl" if folder is not None else None
         self.tolerant = False  # set when training starts; before that a failure is an error
         self.kept = 0  # calls in the spool
+        self.keeping = False  # keep every call without trying the store (keep_only)
         self._file = None
         self._refs = 0
+        self._closed = False
+        self._lock = threading.Lock()  # the spool file: a call left in progress on another thread may still end
 
     def call(self, op: str, **args: Any) -> Any:
         """Send one call, or keep it once the store has failed; returns what `send` returns (a created run's id)."""
-        if self.kept == 0:
+        if self.kept == 0 and not self.keeping:
             try:
                 return send(self.client, op, args, {})
             except FlannelError as e:
@@ -63,7 +67,18 @@ class Outbox:
                       "store answers again, else by `flannel-repro sync`", file=sys.stderr)
         return self._keep(op, args)
 
+    def keep_only(self) -> None:
+        """A call is still in progress on another thread, on a store that may not answer: keep every later call
+        (the run's end included) without trying the store, and leave the spool to `flannel-repro sync`."""
+        self.keeping = True
+
     def _keep(self, op: str, args: dict[str, Any]) -> Any:
+        with self._lock:
+            if self._closed:  # the run has ended: a call that was left in progress ends with nothing to keep
+                return None
+            return self._keep_locked(op, args)
+
+    def _keep_locked(self, op: str, args: dict[str, Any]) -> Any:
         if self._file is None:
             self._file = _open_locked(self.spool, "a")
             if self._file is None:
@@ -94,8 +109,17 @@ class Outbox:
     def close(self) -> Path | None:
         """The run has ended: if anything was kept, try the store once more. Returns the spool when it still holds
         calls the store did not take, else None."""
-        if self._file is None:
-            return None
+        with self._lock:
+            self._closed = True
+            if self._file is None:
+                return None
+            if self.keeping:
+                self._file.close()  # releases the lock
+                self._file = None
+                return self.spool
+            return self._deliver_now()
+
+    def _deliver_now(self) -> Path | None:
         try:
             self.probe()
             sent = deliver(self.spool, self.client, self._file)
@@ -119,7 +143,13 @@ def deliver(spool: Path, client: Any, locked: Any) -> int:
     for i, line in enumerate(lines):
         if i < progress["sent"] or not line.strip():
             continue
-        doc = json.loads(line)
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # cut short by the end of its process: that call was never kept
+                break
+            raise FlannelError(f"{spool}: line {i + 2} is not a call the spool can send ({line[:60]!r}); remove "
+                               "that line and run `flannel-repro sync` again") from None
         send(client, doc.pop("op"), doc, progress["ids"])
         progress["sent"] = i + 1
         write_json(progress_path, progress)

@@ -244,6 +244,9 @@ class MlflowTracker(Tracker):
         # Each failed attempt would otherwise print urllib3's "Retrying ..." warning: the outbox says it in one line.
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
+    def stop_waiting(self) -> None:
+        self.outbox.keep_only()
+
     def _runs(self) -> list[str]:
         return [self.run_id, *self._children.values()]
 
@@ -279,9 +282,10 @@ class MlflowTracker(Tracker):
             self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            self.outbox.call("log_batch", run=self._current, metrics=self._pending)
-        self._pending, self._pending_steps = [], 0
+        # Taken before the call, so that a call left in progress on the recording thread is not sent again.
+        batch, self._pending, self._pending_steps = self._pending, [], 0
+        if batch:
+            self.outbox.call("log_batch", run=self._current, metrics=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.outbox.call("log_artifact", run=self.run_id, path=str(path), artifact_path=artifact_path)

@@ -96,6 +96,7 @@ class RecordingRing:
         self._queue: collections.deque[tuple[StepRecord, Slot]] = collections.deque()  # submitted, not yet taken
         self._busy = False  # the writer is processing a step
         self._in_sink: int | None = None  # the index of the sink the writer is in, if any
+        self.abandoned = False  # close() returned while an observer call was still in progress
         self._error: BaseException | None = None
         self._closed = False
         self._cond = threading.Condition()
@@ -158,8 +159,12 @@ class RecordingRing:
             self._cond.notify_all()
             while self._in_sink is not None and self._in_sink < self.file_sinks:
                 self._cond.wait()
-            in_observer = self._in_sink is not None
-        if self._thread is not None and self._thread is not threading.current_thread() and not in_observer:
+            self.abandoned = self._in_sink is not None
+        if self.abandoned:  # whatever that call waits on (a tracking store), the others must not wait on it too
+            for sink in self.sinks:
+                if hasattr(sink, "abandoned"):
+                    sink.abandoned()
+        elif self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _raise_error(self) -> None:
@@ -171,9 +176,11 @@ class RecordingRing:
         # The writer's own tensor work (token motion's norms) runs on this thread alone: with torch's intra-op
         # threads it would start a second team of OpenMP workers beside the training thread's, and recording would
         # slow training more than recording on the training thread does (README, Benchmarks: the tiny-step case).
-        torch.get_num_threads()  # torch's per-thread set-up first: it would later reset the count to the default
-        torch.set_num_threads(1)
-        started.set()
+        try:
+            torch.get_num_threads()  # torch's per-thread set-up first: it would later reset the count to the default
+            torch.set_num_threads(1)
+        finally:
+            started.set()
         while True:
             with self._cond:
                 while not self._queue and not self._closed:

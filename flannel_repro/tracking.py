@@ -38,6 +38,11 @@ class Tracker(abc.ABC):
         misses is kept and sent when it answers again."""
 
     @abc.abstractmethod
+    def stop_waiting(self) -> None:
+        """A call to the store was left in progress when the run stopped (the stop did not wait for it): keep every
+        later call for `flannel-repro sync` rather than wait on the store again."""
+
+    @abc.abstractmethod
     def resumed_from(self, run_id: str) -> None:
         """This run continues the interrupted tracking run `run_id` (`train --resume`)."""
 
@@ -77,6 +82,9 @@ class NullTracker(Tracker):
     """tracking.enabled: false. Records nothing."""
 
     def tolerate_outages(self) -> None:
+        pass
+
+    def stop_waiting(self) -> None:
         pass
 
     def resumed_from(self, run_id: str) -> None:

@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import yaml
 
 from .config import Params
 from .fsutil import project_root
 from .masks import Masks, load_masks
 from .model import pick_device
+from .motion import set_means, token_sets
 from .plots import loss_curve_png
 from .provenance import dvc_tags, fingerprint_tags, git_tags
 from .recorder import StepRecord
@@ -72,9 +72,7 @@ class StepMetrics:
     def __init__(self, tracker: Tracker, masks: Masks) -> None:
         self.tracker = tracker
         self.names = [n for n, count in (("W_norm_live", masks.n_live), ("W_norm_dead", masks.n_dead)) if count]
-        live, dead = masks.live_mask.float(), masks.dead_mask.float()
-        # (V, 2): row norms @ weights = (mean over live rows, mean over dead rows)
-        self.weights = torch.stack([live / max(masks.n_live, 1), dead / max(masks.n_dead, 1)], dim=1)
+        self.token_sets = token_sets(masks)
 
     def __call__(self, rec: StepRecord) -> None:
         metrics: dict[str, float] = {}
@@ -82,11 +80,15 @@ class StepMetrics:
             metrics.update(loss=rec.loss, grad_norm=rec.grad_norm, learning_rate=rec.learning_rate)
         w = rec.tensors.get("W")
         if w is not None:
-            live, dead = (w.float().norm(dim=1) @ self.weights).tolist()
+            live, dead = set_means(w.float().norm(dim=1).numpy(), self.token_sets)
             metrics.update({n: v for n, v in (("W_norm_live", live), ("W_norm_dead", dead)) if n in self.names})
         metrics.update({n: v for n, v in rec.motion.items() if not math.isnan(v)})  # NaN: no tokens of that kind
         if metrics:
             self.tracker.log_metrics(metrics, rec.step)
+
+    def abandoned(self) -> None:
+        """The recording ring stopped while this observer's call was still in progress (ring.py)."""
+        self.tracker.stop_waiting()
 
 
 def run_names(params: Params, device_type: str) -> tuple[str, dict[int, str] | None]:

@@ -159,3 +159,40 @@ def test_a_store_back_before_the_end_gets_everything_at_the_end(tiny_project, se
     assert run.info.status == "FINISHED" and run.data.tags["trajectory.sha256"] == result.sha256
     assert _loss_history(client, run_id) == _losses(result.trajectory)
     assert not (tiny_project / ".flannel/tracking" / f"{run_id}.jsonl").exists()
+
+
+def test_a_hung_store_does_not_hold_up_a_second_ctrl_c(tiny_project, server):
+    """The store stops answering without closing its connections (SIGSTOP): the recording thread's metric call
+    hangs, the ring fills and training waits. A second Ctrl-C stops the run at once (not after the store's timeouts),
+    and the end of the run (KILLED, with the reason) is kept for `flannel-repro sync`, which delivers it later."""
+    write_params(tiny_project, {"train": {"steps": STEPS, "checkpoint_every": 0, "log_every": 1},
+                                "tracking": {"enabled": True, "uri": server.uri}})
+    if server.proc.poll() is not None:
+        server.start()
+    proc = subprocess.Popen([sys.executable, "-m", "flannel_repro", "train"], cwd=tiny_project, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in proc.stderr:
+        if line.startswith("step 2/"):
+            os.killpg(server.proc.pid, signal.SIGSTOP)
+        if line.startswith("step 48/"):  # the metrics of steps 0-49 go out at step 49, before its progress line
+            break
+    try:
+        time.sleep(3)  # the ring fills behind the hung call
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        stopped_in = time.monotonic() - start
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    assert proc.returncode == 130, err
+    assert stopped_in < 15, err  # the store's timeouts (3 x 20 s) would take a minute
+    assert err.splitlines()[-1].startswith("flannel-repro train: stopped by SIGINT"), err
+    spools = list((tiny_project / ".flannel/tracking").glob("*.jsonl"))
+    assert len(spools) == 1 and '"status": "KILLED"' in spools[0].read_text()
+    sync = subprocess.run([sys.executable, "-m", "flannel_repro", "sync"], cwd=tiny_project, capture_output=True,
+                          text=True, timeout=300)
+    assert sync.returncode == 0, sync.stderr
+    assert MlflowClient(server.uri).get_run(spools[0].stem).info.status == "KILLED"
