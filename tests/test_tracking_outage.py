@@ -6,6 +6,7 @@ store answers again, else by `flannel-repro sync`; the exit status and the last 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -196,3 +197,38 @@ def test_a_hung_store_does_not_hold_up_a_second_ctrl_c(tiny_project, server):
                           text=True, timeout=300)
     assert sync.returncode == 0, sync.stderr
     assert MlflowClient(server.uri).get_run(spools[0].stem).info.status == "KILLED"
+
+
+def _spool(project: Path, lines: list[str]) -> tuple[str, str, Path]:
+    """A SQLite store with one RUNNING run, and a spool of `lines` (after its header) for that run."""
+    uri = f"sqlite:///{project.resolve() / 'runs.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("flannel")).info.run_id
+    spool = project / ".flannel/tracking" / f"{run_id}.jsonl"
+    spool.parent.mkdir(parents=True)
+    header = json.dumps({"format": "flannel-tracking-spool/1", "uri": uri, "run": run_id})
+    spool.write_text("\n".join([header, *(ln.replace("RUN", run_id) for ln in lines)]))
+    return uri, run_id, spool
+
+
+def test_sync_skips_a_last_call_cut_short_and_refuses_a_corrupt_one(tmp_path):
+    """A process killed while keeping a call leaves its last line cut short: that call was never kept, the rest is
+    sent. A line that is not a call anywhere else is one line, exit 2, and nothing after it is sent."""
+    loss = '{"op": "log_batch", "run": "RUN", "metrics": [["loss", 2.5, 1700000000000, 1]]}'
+    end = '{"op": "set_terminated", "run": "RUN", "status": "KILLED"}'
+    for name, lines, code in (("cut", [loss, end, '{"op": "log_batch", "run": "RU'], 0),
+                              ("corrupt", [loss, '{"op": "log_ba', end], 2)):
+        project = tmp_path / name
+        uri, run_id, spool = _spool(project, lines)
+        sync = subprocess.run([sys.executable, "-m", "flannel_repro", "sync"], cwd=project, capture_output=True,
+                              text=True, timeout=300)
+        assert sync.returncode == code, sync.stderr
+        run = MlflowClient(uri).get_run(run_id)
+        assert run.data.metrics == {"loss": 2.5}
+        if code == 0:
+            assert run.info.status == "KILLED" and not spool.exists()
+        else:
+            assert run.info.status == "RUNNING" and spool.exists()
+            assert sync.stderr.strip() == (f"flannel-repro sync: error: {spool.resolve()}: line 3 is not a call the "
+                                           "spool can send ('{\"op\": \"log_ba'); remove that line and run "
+                                           "`flannel-repro sync` again")
