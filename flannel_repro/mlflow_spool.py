@@ -69,8 +69,9 @@ class Outbox:
 
     def keep_only(self) -> None:
         """A call is still in progress on another thread, on a store that may not answer: keep every later call
-        (the run's end included) without trying the store, and leave the spool to `flannel-repro sync`."""
-        self.keeping = True
+        (the run's end included) without trying the store, and leave the spool to `flannel-repro sync`. Without a
+        spool folder there is nowhere to keep them, and calls go on trying the store."""
+        self.keeping = self.spool is not None
 
     def _keep(self, op: str, args: dict[str, Any]) -> Any:
         with self._lock:

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .recorder import StepRecord, StepSink
 
 RING_SLOTS = 4  # steps in flight between the training thread and the writer; 2.56 MB each with W and grad_W
+OBSERVER_GRACE_S = 1.0  # how long close() lets an observer call finish before it leaves it running (a hung store)
 
 
 class Slot:
@@ -149,22 +150,25 @@ class RecordingRing:
 
     def close(self) -> None:
         """Stop the writer thread: it takes no further step nor sink, and the steps it has not started are dropped.
-        Returns once nothing writes to the file: it waits for a file sink the writer is in, but not for an observer
-        (a tracking store that stopped answering must not hold up a stop, a second Ctrl-C above all); that call
-        finishes on the daemon thread and nothing after it runs. Does not raise the writer's error (it runs while a
-        run is being abandoned, or after the final drain); idempotent."""
+        Returns once nothing writes to the file: it waits for a file sink the writer is in, and up to
+        OBSERVER_GRACE_S for an observer call; one that takes longer (a tracking store that stopped answering must
+        not hold up a stop, a second Ctrl-C above all) is left to finish on the daemon thread, nothing runs after
+        it, and each sink with an `abandoned()` hook is told. Does not raise the writer's error (it runs while a run
+        is being abandoned, or after the final drain); idempotent."""
         with self._cond:
             self._closed = True
             self._queue.clear()
             self._cond.notify_all()
             while self._in_sink is not None and self._in_sink < self.file_sinks:
                 self._cond.wait()
-            self.abandoned = self._in_sink is not None
-        if self.abandoned:  # whatever that call waits on (a tracking store), the others must not wait on it too
+            left = not self._cond.wait_for(lambda: self._in_sink is None, timeout=OBSERVER_GRACE_S)
+        if left and not self.abandoned:  # whatever that call waits on, the others must not wait on it too
+            self.abandoned = True
             for sink in self.sinks:
-                if hasattr(sink, "abandoned"):
-                    sink.abandoned()
-        elif self._thread is not None and self._thread is not threading.current_thread():
+                hook = getattr(sink, "abandoned", None)
+                if callable(hook):
+                    hook()
+        if not left and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _raise_error(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import re
 import shutil
 import signal
@@ -24,7 +25,8 @@ from safetensors.torch import load_file
 from flannel_repro.config import load_params
 from flannel_repro.errors import FlannelError
 from flannel_repro.fsutil import TMP_PREFIX
-from flannel_repro.ring import RING_SLOTS
+from flannel_repro.recorder import StepRecord
+from flannel_repro.ring import OBSERVER_GRACE_S, RING_SLOTS, RecordingRing
 from flannel_repro.train import train
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
@@ -229,3 +231,37 @@ def test_a_second_signal_stops_at_once_while_an_observer_hangs(project):
     assert "done 0" not in rest  # it did not wait for the hung observer call to return
     assert (project / TRAJ).read_bytes() == PREVIOUS
     assert _temps(project) == []
+
+
+class Blocking:
+    """An observer whose call takes `seconds` (or until released), with the ring's `abandoned()` hook."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.entered, self.release, self.told = seconds, threading.Event(), threading.Event(), False
+
+    def __call__(self, rec) -> None:
+        self.entered.set()
+        self.release.wait(self.seconds)
+
+    def abandoned(self) -> None:
+        self.told = True
+
+
+@pytest.mark.parametrize(("seconds", "left"), [(0.05, False), (60, True)])
+def test_close_lets_a_slow_observer_finish_and_leaves_a_hung_one(seconds, left):
+    """close() on an abort: an observer call that ends within the grace (a slow one) ends and is not reported
+    abandoned, so tracking goes on normally; one that hangs is left running, the sinks are told, and close()
+    returns at once after the grace. Either way no sink runs after close()."""
+    slow, after = Blocking(seconds), Seen()
+    ring = RecordingRing([slow, after], cuda=False)
+    slot = ring.acquire()
+    tensors = {"W": slot.copy("W", torch.zeros(4, 2, dtype=torch.bfloat16))}
+    slot.ready()
+    ring.submit(StepRecord(0, 0, math.nan, math.nan, math.nan, tensors), slot)
+    assert slow.entered.wait(30)
+    start = time.monotonic()
+    ring.close()
+    assert time.monotonic() - start < OBSERVER_GRACE_S + 5
+    assert ring.abandoned is left and slow.told is left
+    assert after.steps == []
+    slow.release.set()
