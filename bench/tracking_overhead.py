@@ -29,25 +29,23 @@ MOTION: list[float] = []  # seconds of each TokenMotion call, one per step
 
 
 def timed(name: str, fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            SPENT[name] = SPENT.get(name, 0.0) + time.perf_counter() - start
-
-    return wrapper
+    """`fn`, adding the seconds of each call to SPENT[name]."""
+    return _timing(fn, lambda s: SPENT.__setitem__(name, SPENT.get(name, 0.0) + s))
 
 
 def timed_motion(fn):
+    """`fn`, appending the seconds of each call to MOTION."""
+    return _timing(fn, MOTION.append)
+
+
+def _timing(fn, add):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
-            MOTION.append(time.perf_counter() - start)
+            add(time.perf_counter() - start)
 
     return wrapper
 

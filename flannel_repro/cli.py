@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FlannelError, Interrupted, TrackingIncomplete
+from .errors import FlannelError, Interrupted, TrackingIncomplete, signal_name
 from .runtime import configure
+from .stopping import STOP_SIGNALS
 
 if TYPE_CHECKING:  # the config and everything else is imported in main(), where Ctrl-C is one line
     from .config import Params
@@ -365,7 +366,7 @@ def entry() -> None:
     code = main()
 
     def finished(signum: int, frame: object) -> None:
-        os.write(2, f"flannel-repro: {signal.Signals(signum).name} while exiting; the command had finished "
+        os.write(2, f"flannel-repro: {signal_name(signum)} while exiting; the command had finished "
                     f"(exit {code})\n".encode())
         os._exit(code)
 
@@ -376,7 +377,7 @@ def entry() -> None:
         with contextlib.suppress(OSError, AttributeError):  # what C code wrote through stdio (MKL_VERBOSE, say)
             ctypes.CDLL(None).fflush(None)
 
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for s in STOP_SIGNALS:
         if signal.getsignal(s) is not signal.SIG_IGN:
             signal.signal(s, finished)
     flush()

@@ -59,11 +59,17 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+def copy_tiny_data(tiny_data: Path, root: Path) -> Path:
+    """`root` with a copy of the tiny data (data/ and tensors/: corpus, tokenizer and masks)."""
+    for sub in ("data", "tensors"):
+        shutil.copytree(tiny_data / sub, root / sub)
+    return root
+
+
 @pytest.fixture
 def tiny_project(tmp_path, tiny_data) -> Path:
     """A fresh folder with the tiny params.yaml and a copy of the tiny data."""
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, tmp_path / sub)
+    copy_tiny_data(tiny_data, tmp_path)
     write_params(tmp_path)
     return tmp_path
 
@@ -73,8 +79,7 @@ def thread_pair(root: Path, tiny_data: Path, stem: str) -> Path:
     `<stem>2.safetensors` with 2 (they differ within a few steps); params.yaml is left at the tiny defaults."""
     from flannel_repro.train import train
 
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     for threads in (1, 2):
         write_params(root, {"train": {"num_threads": threads}, "paths": {"trajectory": f"{stem}{threads}.safetensors"}})
         train(load_params(root / "params.yaml"), root, progress=False)

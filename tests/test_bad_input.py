@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, write_params
+from conftest import copy_tiny_data, run_cli, write_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -158,8 +158,7 @@ def recorded_template(tmp_path_factory, tiny_data) -> Path:
     from flannel_repro.train import train
 
     root = tmp_path_factory.mktemp("recorded")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     train(load_params(write_params(root)), root, progress=False)
     return root
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, mlflow_server, write_params
+from conftest import REPO, copy_tiny_data, mlflow_server, write_params
 
 from flannel_repro.config import load_params
 from flannel_repro.mlflow_tracker import training_runs_url
@@ -74,8 +74,7 @@ def test_mlflow_opens_on_the_training_runs_with_loss_and_drift_charts(browser, t
 
     # Two tiny runs (seeds 42 and 43) in a project's SQLite store, then `mlflow server` over that store.
     project = tmp_path / "project"
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, project / sub)
+    copy_tiny_data(tiny_data, project)
     for seed in (42, 43):
         write_params(project, {"train": {"train_seed": seed}, "tracking": {"enabled": True, "uri": "sqlite:///mlflow.db"}})
         _, run_id = run_train_stage(load_params(project / "params.yaml"), project, progress=False)
@@ -127,8 +126,7 @@ def test_dvc_plots_draw_live_against_dead_drift_for_two_experiments(browser, tmp
 
     # The project's dvc.yaml with the per-step CSV of seed 42 committed and seed 43's in the workspace.
     project = tmp_path / "project"
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, project / sub)
+    copy_tiny_data(tiny_data, project)
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
     git("init", "-q", cwd=project)
     dvc("init", "-q", cwd=project)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_params
+from conftest import copy_tiny_data, write_params
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -41,8 +40,7 @@ def runs(tmp_path_factory, tiny_data) -> dict[str, tuple[Path, dict]]:
     """The tiny run four times: the baseline; other output paths with tracking on, another log_every and
     checkpoints every 2 steps; another train_seed; momentum recorded too. name -> (trajectory, metrics)."""
     root = tmp_path_factory.mktemp("content")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     variants = {
         "baseline": {"paths": {"trajectory": "a.safetensors", "metrics": "a.json", "loss_curve": "a.csv"}},
         "elsewhere": {"paths": {"trajectory": "out/b.safetensors", "metrics": "out/b.json", "loss_curve": "out/b.csv"},

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_params
+from conftest import copy_tiny_data, write_params
 from corrupt import edit_header, read_head, reseal_header, rewrite_content_record, rewrite_slice_digest, xor_byte
 
 from flannel_repro.check import check
@@ -28,8 +28,7 @@ def project(tmp_path_factory, tiny_data) -> Path:
     from flannel_repro.train import train
 
     root = tmp_path_factory.mktemp("integrity")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     write_params(root)
     train(load_params(root / "params.yaml"), root, progress=False)
     return root

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
 
 import pytest
 import torch
-from conftest import write_params
+from conftest import copy_tiny_data, write_params
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -44,8 +43,7 @@ def read_csv(path) -> list[dict[str, str]]:
 def two_runs(tmp_path_factory, tiny_data):
     """The tiny config with num_runs = 2, trained once, reports written."""
     root = tmp_path_factory.mktemp("two_runs")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     params = load_params(write_params(root, {"train": {"num_runs": 2}}))
     result = train(params, root, progress=False)
     write_reports(params, result, root)

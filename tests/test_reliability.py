@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_params
+from conftest import copy_tiny_data, write_params
 
 from flannel_repro.checkpoint import Checkpoints, checkpoint_root
 from flannel_repro.config import load_params
@@ -70,8 +70,7 @@ def _wait_for_marker(proc: subprocess.Popen, project: Path, at_least: int, timeo
 def reference(tmp_path_factory, tiny_data) -> dict:
     """The uninterrupted run of KILL_PARAMS, in-process: its sha256 and loss-curve bytes."""
     root = tmp_path_factory.mktemp("reference")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     params = load_params(write_params(root, KILL_PARAMS))
     result = train(params, root, progress=False)
     write_reports(params, result, root)

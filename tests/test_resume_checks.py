@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_params
+from conftest import copy_tiny_data, run_cli, write_params
 
 from flannel_repro.checkpoint import checkpoint_root
 from flannel_repro.config import load_params
@@ -73,8 +73,7 @@ def test_another_thread_count_is_named_and_every_file_is_kept(interrupted, tmp_p
     torch.set_num_threads(1)
     done = _resume(interrupted)  # the right resume still finds everything, and matches an uninterrupted run
     solo = tmp_path_factory.mktemp("solo")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, solo / sub)
+    copy_tiny_data(tiny_data, solo)
     assert done.sha256 == train(load_params(write_params(solo, PARAMS)), solo, progress=False).sha256
 
 
@@ -118,8 +117,7 @@ def test_a_flipped_bit_in_the_checkpoint_weights_is_refused(interrupted):
 def test_another_runs_optimizer_state_is_refused(interrupted, tmp_path_factory, tiny_data):
     """A checkpoint file from another seed's run: Adam's moments of W are not the recorded ones."""
     other = tmp_path_factory.mktemp("other")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, other / sub)
+    copy_tiny_data(tiny_data, other)
     with pytest.raises(KeyboardInterrupt):
         train(load_params(write_params(other, {**PARAMS, "train": {**PARAMS["train"], "train_seed": 7}})), other,
               progress=False, observers=[Stop()])

@@ -12,7 +12,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_params
+from conftest import copy_tiny_data, write_params
 from mlflow import MlflowClient
 
 from flannel_repro.checkpoint import checkpoint_root
@@ -73,8 +72,7 @@ def _temps(folder: Path) -> list[str]:
 def reference(tmp_path_factory, tiny_data) -> str:
     """The sha256 of the uninterrupted run of PARAMS (trained in-process: the file does not depend on tracking)."""
     root = tmp_path_factory.mktemp("reference")
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     return train(load_params(write_params(root, PARAMS)), root, progress=False).sha256
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port, run_cli, write_params
+from conftest import copy_tiny_data, free_port, run_cli, write_params
 from conftest import mlflow_server as start_mlflow_server
 from mlflow import MlflowClient
 
@@ -35,8 +34,7 @@ def git(root: Path, *args: str) -> str:
 
 def git_project(root: Path, tiny_data: Path, tracking: dict) -> Path:
     """A tiny project committed to a fresh git repository (outputs ignored, so the tree stays clean)."""
-    for sub in ("data", "tensors"):
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     write_params(root, {"tracking": {"enabled": True, **tracking}})
     (root / ".gitignore").write_text("/data/\n/tensors/\n/metrics/\n/mlflow.db\n/mlruns/\n/.flannel/\n")
     git(root, "init", "-q", "-b", "main")

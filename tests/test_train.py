@@ -15,7 +15,7 @@ from flannel_repro.fsutil import TMP_PREFIX
 from flannel_repro.masks import encode_corpus
 from flannel_repro.model import TokenDataset
 from flannel_repro.train import train
-from tests.conftest import run_cli, write_params
+from tests.conftest import copy_tiny_data, run_cli, write_params
 
 NOTEBOOK_SCALARS = {
     "n_runs": torch.int64, "init_seed": torch.int64, "train_seed": torch.int64, "n_steps": torch.int64,
@@ -32,10 +32,7 @@ def recorded(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("recorded")
     write_params(root, {"record": {"momentum": True, "variance": True}})
     params = load_params(root / "params.yaml")
-    for sub in ("data", "tensors"):
-        import shutil
-
-        shutil.copytree(tiny_data / sub, root / sub)
+    copy_tiny_data(tiny_data, root)
     result = train(params, root, progress=False)
     return params, root, result
 
