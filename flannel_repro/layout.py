@@ -80,12 +80,10 @@ def trajectory_layout(params: Params) -> dict[str, Spec]:
     return specs
 
 
-def scalar_values(params: Params, n_live: int | None = None, n_dead: int | None = None) -> dict[str, Any]:
-    """The scalars a file recorded with `params` holds (n_live / n_dead only when given), as Python values."""
-    out = {name: get(params) for name, (_, get) in _SCALARS.items() if get is not None}
-    if n_live is not None:
-        out["n_live"], out["n_dead"] = n_live, n_dead
-    return out
+def scalar_values(params: Params) -> dict[str, Any]:
+    """The scalars a file recorded with `params` holds, as Python values (all but n_live and n_dead, which come
+    from the masks)."""
+    return {name: get(params) for name, (_, get) in _SCALARS.items() if get is not None}
 
 
 def decode_scalar(dtype: str, raw: bytes) -> Any:

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from .config import TrackingConfig
 from .errors import FlannelError
 from .fsutil import pid_alive, project_root
-from .mlflow_spool import Outbox, deliver, locked_spool, pending_spools, spool_folder
+from .mlflow_spool import PARENT_TAG, Outbox, deliver, locked_spool, pending_spools, spool_folder
 from .provenance import fingerprint_tags
 from .tracking import AuditStore, InputFile, Tracker
 
@@ -52,7 +52,6 @@ _BATCH_LIMIT = 1000  # MLflow's limit on metrics in one log_batch call
 _PARAMS_TAGS_LIMIT = 100  # ... and on params or tags
 _TAG_LIMIT = 5000  # error messages are cut to this (MLflow tag values hold 8000 characters)
 _DIGEST_LIMIT = 36  # MLflow stores a dataset digest in a 36-character column
-PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
 KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"  # MLflow 3's "Machine learning" experiments: training runs, not traces

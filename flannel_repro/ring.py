@@ -209,10 +209,6 @@ class RecordingRing:
     def _process(self, rec: StepRecord, slot: Slot) -> None:
         slot.wait()
         rec.digests = {name: digest(t) for name, t in rec.tensors.items()}
-        if not self._threaded:
-            for sink in self.sinks:
-                sink(rec)
-            return
         for i, sink in enumerate(self.sinks):
             with self._cond:
                 if self._closed:  # close() has returned or is waiting for the file sinks: no further sink runs

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from . import content
@@ -80,7 +79,6 @@ class StepCheck:
 
     def __init__(self, ref: Reference, masks: Masks, stop: bool) -> None:
         self.ref = ref
-        self.masks = masks
         self.live = masks.live_mask
         self.stop = stop
         self.insp = ref.inspection  # the file's checked view; None for an MLflow run
@@ -100,7 +98,7 @@ class StepCheck:
 
     def __call__(self, rec: StepRecord) -> None:
         if self._initial is None:
-            self._initial = self._initial_state()
+            raise RuntimeError("train() gave the step check no recorded scalars")  # train() calls the hook first
         self.sink(rec)  # what the rerun would record at this step, into memory
         corrupt: list[Problem] = []
         bad = list(self._initial) if (rec.run, rec.step) == (0, 0) else []
@@ -134,30 +132,18 @@ class StepCheck:
         ours = {e.name: e for e in content.parse(text)}
         self.record_differences = sorted(k for k in ours if self.record.get(k) != ours[k])
 
-    def _initial_state(self) -> list[str]:
-        """W_initial and the scalars as the recorded params and today's inputs give them, against the record.
-        Computed at the first step, once train() has set the thread count and determinism switches, on forked RNG
-        states: the run's own draws (and the seed its data sampler derives from) must not move."""
-        from .model import initial_embedding
-        from .output import metadata_scalars
-
-        params = self.ref.params
-        with torch.random.fork_rng(devices=[]):
-            numpy_state = np.random.get_state()
-            try:
-                w_initial = initial_embedding(params.model, params.train)
-            finally:
-                np.random.set_state(numpy_state)
-        for name, value in metadata_scalars(params, self.masks, w_initial).items():
+    def recorded_scalars(self, scalars: dict[str, torch.Tensor]) -> None:
+        """W_initial and the scalars the rerun records, as the recorded params and today's inputs give them (train()
+        computes them on its own thread before training), against the reference's content record."""
+        for name, value in scalars.items():
             self.memory.write(name, (), value)
+        self._initial = []
         if self.record is None:
-            return []
-        out = []
+            return
         for name in ("W_initial", *(k for k in self.memory.layout if not self.memory.layout[k].shape)):
             sha = hashlib.sha256(as_bytes(self.memory.tensors[name])).hexdigest()
             if name in self.record and self.record[name].sha256 != sha:
-                out.append(name)
-        return out
+                self._initial.append(name)
 
     def _check_values(self, rec: StepRecord, bad: list[str], corrupt: list[Problem]) -> None:
         """The file's per-step values at this step against what the rerun records (file references)."""

@@ -330,8 +330,9 @@ def train(
 ) -> TrainResult:
     """Run training with `params` and record the trajectory to `params.paths.trajectory` (under `root`).
 
-    observers: what watches the run besides the file (tracking, verify), each with any of `start_run(run, seed)`
-    and `end_run(run)`, told when each of the `num_runs` runs begins and ends, and `__call__(StepRecord)`, given
+    observers: what watches the run besides the file (tracking, verify), each with any of `recorded_scalars(d)`,
+    given W_initial and the scalars before training, `start_run(run, seed)` and `end_run(run)`, told when each of
+    the `num_runs` runs begins and ends, and `__call__(StepRecord)`, given
     every step in order on the recording ring's writer thread (ring.py). write=False records nothing to disk
     (verify); record=False turns recording off entirely (the benchmark's baseline). resume=True continues the
     interrupted run of this output from its last checkpoint (see checkpoint.py); the steps before it are replayed to
@@ -349,6 +350,7 @@ def train(
     fp = fingerprint(device)
     w_initial = initial_embedding(params.model, cfg)
     scalars = metadata_scalars(params, inputs.masks, w_initial)
+    _each(observers, "recorded_scalars", scalars)  # verify checks them against the reference
     collect = _Collect(cfg.num_runs, cfg.steps)
     tracking_run = next((o.run_id for o in observers if isinstance(o, Tracker)), None)
     motion = TokenMotion(inputs.masks, cfg.num_runs, cfg.steps)  # before the other observers: they see rec.motion
