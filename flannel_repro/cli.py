@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 from .errors import FlannelError, Interrupted, TrackingIncomplete, signal_name
 from .runtime import configure
-from .stopping import STOP_SIGNALS
 
 if TYPE_CHECKING:  # the config and everything else is imported in main(), where Ctrl-C is one line
     from .config import Params
@@ -377,7 +376,8 @@ def entry() -> None:
         with contextlib.suppress(OSError, AttributeError):  # what C code wrote through stdio (MKL_VERBOSE, say)
             ctypes.CDLL(None).fflush(None)
 
-    for s in STOP_SIGNALS:
+    # stopping.STOP_SIGNALS, not imported: the data stages do not load stopping.py (dvc.yaml lists what they load)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(s) is not signal.SIG_IGN:
             signal.signal(s, finished)
     flush()
