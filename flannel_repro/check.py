@@ -37,6 +37,7 @@ from .errors import FlannelError
 from .layout import (
     DIGEST_BYTES,
     FORMAT,
+    SCALARS,
     STEP_TENSORS,
     decode_scalar,
     encode_scalar,
@@ -47,14 +48,6 @@ from .layout import (
 from .safetensors_header import RawHeader, header_bytes, layout_problems, read_raw_header
 
 CHUNK_SLICES = 16  # slices per hashing task: long sequential reads, and enough tasks to keep two threads busy
-_PARAM_OF_SCALAR = {
-    "n_runs": "train.num_runs", "init_seed": "train.init_seed", "train_seed": "train.train_seed",
-    "n_steps": "train.steps", "vocab_size": "model.vocab_size", "hidden_dim": "model.hidden_dim",
-    "init_scale": "train.init_scale", "learning_rate": "train.learning_rate", "weight_decay": "train.weight_decay",
-    "adam_beta1": "train.adam_beta1", "adam_beta2": "train.adam_beta2", "recorded_W": "record.W",
-    "recorded_grads": "record.grads", "recorded_losses": "record.losses", "recorded_momentum": "record.momentum",
-    "recorded_variance": "record.variance",
-}
 
 
 @dataclass(frozen=True)
@@ -280,11 +273,11 @@ class Inspection:
                 continue  # already reported as changed
             now = decode_scalar(dtype, bytes(self.data(key)))
             if key in intact:
-                self.problems.append(Problem("params", f"the header's params say {_PARAM_OF_SCALAR[key]} = "
+                self.problems.append(Problem("params", f"the header's params say {SCALARS[key][1]} = "
                                                        f"{value!r}, but the intact {key} scalar is {now!r}: the header "
                                                        "was changed after the file was written"))
             else:
-                self.problems.append(Problem(key, f"is {now!r}, but the header's params say {_PARAM_OF_SCALAR[key]} = "
+                self.problems.append(Problem(key, f"is {now!r}, but the header's params say {SCALARS[key][1]} = "
                                                   f"{value!r}"))
         live, dead = (decode_scalar("I64", bytes(self.data(k))) for k in ("n_live", "n_dead"))
         if live + dead != self.params.model.vocab_size and not {"n_live", "n_dead"} & self.changed:

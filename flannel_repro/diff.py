@@ -22,9 +22,9 @@ import torch
 from .bits import CHECK_ORDER, f32_bits
 from .errors import FlannelError
 from .fsutil import atomic_output, sha256_file
+from .layout import recorded_tensors
 from .masks import load_masks
 from .plots import figure, save_png
-from .recorder import recorded_tensors
 from .trajectory import Trajectory, load_trajectory
 
 # Params that may differ between A and B: the point of a diff. Sections listed whole are locations and logging.

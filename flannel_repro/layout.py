@@ -24,26 +24,26 @@ DIGEST_BYTES = 32  # sha256
 
 # Per-step (V, H) tensors in the file, by their RecordConfig switch; each has a digest_<name> companion.
 STEP_TENSORS = {"W": "W", "grad_W": "grads", "momentum": "momentum", "variance": "variance"}
-# The notebook's metadata scalars: name -> (dtype, value from the params); n_live and n_dead come from the masks.
-_SCALARS = {
-    "n_runs": ("I64", lambda p: p.train.num_runs),
-    "init_seed": ("I64", lambda p: p.train.init_seed),
-    "train_seed": ("I64", lambda p: p.train.train_seed),
-    "n_steps": ("I64", lambda p: p.train.steps),
+# The notebook's metadata scalars: name -> (dtype, the params key it records); n_live and n_dead come from the masks.
+SCALARS = {
+    "n_runs": ("I64", "train.num_runs"),
+    "init_seed": ("I64", "train.init_seed"),
+    "train_seed": ("I64", "train.train_seed"),
+    "n_steps": ("I64", "train.steps"),
     "n_live": ("I64", None),
     "n_dead": ("I64", None),
-    "vocab_size": ("I64", lambda p: p.model.vocab_size),
-    "hidden_dim": ("I64", lambda p: p.model.hidden_dim),
-    "init_scale": ("F32", lambda p: p.train.init_scale),
-    "learning_rate": ("F32", lambda p: p.train.learning_rate),
-    "weight_decay": ("F32", lambda p: p.train.weight_decay),
-    "adam_beta1": ("F32", lambda p: p.train.adam_beta1),
-    "adam_beta2": ("F32", lambda p: p.train.adam_beta2),
-    "recorded_W": ("BOOL", lambda p: p.record.W),
-    "recorded_grads": ("BOOL", lambda p: p.record.grads),
-    "recorded_losses": ("BOOL", lambda p: p.record.losses),
-    "recorded_momentum": ("BOOL", lambda p: p.record.momentum),
-    "recorded_variance": ("BOOL", lambda p: p.record.variance),
+    "vocab_size": ("I64", "model.vocab_size"),
+    "hidden_dim": ("I64", "model.hidden_dim"),
+    "init_scale": ("F32", "train.init_scale"),
+    "learning_rate": ("F32", "train.learning_rate"),
+    "weight_decay": ("F32", "train.weight_decay"),
+    "adam_beta1": ("F32", "train.adam_beta1"),
+    "adam_beta2": ("F32", "train.adam_beta2"),
+    "recorded_W": ("BOOL", "record.W"),
+    "recorded_grads": ("BOOL", "record.grads"),
+    "recorded_losses": ("BOOL", "record.losses"),
+    "recorded_momentum": ("BOOL", "record.momentum"),
+    "recorded_variance": ("BOOL", "record.variance"),
 }
 _STRUCT = {"I64": "<q", "F32": "<f", "BOOL": "<?"}
 
@@ -66,7 +66,7 @@ def trajectory_layout(params: Params) -> dict[str, Spec]:
     """Every key of a trajectory recorded with `params`, with its dtype and shape."""
     t, m = params.train, params.model
     runs, steps1, vh = t.num_runs, t.steps + 1, (m.vocab_size, m.hidden_dim)
-    specs = {name: Spec(dtype, ()) for name, (dtype, _) in _SCALARS.items()}
+    specs = {name: Spec(dtype, ()) for name, (dtype, _) in SCALARS.items()}
     specs["W_initial"] = Spec("BF16", vh)
     for name in recorded_tensors(params.record):
         specs[name] = Spec("BF16", (runs, steps1, *vh))
@@ -83,7 +83,8 @@ def trajectory_layout(params: Params) -> dict[str, Spec]:
 def scalar_values(params: Params) -> dict[str, Any]:
     """The scalars a file recorded with `params` holds, as Python values (all but n_live and n_dead, which come
     from the masks)."""
-    return {name: get(params) for name, (_, get) in _SCALARS.items() if get is not None}
+    flat = params.flat()
+    return {name: flat[key] for name, (_, key) in SCALARS.items() if key is not None}
 
 
 def decode_scalar(dtype: str, raw: bytes) -> Any:

@@ -40,44 +40,23 @@ from .checkpoint import CheckpointCallback, Checkpoints, Marker, check_checkpoin
 from .config import Params
 from .errors import FlannelError, Interrupted, signal_name
 from .fsutil import sha256_file
+from .layout import SCALARS, scalar_values, trajectory_layout
 from .masks import Masks
 from .provenance import versions
-from .recorder import FileSink, trajectory_specs
+from .recorder import FileSink
 from .ring import RING_SLOTS, RecordingRing
 from .safetensors_header import dtype_name, read_header
 from .stopping import StopSignals
-from .trajectory import FORMAT, TensorSpec, TrajectoryWriter
+from .trajectory import FORMAT, TORCH_DTYPES, TensorSpec, TrajectoryWriter
 
 History = Callable[[], dict[str, list[list[float]]]]
 
 
 def metadata_scalars(params: Params, masks: Masks, w_initial: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every scalar of the notebook's save cell, W_initial included, with the notebook's dtypes."""
-    t, m, r = params.train, params.model, params.record
-    i64 = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-    b = lambda x: torch.tensor(x, dtype=torch.bool)  # noqa: E731
-    return {
-        "n_runs": i64(t.num_runs),
-        "init_seed": i64(t.init_seed),
-        "train_seed": i64(t.train_seed),
-        "n_steps": i64(t.steps),
-        "n_live": i64(masks.n_live),
-        "n_dead": i64(masks.n_dead),
-        "vocab_size": i64(m.vocab_size),
-        "hidden_dim": i64(m.hidden_dim),
-        "init_scale": f32(t.init_scale),
-        "learning_rate": f32(t.learning_rate),
-        "weight_decay": f32(t.weight_decay),
-        "adam_beta1": f32(t.adam_beta1),
-        "adam_beta2": f32(t.adam_beta2),
-        "W_initial": w_initial,
-        "recorded_W": b(r.W),
-        "recorded_grads": b(r.grads),
-        "recorded_losses": b(r.losses),
-        "recorded_momentum": b(r.momentum),
-        "recorded_variance": b(r.variance),
-    }
+    """Every scalar of the notebook's save cell (layout.SCALARS) with the notebook's dtypes, and W_initial."""
+    values = {**scalar_values(params), "n_live": masks.n_live, "n_dead": masks.n_dead}
+    scalars = {name: torch.tensor(values[name], dtype=TORCH_DTYPES[dtype]) for name, (dtype, _) in SCALARS.items()}
+    return {**scalars, "W_initial": w_initial}
 
 
 @dataclass
@@ -261,10 +240,8 @@ def _ended(out: RecordedOutput, e: BaseException) -> BaseException:
 def _open(out: RecordedOutput, root: Path, scalars, fp, input_digests, resume: bool) -> None:
     """Take the output's lock, find the resume point and check it, and open the temporary file (or the partial one).
     A resume that is refused leaves every file as it was: the partial trajectory, the marker and the checkpoints."""
-    params, cfg, mcfg = out.params, out.params.train, out.params.model
-    specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in scalars.items()}
-    specs.update(trajectory_specs(params.record, cfg.num_runs, cfg.steps, mcfg.vocab_size, mcfg.hidden_dim,
-                                  cfg.batch_size))
+    params = out.params
+    specs = {name: TensorSpec(TORCH_DTYPES[s.dtype], s.shape) for name, s in trajectory_layout(params).items()}
     metadata = {
         "format": FORMAT,
         "params": params.to_json(),

@@ -4,11 +4,15 @@ What is recorded, and when, follows the notebook's BatchRecorder exactly:
 - t = 0: W_initial; grad_W, momentum and variance zero; loss NaN.
 - t = 1..steps: grad_W is the embedding gradient after backward and before clipping (captured by a
   post-accumulate-grad hook on the tied embedding); W, momentum and variance are read after the optimizer step
-  (`on_step_end`); the loss is the one `compute_loss` returned for that step's batch.
+  (`on_step_end`); the loss is the one `compute_loss` returned for that step's batch; the gradient norm is the
+  Trainer's pre-clip norm and the learning rate the one the update used, read where the Trainer computes them (its
+  per-step log, which used to carry them, is off).
 
-Each step becomes a `StepRecord` whose tensors are copied into a slot of the recording ring (ring.py); the ring's
-writer thread digests it and hands it to the sinks (the trajectory writer, tracking, progress, verify) in step
-order. Digests are the sha256 of each recorded slice's raw bytes, exactly as stored in the file.
+Each step becomes a `StepRecord` whose tensors, loss, gradient norm and batch indices are copied into a slot of the
+recording ring (ring.py); the ring's writer thread reads the numbers, digests the slices and hands the record to
+the sinks (the trajectory writer, tracking, progress, verify) in step order. So the training thread never waits
+for a device to read a number. Digests are the sha256 of each recorded slice's raw bytes, exactly as stored in the
+file.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ import torch
 from transformers import TrainerCallback
 
 from .config import RecordConfig
-from .layout import STEP_TENSORS, recorded_tensors  # noqa: F401 (STEP_TENSORS: re-exported for train.py)
-from .trajectory import TensorSpec, TrajectoryWriter
+from .layout import recorded_tensors
+from .trajectory import TrajectoryWriter
 
 if TYPE_CHECKING:
-    from .ring import RecordingRing, Slot
+    from .ring import RecordingRing
 
 
 @dataclass
@@ -39,6 +43,15 @@ class StepRecord:
     digests: dict[str, bytes] = field(default_factory=dict)
     batch_indices: torch.Tensor | None = None  # int64[batch]; None at t = 0
     motion: dict[str, float] = field(default_factory=dict)  # token motion, filled by motion.TokenMotion
+    # The fields above still held as the step's tensors in a ring slot: reading a number off a device waits for
+    # it, so the training thread leaves that to the writer thread (`settle`, after the slot's copies have landed).
+    unread: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def settle(self) -> None:
+        """Fill loss, grad_norm and batch_indices from `unread` (on the writer thread, once the slot is ready)."""
+        for name, value in self.unread.items():
+            setattr(self, name, value.clone() if name == "batch_indices" else value.item())
+        self.unread = {}
 
 
 class StepSink(Protocol):
@@ -46,20 +59,23 @@ class StepSink(Protocol):
 
 
 class StepObserver:
-    """What `compute_loss` sees for the current step: the loss and the dataset indices of the batch."""
+    """What the Trainer computes for the current step that the record takes, as the tensors it computes: the loss
+    and the batch's dataset indices (`compute_loss`) and the pre-clip gradient norm (`_get_grad_norm`)."""
 
     def __init__(self) -> None:
-        self.loss: float = math.nan
+        self.loss: torch.Tensor | None = None
         self.indices: torch.Tensor | None = None
+        self.grad_norm: torch.Tensor | float | None = None
 
     def observe(self, loss: torch.Tensor, indices: torch.Tensor) -> None:
-        self.loss = loss.item()
-        self.indices = indices.detach().cpu()
+        self.loss = loss.detach()
+        self.indices = indices.detach()
 
 
 class TrajectoryCallback(TrainerCallback):
     """Builds one `StepRecord` per optimizer step, its tensors copied into a slot of the recording ring, and submits
-    it; the ring's writer thread digests it and hands it to every sink (ring.py)."""
+    it; the ring's writer thread digests it and hands it to every sink (ring.py). Nothing here waits for the device
+    or reads a number off it: the loss, the gradient norm and the batch go into the slot too."""
 
     def __init__(self, run: int, record: RecordConfig, observer: StepObserver, ring: RecordingRing) -> None:
         self.run = run
@@ -68,7 +84,7 @@ class TrajectoryCallback(TrainerCallback):
         self.ring = ring
         self._grad: torch.Tensor | None = None  # grad_W before clipping, on the model's device
         self._hook = None
-        self._pending: tuple[StepRecord, Slot] | None = None
+        self._lr = math.nan  # the learning rate of the current step's update
 
     def emit_initial(self, weight: torch.Tensor) -> None:
         slot = self.ring.acquire()
@@ -87,6 +103,11 @@ class TrajectoryCallback(TrainerCallback):
 
             self._hook = weight.register_post_accumulate_grad_hook(capture)
 
+    def on_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
+        # After the update, before the scheduler steps: the Trainer's own reading of the rate this update used.
+        lr = lr_scheduler.get_last_lr()[0]
+        self._lr = lr.item() if torch.is_tensor(lr) else float(lr)
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         weight = model.get_input_embeddings().weight
         slot = self.ring.acquire()  # waits only while every slot is still being written
@@ -100,45 +121,21 @@ class TrajectoryCallback(TrainerCallback):
             for name, key in (("momentum", "exp_avg"), ("variance", "exp_avg_sq")):
                 if name in self.names:
                     tensors[name] = slot.copy(name, adam[key].to(torch.bfloat16))
+        seen = self.observer
+        unread = {"loss": slot.copy("loss", seen.loss), "batch_indices": slot.copy("batch_indices", seen.indices)}
+        grad_norm = math.nan
+        if torch.is_tensor(seen.grad_norm):
+            unread["grad_norm"] = slot.copy("grad_norm", seen.grad_norm)
+        elif seen.grad_norm is not None:
+            grad_norm = float(seen.grad_norm)
         slot.ready()
-        rec = StepRecord(self.run, state.global_step, self.observer.loss, math.nan, math.nan, tensors,
-                         batch_indices=self.observer.indices)
-        self._pending = (rec, slot)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        # The Trainer logs every step (logging_steps=1) right after on_step_end: the pre-clip gradient norm and
-        # the learning rate this step used.
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        rec, slot = pending
-        if rec.step != state.global_step:
-            self.ring.release(slot)
-            return
-        logs = logs or {}
-        rec.grad_norm = float(logs.get("grad_norm", math.nan))
-        rec.learning_rate = float(logs.get("learning_rate", math.nan))
+        rec = StepRecord(self.run, state.global_step, math.nan, grad_norm, self._lr, tensors, unread=unread)
         self.ring.submit(rec, slot)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-
-
-def trajectory_specs(record: RecordConfig, runs: int, steps: int, vocab: int, hidden: int, batch: int):
-    """Keys, dtypes and shapes of the per-step part of the file."""
-    specs = {}
-    for name in recorded_tensors(record):
-        specs[name] = TensorSpec(torch.bfloat16, (runs, steps + 1, vocab, hidden))
-        specs[f"digest_{name}"] = TensorSpec(torch.uint8, (runs, steps + 1, 32))
-    if record.losses:
-        specs["losses"] = TensorSpec(torch.bfloat16, (runs, steps + 1))
-        specs["losses_f32"] = TensorSpec(torch.float32, (runs, steps + 1))
-    specs["grad_norm"] = TensorSpec(torch.float32, (runs, steps + 1))
-    specs["lr_schedule"] = TensorSpec(torch.float32, (runs, steps + 1))
-    specs["batch_indices"] = TensorSpec(torch.int64, (runs, steps, batch))
-    return specs
 
 
 class FileSink:

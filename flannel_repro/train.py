@@ -42,6 +42,7 @@ from .config import Params, TrainConfig
 from .corpus import read_corpus
 from .errors import FlannelError, TrackingIncomplete
 from .fsutil import atomic_output, free_bytes, sha256_file, write_json
+from .layout import STEP_TENSORS, trajectory_layout
 from .masks import Masks, encode_corpus, load_masks
 from .model import TokenDataset, build_model, check_single_device, initial_embedding, pick_device, set_determinism
 from .motion import MOTION_NAMES, TokenMotion
@@ -49,7 +50,7 @@ from .output import RecordedOutput, metadata_scalars, recorded_output
 from .paths_guard import check_files, stage_files
 from .progress import Progress
 from .provenance import fingerprint
-from .recorder import STEP_TENSORS, StepObserver, StepRecord, TrajectoryCallback, trajectory_specs
+from .recorder import StepObserver, StepRecord, TrajectoryCallback
 from .ring import RING_SLOTS, RecordingRing
 from .stopping import StopSignals
 from .tokenizer import load_tokenizer
@@ -148,11 +149,10 @@ def check_before_training(params: Params, root: Path, write: bool, resume: bool 
     """Everything about the outputs that would otherwise fail after a full run, checked before anything is read:
     the output paths (paths_guard), the trajectory's size against the file size limit and (unless a resume reuses
     its reserved partial file) its folder's free space, and the per-step records against the memory available."""
-    cfg, m = params.train, params.model
+    cfg = params.train
     if write:
         check_files(stage_files("train", params, root))
-        specs = trajectory_specs(params.record, cfg.num_runs, cfg.steps, m.vocab_size, m.hidden_dim, cfg.batch_size)
-        size = sum(s.nbytes for s in specs.values())  # the per-step tensors; W_initial and the header add little
+        size = sum(s.nbytes for s in trajectory_layout(params).values())  # every tensor; the header adds little
         folder, fix = params.paths.under(root).trajectory.parent, "record fewer steps (train.steps) or less (record.*)"
         limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
         if limit != resource.RLIM_INFINITY and size > limit:
@@ -190,8 +190,9 @@ def check_inputs(params: Params, root: Path) -> None:
 
 
 def training_arguments(cfg: TrainConfig, device: torch.device, seed: int, output_dir: str, checkpoint_every: int = 0):
-    """The notebook's TrainingArguments, with a log entry every step and, when asked, the Trainer's own resumable
-    checkpoints every `checkpoint_every` steps (neither changes a number)."""
+    """The notebook's TrainingArguments, with the Trainer's own resumable checkpoints every `checkpoint_every` steps
+    when asked, and without its per-step log: the recorder takes the gradient norm and the learning rate where the
+    Trainer computes them (`make_trainer`, `recorder.TrajectoryCallback`). Neither changes a number."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -206,7 +207,8 @@ def training_arguments(cfg: TrainConfig, device: torch.device, seed: int, output
         max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type="linear",
         optim="adamw_torch",
-        logging_steps=1,
+        logging_strategy="no",  # no log entry, .item() or on_log round per step
+        logging_nan_inf_filter=False,  # filters only the logged loss: two tensor checks and a device sync per step
         remove_unused_columns=False,  # keep sample_index for the recorder; the notebook's columns are all used
         save_strategy="steps" if checkpoint_every else "no",
         save_steps=checkpoint_every or 500,
@@ -225,18 +227,35 @@ def make_trainer(model, args, dataset: Dataset, observer: StepObserver, callback
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
     class FlannelTrainer(Trainer):
-        """Trainer whose loss is the model's mean loss over the batch, as the notebook's compute_loss returns."""
+        """The notebook's Trainer (its loss is the model's mean loss over the batch, as the notebook's compute_loss
+        returns) without the per-step work that computes no number of the run. Each override returns exactly what
+        the Trainer's own method returns."""
+
+        _plain: tuple[Any, Any] | None = None  # (model, the same without Accelerate's output conversion)
+        _flops_per_token: int | None = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             indices = inputs.pop("sample_index")
             # With bf16, Accelerate wraps forward in autocast AND converts every output to float32 afterwards:
             # for the (batch, seq, vocab) logits that is 164 MB and ~8% of a step, and nothing reads them. Run the
             # plain forward inside the very same autocast context instead; the loss is bit-identical.
-            model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            if self._plain is None or self._plain[0] is not model:
+                self._plain = (model, self.accelerator.unwrap_model(model, keep_fp32_wrapper=False))
             with self.accelerator.autocast():
-                outputs = model(**inputs)
+                outputs = self._plain[1](**inputs)
             observer.observe(outputs.loss, indices)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            grad_norm = super()._get_grad_norm(model, grad_norm)  # before clipping
+            observer.grad_norm = grad_norm
+            return grad_norm
+
+        def floating_point_ops(self, inputs):
+            # The Trainer's count (6 x tokens x parameters), without walking every parameter at every step.
+            if self._flops_per_token is None:
+                self._flops_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
+            return inputs["input_ids"].numel() * self._flops_per_token
 
     trainer = FlannelTrainer(model=model, args=args, train_dataset=dataset, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)

@@ -32,10 +32,9 @@ from .check import Inspection, Problem, inspect
 from .config import INPUTS, Params, params_from_dict
 from .errors import FlannelError
 from .fsutil import sha256_file
-from .layout import FORMAT, STEP_TENSORS
+from .layout import FORMAT, STEP_TENSORS, recorded_tensors
 from .masks import load_masks
 from .provenance import fingerprint, fingerprint_mismatches
-from .recorder import recorded_tensors
 from .stepcheck import STEP_VALUES, Divergence, StepCheck, Stop
 from .tracking import AuditStore
 from .trajectory import MANIFEST_FORMAT, Trajectory, check_provenance, load_trajectory, manifest

@@ -208,3 +208,38 @@ def test_short_last_batch_of_an_epoch_is_recorded(tiny_project):
     assert (idx[short_step] == -1).sum() == 5 * (short_step + 1) - n
     assert sorted(idx[: short_step + 1][idx[: short_step + 1] >= 0].tolist()) == list(range(n))  # one epoch
     assert (idx[short_step + 1 :] >= 0).all()
+
+
+def test_the_trainers_own_per_step_log_changes_nothing_and_agrees(tiny_project, monkeypatch):
+    """The Trainer's per-step log is off; the recorder takes the gradient norm and learning rate itself. A run with
+    the log back on (logging_steps=1, the NaN filter on) records the same numbers, and its log holds exactly the
+    recorded pre-clip gradient norm and learning rate of every step."""
+    from transformers import TrainerCallback
+
+    from flannel_repro import train as train_module
+
+    params = load_params(tiny_project / "params.yaml", ["record.grads=false"])
+    quiet = train(params, tiny_project, progress=False)
+
+    kept: list[dict] = []
+
+    class KeepLogs(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "grad_norm" in logs:  # the step logs, not the summary at the end
+                kept.append(dict(logs))
+
+    stock_make_trainer = train_module.make_trainer
+
+    def logging_every_step(model, args, dataset, observer, callbacks):
+        args.logging_strategy, args.logging_steps, args.logging_nan_inf_filter = "steps", 1, True
+        return stock_make_trainer(model, args, dataset, observer, [*callbacks, KeepLogs()])
+
+    monkeypatch.setattr(train_module, "make_trainer", logging_every_step)
+    logged = train(params, tiny_project, progress=False)
+
+    assert logged.content_digest == quiet.content_digest
+    assert len(kept) == params.train.steps
+    with safe_open(str(logged.trajectory), framework="pt") as f:
+        grad_norm, lr = f.get_tensor("grad_norm")[0], f.get_tensor("lr_schedule")[0]
+    assert [torch.tensor(entry["grad_norm"], dtype=torch.float32).item() for entry in kept] == grad_norm[1:].tolist()
+    assert [torch.tensor(entry["learning_rate"], dtype=torch.float32).item() for entry in kept] == lr[1:].tolist()
