@@ -105,6 +105,14 @@ def same_bytes(a: Path, b: Path) -> dict[str, bool]:
     return out
 
 
+def make_data(wd: Path) -> None:
+    """The default params and the data stages' outputs (corpus, tokenizer, masks) in the work folder `wd`."""
+    wd.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", wd / "params.yaml")
+    for stage in ("corpus", "tokenizer-corpus", "tokenizer", "masks"):
+        run([sys.executable, "-m", "flannel_repro", stage], wd)
+
+
 def _overrides(pairs: list[str]) -> list[str]:
     return sum((["-S", s] for s in pairs), [])
 
@@ -167,11 +175,8 @@ def main() -> None:
     args = ap.parse_args()
 
     wd = args.workdir
-    wd.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "params.yaml", wd / "params.yaml")
+    make_data(wd)
     exe = [sys.executable, "-m", "flannel_repro"]
-    for stage in ("corpus", "tokenizer-corpus", "tokenizer", "masks"):
-        run([*exe, stage], wd)
     results: dict = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_average_before": _load()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_train import REPO, TINY, run
+from bench_train import REPO, TINY, make_data
 
 from flannel_repro.provenance import cpu_model
 
@@ -52,10 +51,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "trainer_overhead.json")
     args = ap.parse_args()
     wd = args.workdir
-    wd.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "params.yaml", wd / "params.yaml")
-    for stage in ("corpus", "tokenizer-corpus", "tokenizer", "masks"):
-        run([sys.executable, "-m", "flannel_repro", stage], wd)
+    make_data(wd)
 
     from flannel_repro.runtime import configure
 

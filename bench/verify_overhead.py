@@ -23,8 +23,8 @@ from pathlib import Path
 
 from flannel_repro.config import load_params
 from flannel_repro.runtime import configure
+from flannel_repro.safetensors_header import read_header
 from flannel_repro.train import train
-from flannel_repro.trajectory import read_header
 from flannel_repro.verify import file_reference, verify
 
 OUT = Path("bench/results/verify_overhead")

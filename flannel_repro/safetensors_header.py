@@ -199,11 +199,16 @@ def _regular_file_size(path: Path, what: str) -> int:
     return st.st_size
 
 
-def read_header(path: Path, what: str = "trajectory file") -> dict[str, Any]:
-    """Parse and check a safetensors header against the file's length before anything trusts it."""
+def read_checked_header(path: Path, what: str = "trajectory file") -> RawHeader:
+    """Read a safetensors header and check it against the file's length before anything trusts it."""
     raw = read_raw_header(path, what)
     problems = layout_problems(raw)
     if problems:
         key, why = problems[0]
         raise FlannelError(f"{raw.path}: {what} is truncated or corrupt: {key + ' ' if key else ''}{why}")
-    return raw.header
+    return raw
+
+
+def read_header(path: Path, what: str = "trajectory file") -> dict[str, Any]:
+    """The parsed header of `read_checked_header`."""
+    return read_checked_header(path, what).header

@@ -29,7 +29,7 @@ from .check import Problem, slice_problems
 from .layout import STEP_TENSORS, trajectory_layout
 from .masks import Masks
 from .recorder import FileSink, StepRecord
-from .trajectory import TORCH_DTYPES, as_bytes
+from .trajectory import TORCH_DTYPES, as_bytes, flat_index
 
 if TYPE_CHECKING:
     from .verify import Reference
@@ -153,7 +153,7 @@ class StepCheck:
                 continue
             index = (run, t - 1) if key == "batch_indices" else (run, t)
             ours = self.memory.bytes_at(key, index)
-            lo = insp.span(key)[0] + _flat(self.memory.tensors[key].shape, index) * len(ours)
+            lo = insp.span(key)[0] + flat_index(self.memory.tensors[key].shape, index) * len(ours)
             if bytes(insp.view[lo : lo + len(ours)]) == ours:
                 continue
             if key in insp.changed:
@@ -197,12 +197,3 @@ class StepCheck:
         if traj is None and any(n in STEP_TENSORS for n in d.tensors):
             d.notes.append("elementwise detail (elements, ULPs, token rows) needs the trajectory file: "
                            "run `flannel-repro verify PATH` on the run's file")
-
-
-def _flat(shape: torch.Size, index: tuple[int, ...]) -> int:
-    """Position of `tensor[index]` in row-major order, counted in units of what `index` selects (leading
-    indices: an element, or a row)."""
-    flat = 0
-    for i, n in zip(index, shape, strict=False):  # `index` covers the leading dimensions only
-        flat = flat * n + i
-    return flat

@@ -28,7 +28,6 @@ import json
 import math
 import mmap
 import os
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -44,7 +43,7 @@ from .config import Params, params_from_json
 from .errors import FlannelError
 from .fsutil import commit_file, temp_path_for, write_failure
 from .layout import FORMAT, Spec, header_digest
-from .safetensors_header import dtype_name, header_bytes, read_header
+from .safetensors_header import dtype_name, header_bytes, read_checked_header
 
 TORCH_DTYPES = {"I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool, "U8": torch.uint8}
 # numpy has no bfloat16: a bf16 tensor is mapped as its raw 16-bit words, then viewed as bf16 by torch
@@ -68,6 +67,15 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a CPU tensor, without a copy when it is contiguous."""
     t = t.detach().contiguous().cpu()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def flat_index(shape: Sequence[int], index: tuple[int, ...]) -> int:
+    """Position of `tensor[index]` in row-major order, counted in units of what `index` selects (leading indices:
+    an element, or a row)."""
+    flat = 0
+    for i, n in zip(index, shape, strict=False):  # `index` covers the leading dimensions only
+        flat = flat * n + i
+    return flat
 
 
 def digest(t: torch.Tensor) -> bytes:
@@ -160,11 +168,8 @@ class TrajectoryWriter:
         """(trailing shape, file offset, byte length) of `tensor[index]`."""
         spec = self.specs[name]
         trailing = spec.shape[len(index) :]
-        flat = 0
-        for i, n in zip(index, spec.shape, strict=False):  # `index` covers the leading dimensions only
-            flat = flat * n + i
         n_bytes = math.prod(trailing) * spec.dtype.itemsize
-        return trailing, self.data_start + self.offsets[name] + flat * n_bytes, n_bytes
+        return trailing, self.data_start + self.offsets[name] + flat_index(spec.shape, index) * n_bytes, n_bytes
 
     def read(self, name: str, index: tuple[int, ...]) -> torch.Tensor:
         """`tensor[index]` as written so far (a copy), e.g. to replay the steps before a resume point."""
@@ -238,7 +243,8 @@ class Trajectory:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        header = read_header(self.path)
+        raw = read_checked_header(self.path)
+        header = raw.header
         self.metadata: dict[str, str] = header.get("__metadata__") or {}
         if self.metadata.get("format") != FORMAT:
             raise FlannelError(
@@ -255,8 +261,7 @@ class Trajectory:
         check_provenance(provenance, str(self.path))
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        with open(self.path, "rb") as f:
-            self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        self._data_start = raw.data_start
         self._f = safe_open(str(self.path), framework="pt")
         self._maps: dict[tuple[str, bool], np.memmap] = {}  # (name, scattered) -> its map
 

@@ -16,7 +16,8 @@ from flannel_repro.bits import bf16_order
 from flannel_repro.config import load_params
 from flannel_repro.errors import FlannelError
 from flannel_repro.masks import load_masks
-from flannel_repro.trajectory import load_trajectory, manifest, read_header
+from flannel_repro.safetensors_header import read_header
+from flannel_repro.trajectory import load_trajectory, manifest
 from flannel_repro.verify import Reference, file_reference, log_audit, verify
 
 FLIP_STEP, FLIP_ROW, FLIP_COL = 3, 5, 7
