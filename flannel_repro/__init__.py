@@ -24,7 +24,7 @@ Module map. Each `flannel-repro X` command (and dvc.yaml stage X) is `X(params, 
 """
 
 __all__ = ["Trajectory", "load_trajectory"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

@@ -18,11 +18,16 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("flannel-repro", "torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy")
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy")
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
+    """Python's, flannel-repro's and each of PACKAGES' version. flannel-repro's is the running code's own
+    (`__version__`), not the installed metadata's, which an editable install keeps from its install when the
+    checkout changes: a partial run is then not resumed by other code than the code that recorded it."""
+    from . import __version__
+
+    out = {"python": platform.python_version(), "flannel-repro": __version__}
     for name in PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
