@@ -77,6 +77,18 @@ def test_another_thread_count_is_named_and_every_file_is_kept(interrupted, tmp_p
     assert done.sha256 == train(load_params(write_params(solo, PARAMS)), solo, progress=False).sha256
 
 
+def test_other_code_is_refused_even_with_the_same_installed_metadata(interrupted, monkeypatch):
+    """A checkout of another version over the same editable install keeps the install's metadata: the version that
+    counts is the running code's own, so other code never resumes a partial run it did not record."""
+    import flannel_repro
+
+    before, recorded = _files(interrupted), flannel_repro.__version__
+    monkeypatch.setattr(flannel_repro, "__version__", "0.0.1")
+    with pytest.raises(FlannelError, match=rf"another setting \(versions.flannel-repro: '{recorded}' -> '0.0.1'\)"):
+        _resume(interrupted)
+    assert _files(interrupted) == before
+
+
 @pytest.mark.parametrize("field, value, why", [
     ("run", 3, "run 4 of a file of train.num_runs = 1"),
     ("step", STEPS, f"step {STEPS} of a run of train.steps = {STEPS}"),
