@@ -15,7 +15,7 @@ trained a few steps:
     keeps the training thread from waiting for the device at every step).
 It prints microseconds per step for each, before and after, and the tiny step's own time for scale.
 
-    python bench/trainer_overhead.py                    # data made in bench/results/work if missing
+    python bench/trainer_overhead.py                    # runs the data stages in bench/results/work first
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def main() -> None:
                            [callback])
     start = time.perf_counter()
     trainer.train()
-    step_us = (time.perf_counter() - start) / cfg.steps * 1e6  # includes the first step's set-up: for scale only
+    # For scale only: includes the first step's set-up and the digests of this synchronous ring (slots=0)
+    step_us = (time.perf_counter() - start) / cfg.steps * 1e6
     shutil.rmtree(scratch, ignore_errors=True)
 
     batch = next(iter(trainer.get_train_dataloader()))

@@ -206,7 +206,7 @@ def recorded_output(
     training loop, then commit it; see the module docstring for what happens on an error or a stop signal."""
     out = RecordedOutput(params, params.paths.under(root).trajectory, stops, tracking_run)
     if write:
-        _open(out, root, scalars, fp, input_digests, resume)
+        _open(out, root, fp, input_digests, resume)
     try:
         if out.writer is not None and out.marker is None:
             for name, value in scalars.items():
@@ -237,7 +237,7 @@ def _ended(out: RecordedOutput, e: BaseException) -> BaseException:
     return e
 
 
-def _open(out: RecordedOutput, root: Path, scalars, fp, input_digests, resume: bool) -> None:
+def _open(out: RecordedOutput, root: Path, fp, input_digests, resume: bool) -> None:
     """Take the output's lock, find the resume point and check it, and open the temporary file (or the partial one).
     A resume that is refused leaves every file as it was: the partial trajectory, the marker and the checkpoints."""
     params = out.params

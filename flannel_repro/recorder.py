@@ -9,10 +9,10 @@ What is recorded, and when, follows the notebook's BatchRecorder exactly:
   per-step log, which used to carry them, is off).
 
 Each step becomes a `StepRecord` whose tensors, loss, gradient norm and batch indices are copied into a slot of the
-recording ring (ring.py); the ring's writer thread reads the numbers, digests the slices and hands the record to
-the sinks (the trajectory writer, tracking, progress, verify) in step order. So the training thread never waits
-for a device to read a number. Digests are the sha256 of each recorded slice's raw bytes, exactly as stored in the
-file.
+recording ring (ring.py); the ring's writer thread reads the numbers, digests the slices and hands the record to the
+sinks (the trajectory writer, tracking, progress, verify) in step order. So on CUDA the training thread never waits
+for the device to read a number (on MPS a copy to the host still waits). Digests are the sha256 of each recorded
+slice's raw bytes, exactly as stored in the file.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class StepObserver:
 
 class TrajectoryCallback(TrainerCallback):
     """Builds one `StepRecord` per optimizer step, its tensors copied into a slot of the recording ring, and submits
-    it; the ring's writer thread digests it and hands it to every sink (ring.py). Nothing here waits for the device
-    or reads a number off it: the loss, the gradient norm and the batch go into the slot too."""
+    it; the ring's writer thread digests it and hands it to every sink (ring.py). Nothing here reads a number off
+    the device (on CUDA nothing waits for it): the loss, the gradient norm and the batch go into the slot too."""
 
     def __init__(self, run: int, record: RecordConfig, observer: StepObserver, ring: RecordingRing) -> None:
         self.run = run

@@ -2,12 +2,12 @@
 writer thread digests them, writes them and hands them to the step observers, in step order.
 
 The training thread (`recorder.TrajectoryCallback`) takes a free slot with `acquire()`, copies the step's (V, H)
-tensors into it (`Slot.copy`: on CUDA into pinned host memory with non-blocking copies, then an event marks the slot
-ready; on the CPU a plain copy) and `submit()`s the StepRecord. It waits only when every slot is still in flight.
-The writer thread takes the steps in order: it waits for the slot's event, reads the step's loss, gradient norm and
-batch from the slot (`StepRecord.settle`), computes each slice's sha256, and calls every sink (the file's own
-first), then frees the slot. A sink must copy what it keeps of `rec.tensors`: the
-buffers are reused.
+tensors (and its loss, gradient norm and batch) into it (`Slot.copy`: on CUDA into pinned host memory with
+non-blocking copies, then an event marks the slot ready; on the CPU a plain copy) and `submit()`s the StepRecord. It
+waits only when every slot is still in flight. The writer thread takes the steps in order: it waits for the slot's
+event, reads the step's loss, gradient norm and batch from the slot (`StepRecord.settle`), computes each slice's
+sha256, and calls every sink (the file's own first), then frees the slot. A sink must copy what it keeps of
+`rec.tensors`: the buffers are reused.
 
 An error in the writer thread (a full disk, an observer that raises, verify's divergence) stops it: the steps after
 the failed one reach no sink, and the training thread re-raises that same exception at its next `acquire`, `submit`
