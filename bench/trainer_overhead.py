@@ -105,10 +105,9 @@ def main() -> None:
         control.should_log = False
         trainer._maybe_log_save_evaluate(loss.clone(), grad_norm, model, None, 0, None, start, learning_rate=1e-3)
 
-    def read_here() -> None:  # the recorder before: numbers read on the training thread
+    def read_here() -> None:  # the recorder before: numbers read on the training thread (the log read grad_norm)
         loss.item()
         indices.detach().cpu()
-        grad_norm.item()
 
     def copy_to_slot() -> None:  # the recorder now: copies into the ring's slot
         slot.copy("loss", loss)
@@ -125,6 +124,10 @@ def main() -> None:
         "unwrap the model for the plain forward": (per_call_us(lambda: unwrap(model, keep_fp32_wrapper=False), n),
                                                    0.0),
         "recorder: read loss, batch, gradient norm": (per_call_us(read_here, n), per_call_us(copy_to_slot, n)),
+        # added: the recorder's own reading of the learning rate (the log carried it before)
+        "recorder: the learning rate, on_optimizer_step": (
+            0.0, per_call_us(lambda: callback.on_optimizer_step(trainer.args, state, control,
+                                                                 lr_scheduler=trainer.lr_scheduler), n)),
     }
     ring.release(slot)
     ring.close()
