@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flannel_repro.config import load_params
+from flannel_repro.core.config import load_params
 
 FIELDS = {
     "wall_s": r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)",

@@ -30,14 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-from flannel_repro.provenance import cpu_model
+from flannel_repro.trajectory.provenance import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 # train() in a child, with the start-up settings the command line applies first: argv[1] is train()'s keyword
 # arguments as JSON (record, ring_slots), the rest are -S overrides.
 TRAIN = (
-    "import sys, json; from pathlib import Path; from flannel_repro.runtime import configure; rt = configure(); "
-    "from flannel_repro.config import load_params; from flannel_repro.train import train; "
+    "import sys, json; from pathlib import Path; from flannel_repro.core.runtime import configure; rt = configure(); "
+    "from flannel_repro.core.config import load_params; from flannel_repro.training.loop import train; "
     "p = load_params('params.yaml', sys.argv[2:]); "
     "r = train(p, Path('.'), progress=False, **json.loads(sys.argv[1])); "
     "print(json.dumps({'train_s': r.runtime_s, 'sha256': r.sha256, 'allocator': rt.allocator}))"

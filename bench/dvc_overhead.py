@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from flannel_repro.config import apply_overrides, params_from_dict, parse_yaml
-from flannel_repro.provenance import cpu_model
+from flannel_repro.core.config import apply_overrides, params_from_dict, parse_yaml
+from flannel_repro.trajectory.provenance import cpu_model
 
 PIPELINE = ["flannel_repro", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml", ".gitignore"]
 OUT = Path("bench/results")

@@ -73,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     path = args.trajectory
     if path is None:
-        from flannel_repro.config import load_params
+        from flannel_repro.core.config import load_params
 
         path = load_params("params.yaml").paths.trajectory
     if args.case:

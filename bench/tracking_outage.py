@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import write_params  # noqa: E402  (the tiny test configuration)
 
-from flannel_repro.config import load_params  # noqa: E402
-from flannel_repro.corpus import corpus  # noqa: E402
-from flannel_repro.masks import masks  # noqa: E402
-from flannel_repro.tokenizer import tokenizer  # noqa: E402
-from flannel_repro.tokenizer_corpus import tokenizer_corpus  # noqa: E402
+from flannel_repro.core.config import load_params  # noqa: E402
+from flannel_repro.data.corpus import corpus  # noqa: E402
+from flannel_repro.data.masks import masks  # noqa: E402
+from flannel_repro.data.tokenizer import tokenizer  # noqa: E402
+from flannel_repro.data.tokenizer_corpus import tokenizer_corpus  # noqa: E402
 
 STEPS = 120
 

@@ -19,9 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
-from flannel_repro import mlflow_tracker, motion, train, train_log
-from flannel_repro.config import load_params
-from flannel_repro.runtime import configure
+from flannel_repro.core.config import load_params
+from flannel_repro.core.runtime import configure
+from flannel_repro.recording import motion
+from flannel_repro.tracking import mlflow_store as mlflow_tracker
+from flannel_repro.training import stage as train
+from flannel_repro.training import train_log
 
 REPO = Path(__file__).resolve().parents[1]
 SPENT: dict[str, float] = {}
@@ -67,10 +70,10 @@ def main() -> None:
         for sub in ("data", "tensors"):
             shutil.copytree(args.data / sub, wd / sub)
     else:
-        from flannel_repro.corpus import corpus
-        from flannel_repro.masks import masks
-        from flannel_repro.tokenizer import tokenizer
-        from flannel_repro.tokenizer_corpus import tokenizer_corpus
+        from flannel_repro.data.corpus import corpus
+        from flannel_repro.data.masks import masks
+        from flannel_repro.data.tokenizer import tokenizer
+        from flannel_repro.data.tokenizer_corpus import tokenizer_corpus
 
         corpus(params, wd)
         tokenizer_corpus(params, wd)

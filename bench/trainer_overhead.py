@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench_train import REPO, TINY, make_data
 
-from flannel_repro.provenance import cpu_model
+from flannel_repro.trajectory.provenance import cpu_model
 
 
 def per_call_us(fn: Callable[[], object], calls: int) -> float:
@@ -53,7 +53,7 @@ def main() -> None:
     wd = args.workdir
     make_data(wd)
 
-    from flannel_repro.runtime import configure
+    from flannel_repro.core.runtime import configure
 
     configure()
     import logging
@@ -61,11 +61,13 @@ def main() -> None:
     import torch
     from transformers import Trainer
 
-    from flannel_repro.config import load_params
-    from flannel_repro.model import TokenDataset, build_model, initial_embedding, pick_device, set_determinism
-    from flannel_repro.recorder import StepObserver, TrajectoryCallback
-    from flannel_repro.ring import RecordingRing
-    from flannel_repro.train import load_inputs, make_trainer, training_arguments
+    from flannel_repro.core.config import load_params
+    from flannel_repro.recording.recorder import TrajectoryCallback
+    from flannel_repro.recording.records import StepObserver
+    from flannel_repro.recording.ring import RecordingRing
+    from flannel_repro.training.hf import make_trainer, training_arguments
+    from flannel_repro.training.inputs import load_inputs
+    from flannel_repro.training.model import TokenDataset, build_model, initial_embedding, pick_device, set_determinism
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     params = load_params(wd / "params.yaml", [*TINY, "train.steps=30", "train.num_threads=2"])

@@ -21,11 +21,12 @@ import struct
 import time
 from pathlib import Path
 
-from flannel_repro.config import load_params
-from flannel_repro.runtime import configure
-from flannel_repro.safetensors_header import read_header
-from flannel_repro.train import train
-from flannel_repro.verify import file_reference, verify
+from flannel_repro.audit.reference import file_reference
+from flannel_repro.audit.verify import verify
+from flannel_repro.core.config import load_params
+from flannel_repro.core.runtime import configure
+from flannel_repro.core.safetensors_header import read_header
+from flannel_repro.training.loop import train
 
 OUT = Path("bench/results/verify_overhead")
 

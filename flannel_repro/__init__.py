@@ -30,7 +30,7 @@ __version__ = "0.2.0"
 def __getattr__(name: str):
     # Imported on first use, so a data stage does not load the trajectory code (nor depend on it in dvc.yaml).
     if name in __all__:
-        from . import trajectory
+        from flannel_repro.trajectory import file as trajectory
 
         return getattr(trajectory, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

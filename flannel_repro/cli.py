@@ -14,7 +14,7 @@ import argparse
 import atexit
 import contextlib
 import ctypes
-import importlib.util
+import importlib
 import json
 import os
 import shlex
@@ -25,11 +25,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FlannelError, Interrupted, TrackingIncomplete, signal_name
-from .runtime import configure
+from flannel_repro.core.errors import FlannelError, Interrupted, TrackingIncomplete, signal_name
+from flannel_repro.core.runtime import configure
 
 if TYPE_CHECKING:  # the config and everything else is imported in main(), where Ctrl-C is one line
-    from .config import Params
+    from flannel_repro.core.config import Params
+
+
+# Where each command's code lives (the dvc.yaml stage of the same name runs it), imported at start-up while a
+# Ctrl-C still ends the process in one line.
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "corpus": ("flannel_repro.data.corpus",),
+    "tokenizer-corpus": ("flannel_repro.data.tokenizer_corpus",),
+    "tokenizer": ("flannel_repro.data.tokenizer",),
+    "masks": ("flannel_repro.data.masks",),
+    "train": ("flannel_repro.training.stage",),
+    "sync": ("flannel_repro.tracking.mlflow_store",),
+    "verify": ("flannel_repro.audit.verify",),
+    "check": ("flannel_repro.audit.check",),
+    "diff": ("flannel_repro.audit.diff",),
+}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,8 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace, stage: str | None = None) -> tuple[Params, Path]:
     """The params and project root; for a `stage` command, after checking the files it reads and writes."""
-    from .config import load_params
-    from .paths_guard import check_files, stage_files
+    from flannel_repro.core.config import load_params
+    from flannel_repro.core.paths_guard import check_files, stage_files
 
     params = load_params(args.params, args.overrides)
     root = Path(args.params).resolve().parent
@@ -64,7 +79,7 @@ def _refuse_dvc_added(root: Path, out: str, build_key: str) -> None:
 
 
 def cmd_corpus(args: argparse.Namespace) -> int:
-    from .corpus import corpus
+    from flannel_repro.data.corpus import corpus
 
     params, root = _load(args, "corpus")
     _refuse_dvc_added(root, params.paths.corpus, "corpus.build")
@@ -74,7 +89,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_corpus(args: argparse.Namespace) -> int:
-    from .tokenizer_corpus import tokenizer_corpus
+    from flannel_repro.data.tokenizer_corpus import tokenizer_corpus
 
     params, root = _load(args, "tokenizer-corpus")
     _refuse_dvc_added(root, params.paths.tokenizer_corpus, "tokenizer_corpus.build")
@@ -85,7 +100,7 @@ def cmd_tokenizer_corpus(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from .tokenizer import tokenizer
+    from flannel_repro.data.tokenizer import tokenizer
 
     params, root = _load(args, "tokenizer")
     _refuse_dvc_added(root, params.paths.tokenizer, "tokenizer.build")
@@ -95,7 +110,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_masks(args: argparse.Namespace) -> int:
-    from .masks import masks
+    from flannel_repro.data.masks import masks
 
     params, root = _load(args, "masks")
     r = masks(params, root)
@@ -106,7 +121,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import run_train_stage
+    from flannel_repro.training.stage import run_train_stage
 
     params, root = _load(args, "train")
     # Opens the tracking run first (an unreachable server fails here), then trains, writes the reports, logs them.
@@ -125,7 +140,7 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None, store
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
     )
     if run_id is not None:
-        from .mlflow_tracker import tracking_uri, training_runs_url
+        from flannel_repro.tracking.mlflow_store import tracking_uri, training_runs_url
 
         uri = tracking_uri(params.tracking, root)
         if store_reached:  # the page needs the run's experiment id, read back from the store
@@ -141,7 +156,7 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None, store
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from .mlflow_tracker import sync
+    from flannel_repro.tracking.mlflow_store import sync
 
     for line in sync(Path(args.params).resolve().parent):
         print(line)
@@ -149,10 +164,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .config import load_params
-    from .fsutil import write_json
-    from .paths_guard import Files, check_files, project_files
-    from .verify import load_reference, log_audit, verify
+    from flannel_repro.audit.reference import load_reference
+    from flannel_repro.audit.verify import log_audit, verify
+    from flannel_repro.core.config import load_params
+    from flannel_repro.core.fsutil import write_json
+    from flannel_repro.core.paths_guard import Files, check_files, project_files
 
     params_path = Path(args.params)
     root = params_path.resolve().parent
@@ -185,9 +201,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check
-    from .fsutil import write_json
-    from .paths_guard import Files, check_files
+    from flannel_repro.audit.check import check
+    from flannel_repro.core.fsutil import write_json
+    from flannel_repro.core.paths_guard import Files, check_files
 
     path = Path(args.file) if args.file else None
     if path is None:
@@ -205,9 +221,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .diff import diff, write_csv, write_plot
-    from .paths_guard import Files, check_files
-    from .trajectory import load_trajectory
+    from flannel_repro.audit.diff import diff, write_csv, write_plot
+    from flannel_repro.core.paths_guard import Files, check_files
+    from flannel_repro.trajectory.file import load_trajectory
 
     root = Path(args.params).resolve().parent
     a, b = Path(args.a), Path(args.b)
@@ -330,9 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     with _starting(name):
         args = build_parser().parse_args(argv)
         name.append(args.command)
-        for module in (args.command.replace("-", "_"), "config", "paths_guard"):  # `flannel-repro X` runs X.py
-            if importlib.util.find_spec(f"{__package__}.{module}") is not None:
-                importlib.import_module(f"{__package__}.{module}")
+        for module in (*COMMAND_MODULES[args.command], "flannel_repro.core.config", "flannel_repro.core.paths_guard"):
+            importlib.import_module(module)
     if runtime.note and args.command in ("train", "verify"):
         print(f"flannel-repro {args.command}: note: {runtime.note}", file=sys.stderr)
     for s in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: every output is atomic, so nothing half-written stays

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flannel_repro.config import load_params
-from flannel_repro.corpus import corpus
-from flannel_repro.masks import masks
-from flannel_repro.tokenizer import tokenizer
-from flannel_repro.tokenizer_corpus import tokenizer_corpus
+from flannel_repro.core.config import load_params
+from flannel_repro.data.corpus import corpus
+from flannel_repro.data.masks import masks
+from flannel_repro.data.tokenizer import tokenizer
+from flannel_repro.data.tokenizer_corpus import tokenizer_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def tiny_project(tmp_path, tiny_data) -> Path:
 def thread_pair(root: Path, tiny_data: Path, stem: str) -> Path:
     """`root` with the tiny data and the tiny run recorded twice: `<stem>1.safetensors` with 1 thread and
     `<stem>2.safetensors` with 2 (they differ within a few steps); params.yaml is left at the tiny defaults."""
-    from flannel_repro.train import train
+    from flannel_repro.training.loop import train
 
     copy_tiny_data(tiny_data, root)
     for threads in (1, 2):

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flannel_repro import content
-from flannel_repro.layout import header_digest
+from flannel_repro.trajectory import content
+from flannel_repro.trajectory.layout import header_digest
 
 ITEMSIZE = {"BF16": 2, "F32": 4, "I64": 8, "BOOL": 1, "U8": 1}
 

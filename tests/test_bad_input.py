@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from flannel_repro.cli import main
-from flannel_repro.config import ConfigError, params_from_dict, parse_yaml
-from flannel_repro.fsutil import TMP_PREFIX
+from flannel_repro.core.config import ConfigError, params_from_dict, parse_yaml
+from flannel_repro.core.fsutil import TMP_PREFIX
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 PREVIOUS = b"a previous trajectory\n"
@@ -154,8 +154,8 @@ TOKENIZER_CORPUS = "data/flannel_tokenizer_corpus.txt"
 @pytest.fixture(scope="module")
 def recorded_template(tmp_path_factory, tiny_data) -> Path:
     """The tiny project with its trajectory recorded, once; each test gets a copy."""
-    from flannel_repro.config import load_params
-    from flannel_repro.train import train
+    from flannel_repro.core.config import load_params
+    from flannel_repro.training.loop import train
 
     root = tmp_path_factory.mktemp("recorded")
     copy_tiny_data(tiny_data, root)
@@ -580,7 +580,7 @@ def test_steps_beyond_the_disk_are_refused_with_the_size_and_the_free_space(tiny
 
 def test_steps_beyond_the_memory_are_refused(tiny_project, capsys, monkeypatch):
     """Recording only the scalars, the file is small but the per-step records in memory are not."""
-    from flannel_repro.train import BYTES_PER_STEP, available_memory
+    from flannel_repro.training.preflight import BYTES_PER_STEP, available_memory
 
     available = available_memory()
     if available is None:

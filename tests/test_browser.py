@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, copy_tiny_data, mlflow_server, write_params
 
-from flannel_repro.config import load_params
-from flannel_repro.mlflow_tracker import training_runs_url
-from flannel_repro.train import run_train_stage, train, write_reports
+from flannel_repro.core.config import load_params
+from flannel_repro.tracking.mlflow_store import training_runs_url
+from flannel_repro.training.loop import train
+from flannel_repro.training.stage import run_train_stage, write_reports
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

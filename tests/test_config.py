@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from flannel_repro.config import Params, apply_overrides, load_params, params_from_dict
-from flannel_repro.errors import ConfigError
+from flannel_repro.core.config import Params, apply_overrides, load_params, params_from_dict
+from flannel_repro.core.errors import ConfigError
 from tests.conftest import REPO
 
 

@@ -13,10 +13,10 @@ from conftest import copy_tiny_data, write_params
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from flannel_repro.check import check
-from flannel_repro.config import load_params
-from flannel_repro.train import run_train_stage
-from flannel_repro.trajectory import load_trajectory
+from flannel_repro.audit.check import check
+from flannel_repro.core.config import load_params
+from flannel_repro.training.stage import run_train_stage
+from flannel_repro.trajectory.file import load_trajectory
 
 NAMES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL", torch.uint8: "U8"}
 
@@ -87,7 +87,7 @@ def test_check_recomputes_it(runs):
 def test_a_run_killed_after_sealing_its_header_still_resumes(tmp_path):
     """The writer fills in the content record and header digest just before the rename; a partial file caught in
     between has a header that is not the one a resume computes, and must still be accepted."""
-    from flannel_repro.trajectory import TensorSpec, TrajectoryWriter
+    from flannel_repro.trajectory.file import TensorSpec, TrajectoryWriter
 
     specs = {"x": TensorSpec(torch.float32, (2, 3))}
     writer = TrajectoryWriter(tmp_path / "t.safetensors", specs, {"format": "test"})

@@ -10,14 +10,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from flannel_repro.config import CorpusConfig, ModelConfig, Params, PathsConfig, TokenizerConfig, TokenizerCorpusConfig
-from flannel_repro.corpus import SplitMix64, corpus, generate_text
-from flannel_repro.errors import FlannelError
-from flannel_repro.fsutil import sha256_file
-from flannel_repro.masks import encode_corpus, load_masks, masks
-from flannel_repro.safetensors_header import save_tensors
-from flannel_repro.tokenizer import tokenizer
-from flannel_repro.tokenizer_corpus import tokenizer_corpus
+from flannel_repro.core.config import (
+    CorpusConfig,
+    ModelConfig,
+    Params,
+    PathsConfig,
+    TokenizerConfig,
+    TokenizerCorpusConfig,
+)
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.fsutil import sha256_file
+from flannel_repro.core.safetensors_header import save_tensors
+from flannel_repro.data.corpus import SplitMix64, corpus, generate_text
+from flannel_repro.data.masks import encode_corpus, load_masks, masks
+from flannel_repro.data.tokenizer import tokenizer
+from flannel_repro.data.tokenizer_corpus import tokenizer_corpus
 from tests.conftest import run_cli
 
 # Pinned: the generated texts must never change on any machine, Python or numpy version; the tokenizer and masks

@@ -10,12 +10,12 @@ import pytest
 import torch
 from conftest import run_cli, thread_pair, write_params
 
-from flannel_repro.config import load_params
-from flannel_repro.diff import diff, write_csv, write_plot
-from flannel_repro.errors import FlannelError
-from flannel_repro.masks import load_masks
-from flannel_repro.train import train
-from flannel_repro.trajectory import load_trajectory
+from flannel_repro.audit.diff import diff, write_csv, write_plot
+from flannel_repro.core.config import load_params
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.data.masks import load_masks
+from flannel_repro.training.loop import train
+from flannel_repro.trajectory.file import load_trajectory
 
 MASKS = "tensors/Flannel/live_dead_tokens.safetensors"
 

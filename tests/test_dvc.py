@@ -23,10 +23,10 @@ from conftest import REPO, write_params
 from safetensors import safe_open
 
 from flannel_repro.cli import main
-from flannel_repro.config import CorpusConfig, load_params
-from flannel_repro.corpus import generate_text
-from flannel_repro.fsutil import sha256_file
-from flannel_repro.tokenizer import train_bpe
+from flannel_repro.core.config import CorpusConfig, load_params
+from flannel_repro.core.fsutil import sha256_file
+from flannel_repro.data.corpus import generate_text
+from flannel_repro.data.tokenizer import train_bpe
 
 pytestmark = pytest.mark.slow
 

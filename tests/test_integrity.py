@@ -14,10 +14,10 @@ import pytest
 from conftest import copy_tiny_data, write_params
 from corrupt import edit_header, read_head, reseal_header, rewrite_content_record, rewrite_slice_digest, xor_byte
 
-from flannel_repro.check import check
+from flannel_repro.audit.check import check
 from flannel_repro.cli import main
-from flannel_repro.config import load_params
-from flannel_repro.trajectory import load_trajectory
+from flannel_repro.core.config import load_params
+from flannel_repro.trajectory.file import load_trajectory
 
 STEPS = 6  # conftest TINY
 
@@ -25,7 +25,7 @@ STEPS = 6  # conftest TINY
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_data) -> Path:
     """The tiny project and its trajectory, recorded once; every test damages its own copy."""
-    from flannel_repro.train import train
+    from flannel_repro.training.loop import train
 
     root = tmp_path_factory.mktemp("integrity")
     copy_tiny_data(tiny_data, root)

@@ -12,11 +12,12 @@ from conftest import copy_tiny_data, write_params
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flannel_repro.config import load_params
-from flannel_repro.masks import load_masks
-from flannel_repro.motion import MOTION_NAMES
-from flannel_repro.train import train, write_reports
-from flannel_repro.trajectory import load_trajectory
+from flannel_repro.core.config import load_params
+from flannel_repro.data.masks import load_masks
+from flannel_repro.recording.motion import MOTION_NAMES
+from flannel_repro.training.loop import train
+from flannel_repro.training.stage import write_reports
+from flannel_repro.trajectory.file import load_trajectory
 
 STEPS = 6  # conftest TINY
 

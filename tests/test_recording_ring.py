@@ -22,12 +22,12 @@ import torch
 from conftest import write_params
 from safetensors.torch import load_file
 
-from flannel_repro.config import load_params
-from flannel_repro.errors import FlannelError
-from flannel_repro.fsutil import TMP_PREFIX
-from flannel_repro.recorder import StepRecord
-from flannel_repro.ring import OBSERVER_GRACE_S, RING_SLOTS, RecordingRing
-from flannel_repro.train import train
+from flannel_repro.core.config import load_params
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.fsutil import TMP_PREFIX
+from flannel_repro.recording.records import StepRecord
+from flannel_repro.recording.ring import OBSERVER_GRACE_S, RING_SLOTS, RecordingRing
+from flannel_repro.training.loop import train
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 PREVIOUS = b"a previous trajectory that no failed run may touch\n"
@@ -157,8 +157,8 @@ def test_interrupted_ring_run_resumes_to_the_uninterrupted_bytes(project, tmp_pa
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from flannel_repro.config import load_params
-    from flannel_repro.train import train
+    from flannel_repro.core.config import load_params
+    from flannel_repro.training.loop import train
 
     def slow(rec):  # the writer thread falls behind: the training thread soon waits for a free slot
         print(f"seen {rec.step}", file=sys.stderr, flush=True)
@@ -194,10 +194,10 @@ def test_sigint_while_the_ring_is_full_stops_promptly_and_leaves_nothing(project
 HUNG_CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from flannel_repro.config import load_params
-    from flannel_repro.errors import Interrupted
-    from flannel_repro.stopping import StopSignals
-    from flannel_repro.train import train
+    from flannel_repro.core.config import load_params
+    from flannel_repro.core.errors import Interrupted
+    from flannel_repro.recording.stopping import StopSignals
+    from flannel_repro.training.loop import train
 
     def hung(rec):  # a tracking store that stopped answering: its call blocks the writer thread for long
         print(f"seen {rec.step}", file=sys.stderr, flush=True)

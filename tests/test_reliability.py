@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 from conftest import copy_tiny_data, write_params
 
-from flannel_repro.checkpoint import Checkpoints, checkpoint_root
-from flannel_repro.config import load_params
-from flannel_repro.errors import FlannelError
-from flannel_repro.fsutil import TMP_PREFIX, sha256_file
-from flannel_repro.train import train, write_reports
+from flannel_repro.core.config import load_params
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.fsutil import TMP_PREFIX, sha256_file
+from flannel_repro.recording.checkpoint import Checkpoints, checkpoint_root
+from flannel_repro.training.loop import train
+from flannel_repro.training.stage import write_reports
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 PREVIOUS = b"a previous trajectory that no failed run may touch\n"

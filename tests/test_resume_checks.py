@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import copy_tiny_data, run_cli, write_params
 
-from flannel_repro.checkpoint import checkpoint_root
-from flannel_repro.config import load_params
-from flannel_repro.errors import FlannelError
-from flannel_repro.fsutil import TMP_PREFIX, sha256_file
-from flannel_repro.safetensors_header import read_header
-from flannel_repro.train import train
+from flannel_repro.core.config import load_params
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.fsutil import TMP_PREFIX, sha256_file
+from flannel_repro.core.safetensors_header import read_header
+from flannel_repro.recording.checkpoint import checkpoint_root
+from flannel_repro.training.loop import train
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 STEPS, EVERY, STOP = 12, 3, 7  # interrupted during step 7: the last checkpoint is step 6

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import REPO
 
-from flannel_repro import runtime
 from flannel_repro.cli import main
+from flannel_repro.core import runtime
 
 BLOCK_MB = 128  # far above glibc's largest mmap threshold (32 MB)
 

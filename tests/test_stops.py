@@ -22,10 +22,10 @@ import pytest
 from conftest import copy_tiny_data, write_params
 from mlflow import MlflowClient
 
-from flannel_repro.checkpoint import checkpoint_root
-from flannel_repro.config import load_params
-from flannel_repro.fsutil import TMP_PREFIX, sha256_file
-from flannel_repro.train import train
+from flannel_repro.core.config import load_params
+from flannel_repro.core.fsutil import TMP_PREFIX, sha256_file
+from flannel_repro.recording.checkpoint import checkpoint_root
+from flannel_repro.training.loop import train
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 PREVIOUS = b"a previous trajectory that no stopped run may touch\n"
@@ -233,7 +233,7 @@ def test_killed_right_after_the_rename_resume_says_the_file_is_complete(tiny_pro
     """kill -9 between putting the trajectory in place and writing its metrics: the file is the complete run, and
     `--resume` says so, names the check, and keeps it (there is no partial file left to continue)."""
     write_params(tiny_project, PARAMS)
-    child = ("import os, signal, sys; import flannel_repro.trajectory as t; rename = t.commit_file\n"
+    child = ("import os, signal, sys; import flannel_repro.trajectory.file as t; rename = t.commit_file\n"
              "def commit_file(tmp, out):\n"
              "    rename(tmp, out)\n"
              "    os.kill(os.getpid(), signal.SIGKILL)\n"

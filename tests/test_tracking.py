@@ -15,14 +15,14 @@ from conftest import copy_tiny_data, free_port, run_cli, write_params
 from conftest import mlflow_server as start_mlflow_server
 from mlflow import MlflowClient
 
-from flannel_repro.config import Params, TrackingConfig, load_params
-from flannel_repro.errors import FlannelError
-from flannel_repro.fsutil import sha256_file
-from flannel_repro.masks import load_masks
-from flannel_repro.mlflow_tracker import MlflowAuditStore, tracking_uri, training_runs_url
-from flannel_repro.motion import MOTION_NAMES
-from flannel_repro.train import run_train_stage
-from flannel_repro.trajectory import load_trajectory, manifest
+from flannel_repro.core.config import Params, TrackingConfig, load_params
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.fsutil import sha256_file
+from flannel_repro.data.masks import load_masks
+from flannel_repro.recording.motion import MOTION_NAMES
+from flannel_repro.tracking.mlflow_store import MlflowAuditStore, tracking_uri, training_runs_url
+from flannel_repro.training.stage import run_train_stage
+from flannel_repro.trajectory.file import load_trajectory, manifest
 
 STEPS = 6  # conftest TINY
 

@@ -21,10 +21,10 @@ import pytest
 from conftest import write_params
 from mlflow import MlflowClient
 
-from flannel_repro.config import load_params
-from flannel_repro.fsutil import sha256_file
-from flannel_repro.train import run_train_stage
-from flannel_repro.trajectory import load_trajectory
+from flannel_repro.core.config import load_params
+from flannel_repro.core.fsutil import sha256_file
+from flannel_repro.training.stage import run_train_stage
+from flannel_repro.trajectory.file import load_trajectory
 
 STEPS = 120  # metrics go to the store every 50 steps, so the outage is met mid-run, before the step-50 checkpoint
 

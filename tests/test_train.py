@@ -10,11 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from flannel_repro import load_trajectory
-from flannel_repro.config import load_params
-from flannel_repro.fsutil import TMP_PREFIX
-from flannel_repro.masks import encode_corpus
-from flannel_repro.model import TokenDataset
-from flannel_repro.train import train
+from flannel_repro.core.config import load_params
+from flannel_repro.core.fsutil import TMP_PREFIX
+from flannel_repro.data.masks import encode_corpus
+from flannel_repro.training.loop import train
+from flannel_repro.training.model import TokenDataset
 from tests.conftest import copy_tiny_data, run_cli, write_params
 
 NOTEBOOK_SCALARS = {
@@ -85,7 +85,7 @@ def test_batch_indices_rebuild_the_batches(recorded):
     idx = d["batch_indices"][0]
     assert idx.min() >= 0 and idx.max() < len(ds)
     assert len(set(idx.flatten().tolist())) == idx.numel()  # sampling without replacement within the epoch
-    from flannel_repro.model import build_model
+    from flannel_repro.training.model import build_model
 
     # Recompute step 1's loss from the recorded indices and W_initial's model: same seed, same init.
     torch.manual_seed(params.train.train_seed)
@@ -189,7 +189,7 @@ def test_cli_train_writes_reports(tiny_project):
 
 def test_short_last_batch_of_an_epoch_is_recorded(tiny_project):
     """A corpus of 24 windows and batch 5: the Trainer keeps the short 5th batch; its empty slot reads -1."""
-    from flannel_repro.masks import masks
+    from flannel_repro.data.masks import masks
 
     params = load_params(write_params(tiny_project, {"train": {"batch_size": 5, "steps": 6}}))
     text = (tiny_project / params.paths.corpus).read_text()
@@ -216,7 +216,7 @@ def test_the_trainers_own_per_step_log_changes_nothing_and_agrees(tiny_project, 
     recorded pre-clip gradient norm and learning rate of every step."""
     from transformers import TrainerCallback
 
-    from flannel_repro import train as train_module
+    from flannel_repro.training import loop as train_module
 
     params = load_params(tiny_project / "params.yaml", ["record.grads=false"])
     quiet = train(params, tiny_project, progress=False)

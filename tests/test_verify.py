@@ -12,13 +12,14 @@ import torch
 from conftest import run_cli, thread_pair, write_params
 from corrupt import edit_header, rewrite_content_record, rewrite_slice_digest, xor_byte
 
-from flannel_repro.bits import bf16_order
-from flannel_repro.config import load_params
-from flannel_repro.errors import FlannelError
-from flannel_repro.masks import load_masks
-from flannel_repro.safetensors_header import read_header
-from flannel_repro.trajectory import load_trajectory, manifest
-from flannel_repro.verify import Reference, file_reference, log_audit, verify
+from flannel_repro.audit.bits import bf16_order
+from flannel_repro.audit.reference import Reference, file_reference
+from flannel_repro.audit.verify import log_audit, verify
+from flannel_repro.core.config import load_params
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.safetensors_header import read_header
+from flannel_repro.data.masks import load_masks
+from flannel_repro.trajectory.file import load_trajectory, manifest
 
 FLIP_STEP, FLIP_ROW, FLIP_COL = 3, 5, 7
 
@@ -80,7 +81,7 @@ def test_a_seed_other_than_init_seed_reruns_identically(project, tmp_path):
     # state (its data order) must not notice.
     write_params(tmp_path, {"train": {"train_seed": 43}, "paths": {"trajectory": "seed43.safetensors"}})
     params = load_params(tmp_path / "params.yaml")
-    from flannel_repro.train import train
+    from flannel_repro.training.loop import train
 
     train(params, project, progress=False)
     report = verify(file_reference(project / "seed43.safetensors"), project)
@@ -203,8 +204,8 @@ def test_bf16_order_counts_ulps_across_zero():
 def test_run_id_reference_is_audited_and_the_verdict_logged_beside_the_run(tiny_project, flipped):
     from mlflow import MlflowClient
 
-    from flannel_repro.train import run_train_stage
-    from flannel_repro.verify import audit_store, load_reference
+    from flannel_repro.audit.reference import audit_store, load_reference
+    from flannel_repro.training.stage import run_train_stage
 
     write_params(tiny_project, {"tracking": {"enabled": True, "uri": "sqlite:///mlflow.db"}})
     params = load_params(tiny_project / "params.yaml")

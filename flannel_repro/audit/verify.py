@@ -1,0 +1,169 @@
+"""The determinism audit: rerun a recorded training and compare it with the record, step by step, bit for bit.
+
+A reference is a trajectory's digest manifest (`trajectory.manifest`): the recorded params, device fingerprint and
+input digests, the sha256 of every recorded (V, H) slice at every step and the content record (content.py). A
+trajectory file and an MLflow run give the same manifest; a file also holds the tensors themselves, which verify
+checks as well: before the rerun, everything `flannel-repro check` checks but the slices (check.py); during it, each
+step's slices and values (stepcheck.py). A file that no longer agrees with itself is *corrupt* (changed after it was
+written); an intact reference that the rerun does not reproduce has *diverged*.
+
+The rerun uses the reference's own params (never params.yaml), pinned to the reference's thread count and device
+type, writes no file, and checks each step as training produces it; by default it stops at the first divergent or
+corrupt step.
+
+    ref = file_reference(Path("tensors/Flannel/1.20h_flannel_7.safetensors"))
+    report = verify(ref, root=Path("."))
+    report.exit_code   # 0 bit-identical, 1 diverged or reference corrupt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from flannel_repro.audit.reference import Reference, audit_store
+from flannel_repro.audit.report import Rerun, VerifyReport
+from flannel_repro.audit.stepcheck import StepCheck, Stop
+from flannel_repro.core.config import INPUTS, Params
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.fsutil import sha256_file
+from flannel_repro.data.masks import load_masks
+from flannel_repro.trajectory.provenance import fingerprint, fingerprint_mismatches
+
+
+def verify(
+    ref: Reference,
+    root: Path,
+    *,
+    current: Params | None = None,
+    full: bool = False,
+    strict: bool = False,
+    repeat: int = 1,
+    threads: int | None = None,
+    progress: bool = False,
+) -> VerifyReport:
+    """Rerun `ref`'s training under `root` (where its data paths point) and compare it with the reference.
+
+    current: the params.yaml params, only to say how they differ. threads: rerun with this many threads instead of
+    the reference's. strict: refuse (FlannelError) when this machine or the inputs differ from the reference's.
+    """
+    from flannel_repro.training.loop import train
+    from flannel_repro.training.model import pick_device
+
+    if repeat < 1:
+        raise FlannelError(f"--repeat {repeat}: give at least 1")
+    if ref.blocking and not (full and ref.manifest is not None):
+        return VerifyReport(ref, ref.params, [], [], [], {}, [], [])  # nothing a rerun could add
+    params, notes = _rerun_params(ref, threads)
+    ref_fp = ref.manifest.get("fingerprint") or {}
+    here = {**fingerprint(pick_device(params.train.device)), "torch_threads": params.train.num_threads}
+    mismatches = fingerprint_mismatches(ref_fp, here)
+    input_mismatches = _input_mismatches(ref, root)
+    if strict and (mismatches or input_mismatches):
+        what = [f"{k} (reference {a!r}, here {b!r})" for k, a, b in mismatches] + [p for p, _, _ in input_mismatches]
+        raise FlannelError(f"--strict: not the reference's device or inputs: {'; '.join(what)}; refusing to rerun")
+    differences = []
+    if current is not None:
+        ours, theirs = current.flat(), ref.params.flat()
+        differences = [(k, ours.get(k), theirs.get(k)) for k in theirs if ours.get(k) != theirs.get(k)]
+        if differences:
+            keys = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in differences)
+            notes.insert(0, f"params.yaml differs from the reference's recorded params in {keys}; "
+                            "the rerun uses the reference's")
+
+    masks = load_masks(root / params.paths.masks, params.model.vocab_size)  # present: checked above
+    reruns = []
+    for _ in range(repeat):
+        check = StepCheck(ref, masks, stop=not full)
+        start = time.perf_counter()
+        try:
+            train(params, root, observers=[check], write=False, progress=progress)
+            check.finish()
+        except Stop:
+            pass
+        expected = params.train.num_runs * (params.train.steps + 1)
+        stopped = check.divergences or check.problems
+        if not stopped and check.steps_checked != expected:
+            raise RuntimeError(f"rerun checked {check.steps_checked} of {expected} steps")  # a recorder bug
+        identical = not stopped and not check.record_differences
+        reruns.append(Rerun(identical, check.steps_checked, time.perf_counter() - start, check.divergences,
+                            check.problems, check.reference_s, check.content_digest, check.record_differences))
+    if ref.record is None:
+        notes.append("the reference has no content record: keys without per-step digests were not compared")
+    return VerifyReport(ref, params, differences, mismatches, input_mismatches, here, reruns, notes)
+
+
+def _rerun_params(ref: Reference, threads: int | None) -> tuple[Params, list[str]]:
+    """The reference's params, pinned to its thread count (or `threads`) and device type."""
+    t = ref.params.train
+    fp = ref.manifest.get("fingerprint") or {}
+    notes = []
+    recorded = fp.get("torch_threads")
+    if threads is not None:
+        if threads < 1:
+            raise FlannelError(f"--threads {threads}: give at least 1")
+        if threads != recorded:
+            notes.append(f"rerunning with {threads} thread(s) as asked; the reference used {recorded}")
+    elif isinstance(recorded, int):
+        threads = recorded
+        notes.append(f"thread count pinned to the reference's: {threads}")
+    else:
+        threads = t.num_threads
+        notes.append("the reference recorded no thread count; using its params' train.num_threads")
+    from flannel_repro.training.model import device_available
+
+    device = t.device
+    if device == "auto" and fp.get("device_type") in ("cpu", "cuda", "mps") and device_available(fp["device_type"]):
+        device = fp["device_type"]  # the device the reference actually ran on
+    train_cfg = dataclasses.replace(t, num_threads=threads, device=device)
+    return dataclasses.replace(ref.params, train=train_cfg), notes
+
+
+def _input_mismatches(ref: Reference, root: Path) -> list[tuple[str, str, str | None]]:
+    """Corpus, tokenizer and masks under `root` whose sha256 differs from what the reference recorded."""
+    recorded = ref.manifest.get("inputs") or {}
+    out = []
+    for attr in INPUTS:
+        key = f"{attr}_sha256"
+        rel = getattr(ref.params.paths, attr)
+        path = root / rel
+        if not path.is_file():
+            raise FlannelError(f"{path}: {attr} file not found; the reference was trained on it (paths.{attr} = "
+                               f"{rel}); restore it with `dvc pull` or `dvc repro {attr}`")
+        if key in recorded:
+            here = sha256_file(path)
+            if here != recorded[key]:
+                out.append((rel, recorded[key], here))
+    return out
+
+
+def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
+    """Log the verdict to the tracking store as an audit run linked to the audited run (tag `flannel.audit_of`);
+    returns a line saying what happened. A no-op when tracking is disabled or the audited run is not known."""
+    if current is None or not current.tracking.enabled:
+        return "tracking is disabled (tracking.enabled: false in params.yaml); the verdict is not logged"
+    import tempfile
+
+    from flannel_repro.core.fsutil import write_json
+
+    store = audit_store(current, root)
+    if not store.exists():
+        return f"no tracking store at {store.uri} yet; the verdict is not logged"
+    run_id = report.reference.run_id
+    traj = report.reference.trajectory
+    if run_id is None and traj is not None:  # a file: find the run that wrote it by the file's sha256
+        run_id = store.find_train_run(sha256_file(traj.path))
+    if run_id is None:
+        return ("the verdict is not logged to tracking: no train run in the store wrote this file; name the audited "
+                "run with --run-id ID")
+
+    first = report.first
+    with tempfile.TemporaryDirectory(prefix="flannel-verify-") as tmp:
+        doc = Path(tmp) / "verify.json"
+        write_json(doc, report.to_json())
+        audit_id = store.log_audit_run(
+            run_id, verdict=report.to_json()["verdict"],
+            first_divergent_step=first.step if first else None, fingerprint=report.fingerprint, report=doc,
+        )
+    return f"logged to tracking as audit run {audit_id} of run {run_id}"

@@ -1,0 +1,443 @@
+"""Typed, frozen configuration mapped one-to-one from params.yaml.
+
+Each top-level section of params.yaml is one frozen dataclass below; `load_params` builds them with `Cls(**section)`
+so an unknown key fails, and each `__post_init__` rejects wrong types and impossible values before any work starts,
+naming the key. Stage functions take these objects; nothing else reads params.yaml.
+
+    params = load_params("params.yaml", overrides=["train.steps=10"])
+    params.train.learning_rate  # 0.001
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flannel_repro.core.errors import ConfigError
+from flannel_repro.core.fsutil import file_kind
+
+LABEL_MODES = ("notebook", "next_token")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads `1e-3` as a string (YAML 1.1); DVC's `-S key=1e-3` writes exactly that. Read it as a float."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)$|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML{where}; fix the syntax ({getattr(e, 'problem', e)})") from None
+
+
+class _Section:
+    """Shared checks: every field has the declared type; subclasses add range checks in `_check`."""
+
+    _section: typing.ClassVar[str]
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            expected = hints[f.name]
+            ok, coerced = _check_type(value, expected)
+            if not ok:
+                problem = (f"{self._section}.{f.name} must be {_type_name(expected)}, got {value!r} "
+                           f"({type(value).__name__})")
+                raise InvalidValue(f"params: {problem}; fix it in params.yaml", problem)
+            if coerced is not value:
+                object.__setattr__(self, f.name, coerced)
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+    def _fail(self, key: str, why: str) -> None:
+        problem = f"{self._section}.{key} = {getattr(self, key)!r} {why}"
+        raise InvalidValue(f"params: {problem} (in params.yaml)", problem)
+
+
+class InvalidValue(ConfigError):
+    """A section refused a value. `problem` names the key and value without saying where they came from, so that a
+    value recorded in a trajectory or a tracking run is not blamed on params.yaml."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
+def _check_type(value: Any, expected: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(expected):
+            ok, coerced = _check_type(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if expected is type(None):
+        return value is None, value
+    if expected is bool:
+        return isinstance(value, bool), value
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if expected is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, int):
+            return True, float(value)
+        return isinstance(value, float), value
+    if expected is str:
+        return isinstance(value, str), value
+    if typing.get_origin(expected) is tuple:  # tuple[X, ...]: a YAML list of X, kept as a tuple (frozen)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        checked = [_check_type(v, typing.get_args(expected)[0]) for v in value]
+        return all(ok for ok, _ in checked), tuple(c for _, c in checked)
+    raise TypeError(f"unsupported config type {expected!r}")
+
+
+def _type_name(expected: Any) -> str:
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(expected))
+    if typing.get_origin(expected) is tuple:
+        return f"a list of {_type_name(typing.get_args(expected)[0])}"
+    return "null" if expected is type(None) else expected.__name__
+
+
+@dataclass(frozen=True)
+class CorpusConfig(_Section):
+    _section = "corpus"
+    _path_key = "paths.corpus"
+    source: str = "generated"  # "generated" (built-in English-like text) or a path to the user's UTF-8 text file
+    seed: int = 42  # seed of the generator's own PRNG
+    n_words: int = 764_000  # words to generate; the default yields about 1.37 M tokens with the default tokenizer
+    lexicon_size: int = 30_000  # distinct word forms, drawn with Zipf (rank ** -1) frequencies
+    # dvc.yaml runs the corpus stage once per entry: [synthetic], or [] when paths.corpus is your own `dvc add`ed file
+    build: tuple[str, ...] = ("synthetic",)
+
+    def _check(self) -> None:
+        if not self.source:
+            self._fail("source", "is empty: use 'generated' or the path of a UTF-8 text file")
+        if self.build not in ((), ("synthetic",)):
+            self._fail("build", f"must be [synthetic] (dvc repro makes the text) or [] ({self._path_key} is your "
+                       "own file)")
+        if self.n_words < 1:
+            self._fail("n_words", "must be at least 1")
+        if self.lexicon_size < 1:
+            self._fail("lexicon_size", "must be at least 1")
+        if self.seed < 0:
+            self._fail("seed", "must be a non-negative integer")
+
+
+@dataclass(frozen=True)
+class TokenizerCorpusConfig(CorpusConfig):
+    """The text the tokenizer is trained on: the same generator as the model corpus with its own seed (other word
+    forms) and a smaller lexicon, so that most of the vocabulary is whole words the model corpus never uses."""
+
+    _section = "tokenizer_corpus"
+    _path_key = "paths.tokenizer_corpus"
+    source: str = "generated"  # "generated" (built-in English-like text) or a path to a UTF-8 text file
+    seed: int = 7  # seed of the generator's own PRNG; not the model corpus's, so the word forms differ
+    n_words: int = 1_000_000  # words to generate
+    lexicon_size: int = 9_700  # distinct word forms (Zipf); the default makes about 37% of the vocabulary dead
+    # dvc.yaml runs this stage once per entry: [synthetic], or [] when paths.tokenizer_corpus is your own file
+    build: tuple[str, ...] = ("synthetic",)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig(_Section):
+    _section = "tokenizer"
+    source: str = "train"  # "train" (byte-level BPE trained on the tokenizer corpus) or a path to a tokenizer.json
+    min_frequency: int = 2  # BPE merges need a pair seen at least this often
+    # dvc.yaml runs the tokenizer stage once per entry: [bpe], or [] when paths.tokenizer is your own `dvc add`ed file
+    build: tuple[str, ...] = ("bpe",)
+
+    def _check(self) -> None:
+        if not self.source:
+            self._fail("source", "is empty: use 'train' or the path of a tokenizer JSON file")
+        if self.build not in ((), ("bpe",)):
+            self._fail("build", "must be [bpe] (dvc repro trains the tokenizer) or [] (paths.tokenizer is your "
+                       "own file)")
+        if self.min_frequency < 1:
+            self._fail("min_frequency", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    _section = "model"
+    vocab_size: int = 10_000  # V: rows of the embedding matrix W and size of the tokenizer
+    hidden_dim: int = 64  # H: columns of W (GPT-2 n_embd)
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 2  # attention heads; must divide hidden_dim
+    max_seq_len: int = 128  # tokens per training window (GPT-2 n_positions)
+
+    def _check(self) -> None:
+        for key in ("vocab_size", "hidden_dim", "n_layer", "n_head", "max_seq_len"):
+            if getattr(self, key) < 1:
+                self._fail(key, "must be at least 1")
+        if self.hidden_dim % self.n_head:
+            problem = f"model.n_head = {self.n_head} does not divide model.hidden_dim = {self.hidden_dim}"
+            raise InvalidValue(f"params: {problem}; choose an n_head that divides hidden_dim in params.yaml", problem)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    _section = "train"
+    num_runs: int = 1  # runs recorded into one file; run r trains with train_seed + r from the same W_initial
+    init_seed: int = 42  # seed of W_initial ~ N(0, init_scale) drawn in float32, then cast to bfloat16
+    train_seed: int = 42  # torch/numpy seed and Trainer seed (model init of the other weights, data order)
+    steps: int = 500  # optimizer steps (Trainer max_steps)
+    batch_size: int = 32  # windows per step (per_device_train_batch_size)
+    learning_rate: float = 1.0e-3  # AdamW peak learning rate, decayed linearly to 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1.0e-8
+    max_grad_norm: float = 1.0  # Trainer's default gradient clipping (grad_W is recorded before clipping)
+    init_scale: float = 0.02  # standard deviation of W_initial
+    label_mode: str = "notebook"  # "notebook": the notebook's double shift (predicts token i+2); "next_token"
+    device: str = "auto"  # auto picks cuda > mps > cpu
+    num_threads: int | None = None  # torch CPU threads; null keeps torch's default. Part of "the same device"
+    log_every: int = 50  # progress line every N steps when stderr is not a terminal
+    checkpoint_every: int = 100  # resumable checkpoint every N steps (`train --resume`); 0 = off
+
+    def _check(self) -> None:
+        for key in ("num_runs", "steps", "batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                self._fail(key, "must be at least 1")
+        for key in ("init_seed", "train_seed"):
+            if not 0 <= getattr(self, key) < 2**32:
+                self._fail(key, "must be in [0, 2**32)")
+        for key in ("learning_rate", "adam_epsilon", "init_scale"):
+            if not 0 < getattr(self, key) < math.inf:
+                self._fail(key, "must be positive and finite")
+        for key in ("weight_decay", "max_grad_norm"):
+            if not 0 <= getattr(self, key) < math.inf:
+                self._fail(key, "must be zero or positive, and finite")
+        if self.train_seed + self.num_runs - 1 >= 2**32:
+            self._fail("train_seed", "+ num_runs - 1 must stay below 2**32 (run r trains with train_seed + r)")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                self._fail(key, "must be in [0, 1)")
+        if self.label_mode not in LABEL_MODES:
+            self._fail("label_mode", f"is not one of {', '.join(LABEL_MODES)}")
+        if self.device not in DEVICES:
+            self._fail("device", f"is not one of {', '.join(DEVICES)}")
+        if self.checkpoint_every < 0:
+            self._fail("checkpoint_every", "must be zero (off) or positive")
+        if self.num_threads is not None and self.num_threads < 1:
+            self._fail("num_threads", "must be at least 1, or null for torch's default")
+
+
+@dataclass(frozen=True)
+class RecordConfig(_Section):
+    _section = "record"
+    W: bool = True  # embedding matrix after every optimizer step, (runs, steps+1, V, H) bf16
+    grads: bool = True  # grad_W after backward, before clipping, (runs, steps+1, V, H) bf16, zero at t=0
+    momentum: bool = False  # Adam exp_avg of W, (runs, steps+1, V, H) bf16, zero at t=0
+    variance: bool = False  # Adam exp_avg_sq of W, (runs, steps+1, V, H) bf16, zero at t=0
+    logits: bool = False  # not supported: logits are (batch, seq, V) per step, far too large to record
+    losses: bool = True  # training loss per step, (runs, steps+1), NaN at t=0
+
+    def _check(self) -> None:
+        if self.logits:
+            self._fail("logits", "is not supported (logits are batch x seq x vocab per step, far too large to "
+                       "record); set it to false")
+
+
+@dataclass(frozen=True)
+class PathsConfig(_Section):
+    _section = "paths"
+    corpus: str = "data/flannel_model_corpus.txt"
+    tokenizer_corpus: str = "data/flannel_tokenizer_corpus.txt"  # the text the tokenizer is trained on
+    tokenizer: str = "data/flannel_tokenizer_chars.json"
+    masks: str = "tensors/Flannel/live_dead_tokens.safetensors"
+    trajectory: str = "tensors/Flannel/1.20h_flannel_7.safetensors"
+    metrics: str = "metrics/train.json"  # final loss, run time, steps/s, trajectory sha256, dead tokens, device
+    loss_curve: str = "metrics/train_loss.csv"  # step, loss, grad_norm, learning_rate
+
+    def _check(self) -> None:
+        for f in dataclasses.fields(self):
+            if not getattr(self, f.name):
+                self._fail(f.name, "is empty: give a file path relative to the project root")
+
+    def under(self, root: Path) -> ResolvedPaths:
+        """Every path joined to the project root `root`, once, for the stages to use."""
+        return ResolvedPaths(**{f.name: Path(root) / getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+# The files training reads, in pipeline order: paths.<name> each, recorded as `<name>_sha256` in a trajectory.
+INPUTS = ("corpus", "tokenizer", "masks")
+
+
+@dataclass(frozen=True)
+class ResolvedPaths:
+    """`paths` under the project root (`PathsConfig.under(root)`); the fields and their meaning are the same."""
+
+    corpus: Path
+    tokenizer_corpus: Path
+    tokenizer: Path
+    masks: Path
+    trajectory: Path
+    metrics: Path
+    loss_curve: Path
+
+    def inputs(self) -> dict[str, Path]:
+        """{"corpus": path, "tokenizer": path, "masks": path}"""
+        return {name: getattr(self, name) for name in INPUTS}
+
+
+@dataclass(frozen=True)
+class TrackingConfig(_Section):
+    _section = "tracking"
+    enabled: bool = True  # log every train run to MLflow
+    uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
+    experiment: str = "flannel"  # MLflow experiment name
+    upload_trajectory: bool = False  # also upload the trajectory file as an artifact (DVC versions it already)
+
+    def _check(self) -> None:
+        if not self.experiment:
+            self._fail("experiment", "is empty: give an MLflow experiment name")
+
+
+@dataclass(frozen=True)
+class AuditConfig(_Section):
+    _section = "audit"
+    # dvc.yaml runs the verify stage once per entry: [rerun] reruns the training after `train` and checks it bit for
+    # bit (one more training run); [] leaves the audit out of `dvc repro` (e.g. for a seed sweep)
+    verify: tuple[str, ...] = ("rerun",)
+    report: str = "reports/verify.json"  # the verify stage's verdict, a DVC metric
+
+    def _check(self) -> None:
+        if self.verify not in ((), ("rerun",)):
+            self._fail("verify", "must be [rerun] (dvc repro audits the trajectory) or [] (it does not)")
+        if not self.report:
+            self._fail("report", "is empty: give a file path relative to the project root")
+
+
+@dataclass(frozen=True)
+class Params:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer_corpus: TokenizerCorpusConfig = field(default_factory=TokenizerCorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"train.learning_rate": 0.001, ...}`: the form MLflow params and `dvc -S` use."""
+        return {f"{s}.{k}": v for s, section in self.to_dict().items() for k, v in section.items()}
+
+
+_SECTION_TYPES = typing.get_type_hints(Params)
+
+
+def params_from_dict(doc: Any, source: str = "params.yaml", recorded: bool = False) -> Params:
+    """Build `Params` from a parsed document; every problem is a ConfigError naming the key. `recorded`: the document
+    is what a trajectory or tracking run recorded (`source`), so a bad value is reported as coming from there."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections ({', '.join(_SECTION_TYPES)})")
+    unknown = [str(k) for k in doc if k not in _SECTION_TYPES]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section {unknown[0]!r}; the sections are {', '.join(_SECTION_TYPES)}"
+        )
+    built = {}
+    for name, cls in _SECTION_TYPES.items():
+        section = doc.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys, got {type(section).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in section:
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key '{name}.{key}'; the keys of {name} are {', '.join(sorted(known))}"
+                )
+        try:
+            built[name] = cls(**{str(k): v for k, v in section.items()})
+        except InvalidValue as e:
+            if not recorded:
+                raise
+            raise ConfigError(f"{source}: {e.problem}; these recorded params are invalid (the record is corrupt or "
+                              "was edited), params.yaml is not involved") from None
+    return Params(**built)
+
+
+def apply_overrides(doc: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `section.key=value` overrides (values parsed as YAML, like `dvc exp run -S`) to a parsed document."""
+    doc = {k: dict(v) if isinstance(v, dict) else v for k, v in (doc or {}).items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name:
+            raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.steps=10")
+        value = parse_yaml(raw, f"override {item!r}")
+        current = doc.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"override {item!r}: section {section!r} is not a mapping in params.yaml")
+        current[name] = value
+    return doc
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    path = Path(path)
+    with contextlib.suppress(OSError):  # a missing file is told below
+        kind = file_kind(path.stat().st_mode)
+        if kind is not None:  # a FIFO would block the read forever
+            raise ConfigError(f"{path}: params file is {kind}, not a file; pass --params a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found; run from the project root or pass --params") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save params.yaml as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read params file ({e.strerror})") from None
+    doc = parse_yaml(text, str(path))
+    if overrides:
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        doc = apply_overrides(doc, overrides)
+    return params_from_dict(doc, str(path))
+
+
+def params_from_json(text: str, source: str) -> Params:
+    """Rebuild the `Params` a trajectory file recorded in its header."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: recorded params are not valid JSON ({e})") from None
+    return params_from_dict(doc, source, recorded=True)

@@ -1,0 +1,450 @@
+"""MLflow behind the tracking interfaces: with mlflow_spool.py, the only modules of the package that import mlflow.
+
+`MlflowTracker` is one MLflow run for a trajectory file (a parent with one child run per seed when `num_runs > 1`:
+the parent holds the artifacts of the whole file, each child its own loss curve, and every child carries the
+parent's params and tags so runs of different files, seeds and devices line up in the compare view). Once
+training starts, a store outage costs it one warning line: what the store misses is kept (mlflow_spool.py) and
+sent at the end of the run or by `flannel-repro sync` (`sync`). Each run is tagged with its host and pid, so a
+later command that opens the store closes, as KILLED, the runs of processes that died without closing them
+(`close_dead_runs`). `MlflowAuditStore` is what `verify` reads the audited run from and logs its audit run to.
+Both go through one guarded client: an unreachable server fails in seconds, MLflow's HTTP retries are bounded, and
+any store failure is one FlannelError line. A `sqlite:///` store (the default, `mlflow.db` at the project root) is
+created under a lock, with its artifacts beside it. The experiment is tagged as model training
+(`mlflow.experimentKind`); `training_runs_url` is the UI page that shows it on its training runs.
+
+    tracker = MlflowTracker(tracking_uri(params.tracking, root), "flannel", "flannel7-seed42-cpu")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.fsutil import pid_alive
+from flannel_repro.core.store_uri import sqlite_path
+from flannel_repro.tracking.base import AuditStore, InputFile, Tracker
+from flannel_repro.tracking.spool import PARENT_TAG, Outbox, deliver, locked_spool, pending_spools, spool_folder
+from flannel_repro.trajectory.provenance import fingerprint_tags
+
+FLUSH_EVERY = 50  # steps of metrics per MLflow call: ~22 s of the default run, so the UI's charts stay live
+PROBE_TIMEOUT_S = 3.0
+# MLflow's HTTP client retries a failed call 7 times with a backoff of up to 2 minutes, and waits 120 s for an answer:
+# about 4 minutes per call against a dead server. Unless the user set them, a failed call here costs seconds.
+HTTP_RETRY_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+_BATCH_LIMIT = 1000  # MLflow's limit on metrics in one log_batch call
+_PARAMS_TAGS_LIMIT = 100  # ... and on params or tags
+_TAG_LIMIT = 5000  # error messages are cut to this (MLflow tag values hold 8000 characters)
+_DIGEST_LIMIT = 36  # MLflow stores a dataset digest in a 36-character column
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"  # MLflow 3's "Machine learning" experiments: training runs, not traces
+# MLflow 3.17's UI picks its GenAI or "Model training" layout from a per-browser switch, not from KIND_TAG; this URL
+# parameter selects the training layout (mlflow/mlflow#24498).
+TRAINING_VIEW = "workflowType=machine_learning"
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail in seconds if an http(s) tracking server does not answer: MLflow's own client retries for minutes."""
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    fix = "start it, point tracking.uri or MLFLOW_TRACKING_URI at a running server, or set tracking.enabled: false"
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):  # up, behind authentication: MLflow's credentials settle the rest
+            return
+        raise FlannelError(f"tracking server {uri} answered HTTP {e.code} to /health, so it is not an MLflow "
+                           f"server; {fix}") from None
+    except OSError as e:  # refused, unknown host, timed out (URLError is an OSError)
+        reason = getattr(e, "reason", None) or e
+        raise FlannelError(f"tracking server {uri} is not reachable ({reason}); {fix}") from None
+
+
+def _store_errors() -> tuple[type[Exception], ...]:
+    """What a store that cannot be used raises: MLflow's own errors, and for a SQLite file the OS's and the
+    database's (a path that cannot be created, a file that is not a database)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return MlflowException, OSError, SQLAlchemyError
+
+
+def _client(uri: str):
+    """An MlflowClient for `uri`; an http server is probed first (and MLflow's retries bounded), a SQLite store is
+    opened (and created) here."""
+    check_reachable(uri)
+    if urlsplit(uri).scheme in ("http", "https"):
+        for name, value in HTTP_RETRY_LIMITS.items():
+            os.environ.setdefault(name, value)
+    from mlflow import MlflowClient
+
+    # Its ERROR log repeats, with two tracebacks, the store error this module reports in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+    try:
+        return _GuardedClient(MlflowClient(tracking_uri=uri), uri)
+    except _store_errors() as e:
+        raise _store_error(uri, e) from None
+
+
+class StoreError(FlannelError):
+    """A tracking store call failed; `error_code` is MLflow's (e.g. RESOURCE_ALREADY_EXISTS) where it gave one."""
+
+    def __init__(self, message: str, error_code: str | None = None) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+class _GuardedClient:
+    """An MlflowClient whose every call turns a store failure into one FlannelError line, not a traceback."""
+
+    def __init__(self, client: Any, uri: str) -> None:
+        self._client, self._uri, self._errors = client, uri, _store_errors()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except self._errors as e:
+                raise StoreError(str(_store_error(self._uri, e)), getattr(e, "error_code", None)) from None
+
+        return call
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while it is opened (created and migrated on first use)."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(db + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
+    except OSError as e:
+        raise _store_error(uri, e) from None
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _store_error(uri: str, e: Exception) -> FlannelError:
+    lines = str(getattr(e, "message", e)).splitlines() or [type(e).__name__]
+    why = next((x for x in lines if not x.startswith("(raised as a result of")), lines[0])  # SQLAlchemy's preamble
+    return FlannelError(f"tracking store {uri} cannot be used ({why}); fix tracking.uri or MLFLOW_TRACKING_URI, or "
+                        "set tracking.enabled: false")
+
+
+class MlflowTracker(Tracker):
+    """One MLflow run for the file (a parent with a child per seed when `child_names` is given). Every call after the
+    run is created goes through an `Outbox` (mlflow_spool.py): once `tolerate_outages()` is called, a store outage
+    is one warning line and the calls are kept in a spool under `spool` (`<project>/.flannel/tracking`)."""
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        child_names: Mapping[int, str] | None = None,
+        flush_every: int = FLUSH_EVERY,
+        spool: Path | None = None,
+    ) -> None:
+        self.uri = uri
+        with _store_lock(uri):  # two runs creating a fresh SQLite store at once would race its schema migration
+            self._open(uri, experiment, run_name, spool)
+        self.child_names = dict(child_names or {})
+        self.flush_every = flush_every
+        self._params: dict[str, str] = {}
+        self._pending: list[list[Any]] = []  # [key, value, ms, step] of metrics not yet sent
+        self._pending_steps = 0
+        self._children: dict[int, str] = {}  # run index -> child run id
+        self._current = self.run_id  # where metrics go: the open child run, else the file's run
+
+    def _open(self, uri: str, experiment: str, run_name: str, spool: Path | None) -> None:
+        self.client = _client(uri)  # probes an http server first
+        close_dead_runs(self.client, spool)
+        try:
+            self.experiment_id = self._experiment(experiment)
+            tags = {"mlflow.source.name": "flannel-repro train", "mlflow.source.type": "LOCAL", "flannel.kind": "train",
+                    "flannel.host": socket.gethostname(), "flannel.pid": str(os.getpid())}
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        except _store_errors() as e:
+            raise _store_error(uri, e) from None
+        self._tags: dict[str, str] = dict(tags)
+        self.outbox = Outbox(self.client, uri, self.run_id, spool, probe=lambda: check_reachable(uri))
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created if need be, tagged as model training unless it already has a kind (one made
+        by an older flannel-repro gets the tag; a kind the user chose is kept)."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            location = None
+            db = sqlite_path(self.uri)
+            if db is not None:  # artifacts beside the database, not in whatever folder we run from
+                location = (Path(db).parent / "mlruns").as_uri()
+            try:
+                return self.client.create_experiment(name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND})
+            except StoreError as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":  # a queued run beside us created it first
+                    raise
+            exp = self.client.get_experiment_by_name(name)
+        if exp.lifecycle_stage == "deleted":
+            raise FlannelError(f"MLflow experiment {name!r} is deleted in {self.uri}; restore it with `mlflow "
+                               "experiments restore` or choose another tracking.experiment")
+        if KIND_TAG not in exp.tags:
+            self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
+        return exp.experiment_id
+
+    def tolerate_outages(self) -> None:
+        self.outbox.tolerant = True
+        # Each failed attempt would otherwise print urllib3's "Retrying ..." warning: the outbox says it in one line.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+    def stop_waiting(self) -> None:
+        self.outbox.keep_only()
+
+    def _runs(self) -> list[str]:
+        return [self.run_id, *self._children.values()]
+
+    def _log_batch(self, run_id: str, params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None):
+        for kind, items in (("params", list((params or {}).items())), ("tags", list((tags or {}).items()))):
+            for i in range(0, len(items), _PARAMS_TAGS_LIMIT):
+                self.outbox.call("log_batch", run=run_id, **{kind: dict(items[i : i + _PARAMS_TAGS_LIMIT])})
+
+    def set_note(self, text: str, run: int | None = None) -> None:
+        self._log_batch(self._children.get(run, self.run_id), tags={NOTE_TAG: text[:_TAG_LIMIT]})
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        params = {k: str(v) for k, v in params.items()}
+        self._params.update(params)
+        for run_id in self._runs():
+            self._log_batch(run_id, params=params)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._tags.update(tags)
+        for run_id in self._runs():
+            self._log_batch(run_id, tags=tags)
+
+    def resumed_from(self, run_id: str) -> None:
+        self.set_tags({"flannel.resumed_from": run_id})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if len(self._pending) + len(metrics) > _BATCH_LIMIT:
+            self.flush()
+        now = int(time.time() * 1000)
+        self._pending.extend([k, float(v), now, step] for k, v in metrics.items())
+        self._pending_steps += 1
+        if self._pending_steps >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        # Taken before the call, so that a call left in progress on the recording thread is not sent again.
+        batch, self._pending, self._pending_steps = self._pending, [], 0
+        if batch:
+            self.outbox.call("log_batch", run=self._current, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.outbox.call("log_artifact", run=self.run_id, path=str(path), artifact_path=artifact_path)
+
+    def log_inputs(self, files: Sequence[InputFile]) -> None:
+        datasets = [_file_dataset(f) for f in files]
+        for run_id in self._runs():
+            self.outbox.call("log_inputs", run=run_id, datasets=datasets)
+
+    def start_run(self, run: int, seed: int) -> None:
+        if run not in self.child_names:
+            return
+        self.flush()
+        child = self.outbox.call("create_run", experiment_id=self.experiment_id, run_name=self.child_names[run],
+                                 tags={PARENT_TAG: self.run_id})
+        self._log_batch(child, params={**self._params, "run.index": str(run), "run.seed": str(seed)}, tags=self._tags)
+        self._children[run] = child
+        self._current = child
+
+    def end_run(self, run: int) -> None:
+        self.flush()
+        if self._current != self.run_id:
+            self.outbox.call("set_terminated", run=self._current, status="FINISHED")
+            self._current = self.run_id
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        self.flush()
+        open_runs = [self.run_id] if self._current == self.run_id else [self._current, self.run_id]
+        for run_id in open_runs:
+            if error is not None:
+                self._log_batch(run_id, tags={"flannel.error": error[:_TAG_LIMIT]})
+            self.outbox.call("set_terminated", run=run_id, status=status)
+        self.pending = self.outbox.close()
+
+
+def close_dead_runs(client: Any, spool: Path | None) -> None:
+    """Close as KILLED the RUNNING train runs that a process of this host left open when it died (kill -9, power
+    loss, OOM killer): their `flannel.host` tag is this host and no process has their `flannel.pid` any more. A run
+    whose calls wait in a spool under `spool` is left to `flannel-repro sync`."""
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return
+    quoted = host.replace("'", "\\'")
+    runs = client.search_runs(experiments, f"attributes.status = 'RUNNING' and tags.`flannel.host` = '{quoted}'",
+                              max_results=1000)
+    for run in runs:
+        pid, run_id = run.data.tags.get("flannel.pid", ""), run.info.run_id
+        if not pid.isdigit() or pid_alive(int(pid)) or (spool is not None and (spool / f"{run_id}.jsonl").exists()):
+            continue
+        why = f"process {pid} on {host} ended without closing this run (killed); closed by a later command"
+        client.set_tag(run_id, "flannel.error", why)
+        client.set_terminated(run_id, "KILLED")
+        print(f"tracking: run {run_id} was left RUNNING by process {pid}, which is gone; closed it as KILLED",
+              file=sys.stderr)
+
+
+def sync(project: Path) -> list[str]:
+    """`flannel-repro sync`: send every spool the project's train runs kept during store outages; one line each."""
+    lines = []
+    spools = pending_spools(project)
+    for spool in spools:
+        with locked_spool(spool) as (header, f):
+            client = _client(header["uri"])
+            sent = deliver(spool, client, f)
+            close_dead_runs(client, spool.parent)
+        lines.append(f"sync: sent the {sent} calls of run {header['run']} kept in {spool} to {header['uri']}")
+    return lines or [f"sync: nothing to send ({spool_folder(project)} holds no spool)"]
+
+
+def _file_dataset(f: InputFile) -> dict[str, str]:
+    """An MLflow dataset for a file, as the arguments of mlflow.entities.Dataset. MLflow's digest column holds 36
+    characters, so the digest is the first 36 hex digits of the sha256; the full sha256 is in the profile (and in the
+    run's `inputs.<name>.sha256` tag)."""
+    profile = {"sha256": f.sha256, "bytes": f.path.stat().st_size}
+    return {
+        "name": f.name,
+        "digest": f.sha256[:_DIGEST_LIMIT],
+        "source_type": "local",
+        "source": json.dumps({"uri": f.path.resolve().as_uri()}),
+        "profile": json.dumps(profile),
+    }
+
+
+class MlflowAuditStore(AuditStore):
+    """The runs of an MLflow store, as `verify` reads and writes them."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def exists(self) -> bool:
+        db = sqlite_path(self.uri)
+        return db is None or Path(db).is_file()
+
+    def run_manifest(self, run_id: str) -> dict[str, Any]:
+        """The `digests.json` manifest a train run logged (`trajectory.manifest`): what `verify` audits a rerun
+        against when only the run id is known. A child run's manifest is its parent's (one file for all seeds)."""
+        client = _client(self.uri)
+        run = _get_run(client, run_id, self.uri)
+        owner = run.data.tags.get(PARENT_TAG, run_id)
+        with tempfile.TemporaryDirectory(prefix="flannel-reference-") as tmp, _no_progress_bar():
+            try:
+                local = client.download_artifacts(owner, "digests.json", tmp)
+            except StoreError:
+                raise FlannelError(f"MLflow run {owner} in {self.uri} has no digests.json artifact; give the id of a "
+                                   "run logged by `flannel-repro train`") from None
+            return json.loads(Path(local).read_text(encoding="utf-8"))
+
+    def find_train_run(self, trajectory_sha256: str) -> str | None:
+        """The newest finished train run that wrote a file with this sha256 (its `trajectory.sha256` tag), if any."""
+        client = _client(self.uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return None
+        runs = client.search_runs(
+            experiments, filter_string=f"tags.`trajectory.sha256` = '{trajectory_sha256}' and status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def log_audit_run(
+        self,
+        audited_run_id: str,
+        *,
+        verdict: str,
+        first_divergent_step: int | None,
+        fingerprint: Mapping[str, Any],
+        report: Path | None = None,
+    ) -> str:
+        """Log a verify result as its own run in the audited run's experiment, tagged `flannel.audit_of`; returns
+        its id."""
+        client = _client(self.uri)
+        close_dead_runs(client, None)
+        audited = _get_run(client, audited_run_id, self.uri)
+        tags = {
+            "mlflow.source.name": "flannel-repro verify",
+            "mlflow.source.type": "LOCAL",
+            "flannel.kind": "audit",
+            "flannel.audit_of": audited_run_id,
+            "flannel.verdict": verdict,
+            "flannel.first_divergent_step": "none" if first_divergent_step is None else str(first_divergent_step),
+            **fingerprint_tags(fingerprint),
+        }
+        run_id = client.create_run(
+            audited.info.experiment_id, run_name=f"audit-{audited.info.run_name}", tags=tags
+        ).info.run_id
+        if first_divergent_step is not None:
+            client.log_metric(run_id, "first_divergent_step", first_divergent_step, step=0)
+        if report is not None:
+            client.log_artifact(run_id, str(report))
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+
+def training_runs_url(uri: str, run_id: str) -> str:
+    """The MLflow UI page of this run's experiment, on its training runs: on the tracking server itself, or where
+    `mlflow ui --host 127.0.0.1` serves a local store (port 5000)."""
+    experiment_id = _get_run(_client(uri), run_id, uri).info.experiment_id
+    base = uri.rstrip("/") if urlsplit(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
+
+
+def _get_run(client, run_id: str, uri: str):
+    try:
+        return client.get_run(run_id)
+    except StoreError as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise FlannelError(f"MLflow run {run_id!r} not found in {uri}; check the run id and the tracking uri "
+                           "(tracking.uri or MLFLOW_TRACKING_URI)") from None
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    old = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old

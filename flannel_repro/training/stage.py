@@ -1,0 +1,73 @@
+"""Stage 4, `flannel-repro train`: the training run (loop.py), tracked and reported.
+
+`run_train_stage(params, root)` is the stage as the CLI, dvc.yaml and the tests run it: it checks the outputs and
+inputs, holds the stop signals (recording/stopping.py), opens the tracking run (train_log.py), trains, writes the
+DVC metrics and loss curve, and logs the results.
+
+    result, run_id = run_train_stage(load_params("params.yaml"), root=Path("."))
+    result.sha256, result.final_loss
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flannel_repro.core.config import Params
+from flannel_repro.core.errors import FlannelError, TrackingIncomplete
+from flannel_repro.core.fsutil import atomic_output, write_json
+from flannel_repro.recording.motion import MOTION_NAMES
+from flannel_repro.recording.stopping import StopSignals
+from flannel_repro.training.loop import train
+from flannel_repro.training.preflight import check_before_training, check_inputs
+from flannel_repro.training.result import TrainResult
+from flannel_repro.training.train_log import log_train_result, tracked_run
+
+
+def run_train_stage(
+    params: Params, root: Path, *, observers: Sequence[Any] = (), progress: bool = True, resume: bool = False
+) -> tuple[TrainResult, str | None]:
+    """The train stage: returns the training result and the tracking run id (None when tracking is disabled).
+
+    observers: extra `train()` observers (tests). A resumed run (`resume=True`) is a new tracking run, tagged with
+    the interrupted one: train() replays the steps before the resume point to the observers, so its metrics are
+    complete. SIGINT, SIGTERM and SIGHUP raise `Interrupted` (stopping.py); a tracking store that stopped answering
+    and did not come back raises `TrackingIncomplete` once everything else is done."""
+    root = Path(root)
+    # Before the tracking run exists: the outputs, room for the trajectory, and the inputs in pipeline order.
+    check_before_training(params, root, write=True, resume=resume)
+    check_inputs(params, root)
+    with StopSignals() as stops, tracked_run(params, root, resume=resume) as (tracker, metrics):
+        result = train(params, root, observers=[*metrics, *observers, tracker], progress=progress, resume=resume,
+                       stops=stops, checked=True)
+        try:
+            write_reports(params, result, root)  # still inside the commit's critical section
+        except FlannelError as e:
+            raise FlannelError(f"{e}; the trajectory itself is complete and in place ({params.paths.trajectory}, "
+                               f"sha256 {result.sha256}): run `flannel-repro train` again to write the reports once "
+                               "they can be") from None
+        stops.honour()
+        log_train_result(tracker, params, root, result)
+    if tracker.pending is not None:
+        raise TrackingIncomplete(
+            f"tracking run {tracker.run_id} is incomplete: the store did not answer again, so what it missed is kept "
+            f"in {tracker.pending}; send it with `flannel-repro sync`", result=result, run_id=tracker.run_id)
+    return result, tracker.run_id
+
+
+def write_reports(params: Params, result: TrainResult, root: Path) -> None:
+    """metrics/train.json (DVC metrics) and the per-step CSV (DVC plots): loss, gradient norm, learning rate and
+    the token motion of live and dead tokens."""
+    paths = params.paths.under(root)
+    write_json(paths.metrics, result.metrics())
+    with atomic_output(paths.loss_curve) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "step", "loss", "grad_norm", "learning_rate", *MOTION_NAMES])
+            for run, losses in enumerate(result.losses):
+                for step in range(1, len(losses)):
+                    w.writerow([run, step, repr(losses[step]), repr(result.grad_norms[run][step]),
+                                repr(result.learning_rates[run][step]),
+                                *(repr(result.motion[name][run][step]) for name in MOTION_NAMES)])

@@ -1,0 +1,134 @@
+"""What made an artifact: library versions, the device fingerprint, and the code (git) and DVC experiment.
+
+The fingerprint is what "the same device" means for bit-for-bit replay: device type and model, CPU model, torch
+thread count, ATen CPU capability, CUDA/cuDNN versions and the determinism settings. It goes into the trajectory
+header, the tracking run and every verify report.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Python's, flannel-repro's and each of PACKAGES' version. flannel-repro's is the running code's own
+    (`__version__`), not the installed metadata's, which an editable install keeps from its install when the
+    checkout changes: a partial run is then not resumed by other code than the code that recorded it."""
+    from flannel_repro import __version__
+
+    out = {"python": platform.python_version(), "flannel-repro": __version__}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(device: torch.device) -> dict[str, Any]:
+    fp: dict[str, Any] = {
+        "device_type": device.type,
+        "device_name": cpu_model(),
+        "cpu_model": cpu_model(),
+        "machine": platform.machine(),
+        "os": sys.platform,
+        "torch_threads": torch.get_num_threads(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "torch": torch.__version__,
+        "transformers": versions()["transformers"],
+        "cuda": torch.version.cuda,
+        "cudnn": None,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        "tf32_matmul": None,
+    }
+    if device.type == "cuda":
+        fp["device_name"] = torch.cuda.get_device_name(device)
+        fp["cudnn"] = torch.backends.cudnn.version()
+        fp["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        fp["cudnn_deterministic"] = torch.backends.cudnn.deterministic
+    elif device.type == "mps":
+        fp["device_name"] = "Apple MPS"
+    return fp
+
+
+# Keys whose difference makes a bit-for-bit rerun unlikely, in the order a report lists them.
+GUARD_KEYS = (
+    "device_type",
+    "device_name",
+    "cpu_model",
+    "aten_cpu_capability",
+    "torch_threads",
+    "torch",
+    "transformers",
+    "cuda",
+    "cudnn",
+)
+
+
+def fingerprint_mismatches(reference: dict[str, Any], here: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    return [(k, reference.get(k), here.get(k)) for k in GUARD_KEYS if reference.get(k) != here.get(k)]
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """Commit, branch and dirty flag of the code that ran (also as MLflow's own source tags, shown in the UI)."""
+    try:
+        import git
+    except ImportError as e:  # gitpython refuses to import when no git executable is installed
+        return {"git.commit": f"unknown ({e})"}
+    try:
+        repo = git.Repo(root, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return {"git.commit": "not a git repository"}
+    with repo:
+        try:
+            commit = repo.head.commit.hexsha
+        except ValueError:
+            return {"git.commit": "no commits yet"}
+        try:
+            branch = repo.active_branch.name
+        except TypeError:
+            branch = "(detached HEAD)"
+        dirty = repo.is_dirty()
+    return {
+        "git.commit": commit,
+        "git.branch": branch,
+        "git.dirty": str(dirty).lower(),
+        "mlflow.source.git.commit": commit,
+        "mlflow.source.git.branch": branch,
+    }
+
+
+def dvc_tags(env: Mapping[str, str]) -> dict[str, str]:
+    """`dvc exp run` (queued or not) sets DVC_EXP_NAME and DVC_EXP_BASELINE_REV in the stage's environment."""
+    names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+    return {tag: env[var] for var, tag in names.items() if env.get(var)}
+
+
+def fingerprint_tags(fp: Mapping[str, Any]) -> dict[str, str]:
+    """`fingerprint.<key>` per key (so the UI can filter on `tags.fingerprint.device_type`), plus the JSON."""
+    tags = {f"fingerprint.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in fp.items()}
+    tags["fingerprint"] = json.dumps(dict(fp), sort_keys=True)
+    return tags
