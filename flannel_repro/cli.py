@@ -140,7 +140,8 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None, store
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
     )
     if run_id is not None:
-        from flannel_repro.tracking.mlflow_store import tracking_uri, training_runs_url
+        from flannel_repro.core.store_uri import tracking_uri
+        from flannel_repro.tracking.mlflow_store import training_runs_url
 
         uri = tracking_uri(params.tracking, root)
         if store_reached:  # the page needs the run's experiment id, read back from the store

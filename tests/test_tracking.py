@@ -18,9 +18,10 @@ from mlflow import MlflowClient
 from flannel_repro.core.config import Params, TrackingConfig, load_params
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import sha256_file
+from flannel_repro.core.store_uri import tracking_uri
 from flannel_repro.data.masks import load_masks
 from flannel_repro.recording.motion import MOTION_NAMES
-from flannel_repro.tracking.mlflow_store import MlflowAuditStore, tracking_uri, training_runs_url
+from flannel_repro.tracking.mlflow_store import MlflowAuditStore, training_runs_url
 from flannel_repro.training.stage import run_train_stage
 from flannel_repro.trajectory.file import load_trajectory, manifest
 

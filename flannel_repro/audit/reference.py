@@ -137,6 +137,7 @@ def load_reference(path: Path | None, run_id: str | None, current: Params | None
 def audit_store(current: Params | None, root: Path) -> AuditStore:
     """The tracking store of params.yaml (its defaults when there is none) under `root`."""
     from flannel_repro.core.config import TrackingConfig
-    from flannel_repro.tracking.mlflow_store import MlflowAuditStore, tracking_uri
+    from flannel_repro.core.store_uri import tracking_uri
+    from flannel_repro.tracking.mlflow_store import MlflowAuditStore
 
     return MlflowAuditStore(tracking_uri(current.tracking if current is not None else TrackingConfig(), root))

@@ -107,7 +107,8 @@ def open_tracker(params: Params, root: Path, device_type: str) -> Tracker:
     cfg = params.tracking
     if not cfg.enabled:
         return NullTracker()
-    from flannel_repro.tracking.mlflow_store import MlflowTracker, tracking_uri
+    from flannel_repro.core.store_uri import tracking_uri
+    from flannel_repro.tracking.mlflow_store import MlflowTracker
     from flannel_repro.tracking.spool import spool_folder
 
     name, children = run_names(params, device_type)
