@@ -38,12 +38,14 @@ def slices(traj, name: str) -> list[np.ndarray]:
             for t in range(traj.n_steps + 1)]
 
 
-def framed(words: list[np.ndarray], key_every: int, rows: int, delta: bool, level: int) -> int:
-    """Bytes of the packed layout: frames of `rows` rows, byte planes, XOR with the step before unless a key frame."""
+def framed(words: list[np.ndarray], key_every: int, rows: int, delta: bool, level: int, to_key: bool = False) -> int:
+    """Bytes of the packed layout: frames of `rows` rows, byte planes, XOR with the step before (`to_key`: with the
+    span's key frame) unless a key frame."""
     c = zstandard.ZstdCompressor(level=level)
     total = 0
     for t, w in enumerate(words):
-        src = w ^ words[t - 1] if delta and t % key_every else w
+        ref = words[t - t % key_every] if to_key else words[t - 1]
+        src = w ^ ref if delta and t % key_every else w
         for a in range(0, w.shape[0], rows):
             total += len(c.compress(to_planes(np.ascontiguousarray(src[a : a + rows]).reshape(-1))))
     return total
@@ -92,6 +94,11 @@ def main() -> None:
                 r = "whole slices" if chunk == 10**9 else f"{chunk} rows"
                 label = f"{'xor prev, ' if delta else ''}planes, zstd -{level}, key {k}, {r}"
                 row(label, name, n, time.perf_counter() - start)
+    for name, words in data.items():
+        for key_every in (5, 10, 25):
+            start = time.perf_counter()
+            n = framed(words, key_every, 1024, True, 3, to_key=True)
+            row(f"xor key frame, planes, zstd -3, key {key_every}, 1024 rows", name, n, time.perf_counter() - start)
     try:
         from numcodecs import Blosc, blosc
     except ImportError:

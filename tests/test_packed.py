@@ -24,7 +24,7 @@ from flannel_repro.trajectory.packed_reader import PackedTrajectory
 
 TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
 STEPS = 13  # key frames at 0, 4, 8 and 12 with key_every=4
-ROWS = 64  # the tiny vocabulary (300 rows) in 5 chunks, the last one short
+ROWS = 64  # the tiny vocabulary (300 rows) in 5 chunks of W, the last one short (grad_W: whole slices)
 
 
 def sha256(path: Path) -> str:
@@ -182,14 +182,14 @@ def corrupt_cli(project: Path, path: Path, line: str, code: int = 1) -> None:
 
 
 def test_a_flipped_bit_inside_a_compressed_frame(project):
-    at = frames(project / "t.flpack", "grad_W")[frame_index(project / "t.flpack", "grad_W", 1, 5, 3)]
+    at = frames(project / "t.flpack", "grad_W")[frame_index(project / "t.flpack", "grad_W", 1, 5, 0)]
 
     def flip(data: bytearray) -> bytearray:
         data[at + 120] ^= 0x04  # inside the zstd payload
         return data
 
     corrupt_cli(project, edited(project, "flip.flpack", flip),
-                "grad_W at run 1, step 5: the key frame (chunk 3) no longer matches its digest")
+                "grad_W at run 1, step 5: the key frame (chunk 0) no longer matches its digest")
 
 
 def test_a_truncated_frame(project):
