@@ -1,11 +1,11 @@
 """The determinism audit: rerun a recorded training and compare it with the record, step by step, bit for bit.
 
-A reference is a trajectory's digest manifest (`trajectory.manifest`): the recorded params, device fingerprint and
-input digests, the sha256 of every recorded (V, H) slice at every step and the content record (content.py). A
-trajectory file and an MLflow run give the same manifest; a file also holds the tensors themselves, which verify
-checks as well: before the rerun, everything `flannel-repro check` checks but the slices (check.py); during it, each
-step's slices and values (stepcheck.py). A file that no longer agrees with itself is *corrupt* (changed after it was
-written); an intact reference that the rerun does not reproduce has *diverged*.
+The reference (reference.py) is a trajectory's digest manifest: the recorded params, device fingerprint and input
+digests, the sha256 of every recorded (V, H) slice at every step and the content record. A trajectory file and an
+MLflow run give the same manifest; a file also holds the tensors themselves, which verify checks as well: before the
+rerun, everything `flannel-repro check` checks but the slices (check.py); during it, each step's slices and values
+(stepcheck.py). The verdict and its exit code are report.py's. A file that no longer agrees with itself is
+*corrupt* (changed after it was written); an intact reference that the rerun does not reproduce has *diverged*.
 
 The rerun uses the reference's own params (never params.yaml), pinned to the reference's thread count and device
 type, writes no file, and checks each step as training produces it; by default it stops at the first divergent or

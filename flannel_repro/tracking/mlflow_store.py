@@ -1,9 +1,9 @@
-"""MLflow behind the tracking interfaces: with mlflow_spool.py, the only modules of the package that import mlflow.
+"""MLflow behind the tracking interfaces: with spool.py, the only modules of the package that import mlflow.
 
 `MlflowTracker` is one MLflow run for a trajectory file (a parent with one child run per seed when `num_runs > 1`:
 the parent holds the artifacts of the whole file, each child its own loss curve, and every child carries the
 parent's params and tags so runs of different files, seeds and devices line up in the compare view). Once
-training starts, a store outage costs it one warning line: what the store misses is kept (mlflow_spool.py) and
+training starts, a store outage costs it one warning line: what the store misses is kept (spool.py) and
 sent at the end of the run or by `flannel-repro sync` (`sync`). Each run is tagged with its host and pid, so a
 later command that opens the store closes, as KILLED, the runs of processes that died without closing them
 (`close_dead_runs`). `MlflowAuditStore` is what `verify` reads the audited run from and logs its audit run to.
@@ -160,7 +160,7 @@ def _store_error(uri: str, e: Exception) -> FlannelError:
 
 class MlflowTracker(Tracker):
     """One MLflow run for the file (a parent with a child per seed when `child_names` is given). Every call after the
-    run is created goes through an `Outbox` (mlflow_spool.py): once `tolerate_outages()` is called, a store outage
+    run is created goes through an `Outbox` (spool.py): once `tolerate_outages()` is called, a store outage
     is one warning line and the calls are kept in a spool under `spool` (`<project>/.flannel/tracking`)."""
 
     def __init__(
