@@ -118,7 +118,9 @@ class TraceDiff:
         if self.first_receiver is not None:
             r = self.first_receiver
             out.append(f"BEGAN APART: op {r.seq} {r.key} ({r.module or 'outside any module'}, {r.phase}) already has "
-                       "differing inputs with no differing op before it: the step started from other numbers")
+                       "differing inputs with no differing op before it: the step started from other numbers (weights "
+                       "or optimizer state the trajectory does not record); trace an earlier step, down to step 1, "
+                       "where a kernel difference shows first")
         if self.control_flow_at is not None:
             out.append(f"CONTROL FLOW differs from op {self.control_flow_at} of {a}: {len(self.only_a)} op(s) only "
                        f"in {a}, {len(self.only_b)} only in {b}")
