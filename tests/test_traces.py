@@ -182,7 +182,7 @@ def test_an_untraced_divergent_step_gives_the_command_that_traces_it(project, tm
     # them): every difference is received, and the report says to trace an earlier step.
     assert proc.returncode == 1 and "ORIGIN" not in proc.stdout, proc.stdout
     assert "BEGAN APART: op 20 aten::native_layer_norm.default:0 (transformer.h.0.ln_1, forward)" in proc.stdout
-    assert "trace an earlier step, down to step 1" in proc.stdout
+    assert "trace an earlier step (down to step 1)" in proc.stdout
 
 
 def test_bad_traces_are_one_line_and_exit_2(project, tmp_path):

@@ -74,6 +74,7 @@ class TraceDiff:
     only_b: list[Op] = field(default_factory=list)
     control_flow_at: int | None = None  # position (in A) of the first op whose identity differs from B's there
     first_receiver: Op | None = None  # an op receiving a difference before any origin: the step began apart
+    apart_inputs: tuple[int, ...] = ()  # which of its inputs differ
     labels: tuple[str, str] = ("A", "B")
 
     @property
@@ -87,7 +88,8 @@ class TraceDiff:
             "origin": self.origin.to_json() if self.origin else None,
             "origin_after_control_flow": self.origin_after_control_flow,
             "control_flow_at": self.control_flow_at,
-            "began_apart_at": _brief(self.first_receiver) if self.first_receiver else None,
+            "began_apart_at": _brief(self.first_receiver) | {"inputs": list(self.apart_inputs)}
+            if self.first_receiver else None,
             "only_a": [_brief(o) for o in self.only_a], "only_b": [_brief(o) for o in self.only_b],
         }
 
@@ -117,10 +119,10 @@ class TraceDiff:
             out.append("no op has equal inputs and differing outputs")
         if self.first_receiver is not None:
             r = self.first_receiver
+            which = ", ".join(f"input {i} {list(r.inputs[i].shape)} {r.inputs[i].dtype}" for i in self.apart_inputs)
             out.append(f"BEGAN APART: op {r.seq} {r.key} ({r.module or 'outside any module'}, {r.phase}) already has "
-                       "differing inputs with no differing op before it: the step started from other numbers (weights "
-                       "or optimizer state the trajectory does not record); trace an earlier step, down to step 1, "
-                       "where a kernel difference shows first")
+                       f"differing inputs ({which or 'its arguments'}) with no differing op before it: the step "
+                       "started from other numbers (weights or optimizer state made before it)")
         if self.control_flow_at is not None:
             out.append(f"CONTROL FLOW differs from op {self.control_flow_at} of {a}: {len(self.only_a)} op(s) only "
                        f"in {a}, {len(self.only_b)} only in {b}")
@@ -168,9 +170,15 @@ def compare_ops(a: list[Op], b: list[Op], labels: tuple[str, str] = ("A", "B")) 
     control = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x.key != y.key), None)
     if control is None and len(a) != len(b):
         control = min(len(a), len(b))
+    apart = _differing_inputs(first_receiver, by_key[first_receiver.key]) if first_receiver else ()
     return TraceDiff(len(a), len(b), matched, receivers, origin, origins,
                      only_a=[x for x in a if x.key not in by_key], only_b=[y for y in b if y.key not in keys_a],
-                     control_flow_at=control, first_receiver=first_receiver, labels=labels)
+                     control_flow_at=control, first_receiver=first_receiver, apart_inputs=apart, labels=labels)
+
+
+def _differing_inputs(x: Op, y: Op) -> tuple[int, ...]:
+    pairs = zip(x.inputs, y.inputs, strict=False)
+    return tuple(i for i, (s, t) in enumerate(pairs) if (s.shape, s.dtype, s.digest) != (t.shape, t.dtype, t.digest))
 
 
 def _output_differences(x: Op, y: Op) -> list[OutputDifference]:

@@ -39,7 +39,12 @@ class StepOrigin:
         if self.diverged is not None:
             out.append(f"  the ops already differ at step {self.step}, in numbers the trajectory does not record; its "
                        f"recorded numbers first differ at step {self.diverged}")
-        return out + [f"  {line}" for line in self.diff.lines()]
+        out += [f"  {line}" for line in self.diff.lines()]
+        if self.diff.first_receiver is not None and self.diff.origin is None:
+            out.append("  the state before step 1 (the model's initial weights, drawn when it is built) is not traced"
+                       if self.step == 1 else f"  trace an earlier step (down to step 1): the weights and optimizer "
+                       f"state step {self.step} starts from are not all in the trajectory")
+        return out
 
     def to_json(self) -> dict[str, Any]:
         return {"run": self.run, "step": self.step, "traced": self.diff is not None, "why_not": self.why or None,
