@@ -336,7 +336,7 @@ def _trace_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trace", help=help_text, description=help_text)
     p.add_argument("reference", nargs="?", help="reference trajectory file (default: paths.trajectory of params.yaml)")
     p.add_argument("--run-id", help="trace a step of this MLflow run (its logged params and digests)")
-    p.add_argument("--step", type=_count, required=True, metavar="N", help="the optimizer step to trace (1 = the first)")
+    p.add_argument("--step", type=int, required=True, metavar="N", help="the optimizer step to trace (1 = the first)")
     p.add_argument("--run", type=int, default=0, metavar="R", help="which run of the file (default 0)")
     p.add_argument("--out", metavar="PATH", help="trace file to write (default: <reference>.step<N>.jsonl here)")
     p.add_argument("--repeat", type=_count, default=1, metavar="K",
@@ -351,7 +351,7 @@ def _trace_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trace-diff", help=help_text, description=help_text)
     p.add_argument("a", help="trace file A (`flannel-repro trace`, or paths.trace of a run)")
     p.add_argument("b", help="trace file B, of the same recorded run")
-    p.add_argument("--step", type=_count, metavar="N", help="compare only step N (default: every step both traced)")
+    p.add_argument("--step", type=int, metavar="N", help="compare only step N (default: every step both traced)")
     p.add_argument("--run", type=int, metavar="R", help="compare only run R")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout")
     p.set_defaults(func=cmd_trace_diff)
