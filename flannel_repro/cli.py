@@ -46,6 +46,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "verify": ("flannel_repro.audit.verify",),
     "check": ("flannel_repro.audit.check",),
     "diff": ("flannel_repro.audit.diff",),
+    "trace": ("flannel_repro.audit.trace",),
+    "trace-diff": ("flannel_repro.audit.trace",),
 }
 
 
@@ -286,6 +288,75 @@ def _threads(text: str) -> int:
     return _count(text, MAX_THREADS)
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from flannel_repro.audit.reference import load_reference
+    from flannel_repro.audit.trace import trace_step
+    from flannel_repro.core.config import load_params
+    from flannel_repro.core.paths_guard import Files, check_files, project_files
+    from flannel_repro.tracing.file import write_trace
+
+    params_path = Path(args.params)
+    root = params_path.resolve().parent
+    current = load_params(params_path) if params_path.is_file() or args.reference is None else None
+    ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
+    out = Path(args.out or f"{Path(ref.source).stem if args.reference else 'trace'}.step{args.step}.jsonl")
+    reads = {"the reference": Path(args.reference)} if args.reference else {}
+    if ref.params is not None:
+        reads |= {f"the reference's paths.{k}": p for k, p in ref.params.paths.under(root).inputs().items()}
+    keeps = project_files(current, root, params_path) if current is not None else {}
+    check_files(Files(reads, {"--out": out}, keeps))
+    result = trace_step(ref, root, args.step, run=args.run, repeat=args.repeat, threads=args.threads)
+    write_trace(out, result.header, result.traces[0])
+    lines = [*result.lines(), f"trace: {out}"]
+    if args.json:
+        print("\n".join(lines), file=sys.stderr)
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        print("\n".join(lines))
+    return result.exit_code
+
+
+def cmd_trace_diff(args: argparse.Namespace) -> int:
+    from flannel_repro.audit.trace import diff_traces
+    from flannel_repro.tracing.file import read_trace
+
+    result = diff_traces(read_trace(Path(args.a)), read_trace(Path(args.b)), (args.a, args.b), step=args.step,
+                         run=args.run)
+    if args.json:
+        print("\n".join(result.lines()), file=sys.stderr)
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        print("\n".join(result.lines()))
+    return result.exit_code
+
+
+def _trace_parsers(sub: argparse._SubParsersAction) -> None:
+    help_text = ("trace one step of a recorded run op by op in this environment, rerunning to it (exit 0; with "
+                 "--repeat, 1 when the step does not repeat itself)")
+    p = sub.add_parser("trace", help=help_text, description=help_text)
+    p.add_argument("reference", nargs="?", help="reference trajectory file (default: paths.trajectory of params.yaml)")
+    p.add_argument("--run-id", help="trace a step of this MLflow run (its logged params and digests)")
+    p.add_argument("--step", type=int, required=True, metavar="N", help="the optimizer step to trace (1 = the first)")
+    p.add_argument("--run", type=int, default=0, metavar="R", help="which run of the file (default 0)")
+    p.add_argument("--out", metavar="PATH", help="trace file to write (default: <reference>.step<N>.jsonl here)")
+    p.add_argument("--repeat", type=_count, default=1, metavar="K",
+                   help="trace the step K times and name the first op that does not repeat itself")
+    p.add_argument("--threads", type=_threads, metavar="N", help="rerun with N threads instead of the reference's")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file marking the project root (default: params.yaml)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (the report to stderr)")
+    p.set_defaults(func=cmd_trace)
+    help_text = ("compare two op traces (from anywhere) and name the op that broke determinism (exit 0 identical, "
+                 "1 different, 2 bad input)")
+    p = sub.add_parser("trace-diff", help=help_text, description=help_text)
+    p.add_argument("a", help="trace file A (`flannel-repro trace`, or paths.trace of a run)")
+    p.add_argument("b", help="trace file B, of the same recorded run")
+    p.add_argument("--step", type=int, metavar="N", help="compare only step N (default: every step both traced)")
+    p.add_argument("--run", type=int, metavar="R", help="compare only run R")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout")
+    p.set_defaults(func=cmd_trace_diff)
+
+
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     help_text = ("rerun the reference's training and check it bit for bit (exit 0 identical, 1 diverged or reference "
                  "corrupt, 2 bad input)")
@@ -355,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="params file marking the project root (default: params.yaml)")
     p.set_defaults(func=cmd_sync)
     _audit_parsers(sub)
+    _trace_parsers(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from flannel_repro.audit.check import Problem
 from flannel_repro.audit.reference import Reference
 from flannel_repro.audit.stepcheck import Divergence
 from flannel_repro.core.config import Params
+from flannel_repro.tracing.origin import StepOrigin
 
 
 @dataclass
@@ -36,6 +37,7 @@ class VerifyReport:
     fingerprint: dict[str, Any]  # this machine's, as the rerun ran
     reruns: list[Rerun]  # none when the reference is too corrupt to rerun
     notes: list[str]
+    origin: StepOrigin | None = None  # the op that broke determinism at the first divergent step (tracing/)
 
     @property
     def corruption(self) -> list[Problem]:
@@ -125,6 +127,7 @@ class VerifyReport:
                 for r in self.reruns
             ],
             "notes": self.notes,
+            "origin": self.origin.to_json() if self.origin is not None else None,
         }
         return _finite(doc)
 
@@ -166,6 +169,8 @@ class VerifyReport:
                 out.append(f"{tag}DIVERGED at run {d.run}, step {d.step}: {', '.join(d.tensors)} differ "
                            f"(checked {r.steps_checked} steps, {r.runtime_s:.1f} s)")
                 out += [f"  {line}" for line in _detail_lines(d)]
+                if i == 0 and self.origin is not None:
+                    out += [f"  {line}" for line in self.origin.lines()]
             if len(r.divergences) > 1:
                 steps = [f"{x.run}:{x.step}" if self.params.train.num_runs > 1 else str(x.step) for x in r.divergences]
                 out.append(f"  {len(r.divergences)} divergent steps: {_abbrev(steps)}")

@@ -29,6 +29,8 @@ from flannel_repro.core.config import INPUTS, Params
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import sha256_file
 from flannel_repro.data.masks import load_masks
+from flannel_repro.tracing.callback import StepTraces
+from flannel_repro.tracing.origin import run_trace, step_origin, trace_command
 from flannel_repro.trajectory.provenance import fingerprint, fingerprint_mismatches
 
 
@@ -74,12 +76,16 @@ def verify(
                             "the rerun uses the reference's")
 
     masks = load_masks(root / params.paths.masks, params.model.vocab_size)  # present: checked above
+    # The reference's op traces beside it, if any (tracing/): a divergence at a traced step is compared op by op.
+    ref_trace, note = run_trace(root / params.paths.trace, (ref.manifest or {}).get("content_digest"))
+    notes += [note] if note else []
+    tracing = StepTraces(tuple(sorted({t for _, t in ref_trace.steps}))) if ref_trace else None
     reruns = []
-    for _ in range(repeat):
+    for i in range(repeat):
         check = StepCheck(ref, masks, stop=not full)
         start = time.perf_counter()
-        try:
-            train(params, root, observers=[check], write=False, progress=progress)
+        try:  # the first rerun traces the steps the reference traced (tracing changes no number)
+            train(params, root, observers=[check], write=False, progress=progress, traces=tracing if i == 0 else None)
             check.finish()
         except Stop:
             pass
@@ -94,7 +100,12 @@ def verify(
                             check.problems, check.reference_s, check.content_digest, check.record_differences))
     if ref.record is None:
         notes.append("the reference has no content record: keys without per-step digests were not compared")
-    return VerifyReport(ref, params, differences, mismatches, input_mismatches, here, reruns, notes)
+    report = VerifyReport(ref, params, differences, mismatches, input_mismatches, here, reruns, notes)
+    first = report.first
+    if first is not None:
+        report.origin = step_origin(ref_trace, tracing.traced if tracing else {}, first.run, first.step,
+                                    trace_command(ref.source, first.run, first.step))
+    return report
 
 
 def _rerun_params(ref: Reference, threads: int | None) -> tuple[Params, list[str]]:
@@ -169,5 +180,6 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
         audit_id = store.log_audit_run(
             run_id, verdict=report.to_json()["verdict"],
             first_divergent_step=first.step if first else None, fingerprint=report.fingerprint, report=doc,
+            tags=report.origin.tags() if report.origin is not None else None,
         )
     return f"logged to tracking as audit run {audit_id} of run {run_id}"

@@ -346,8 +346,11 @@ class RecordConfig(_Section):
     variance: bool = False  # Adam exp_avg_sq of W, (runs, steps+1, V, H) bf16, zero at t=0
     logits: bool = False  # not supported: logits are (batch, seq, V) per step, far too large to record
     losses: bool = True  # training loss per step, (runs, steps+1), NaN at t=0
+    trace_steps: tuple[int, ...] = (1,)  # steps traced op by op into paths.trace (tracing/); [] traces none
 
     def _check(self) -> None:
+        if any(t < 1 for t in self.trace_steps):
+            self._fail("trace_steps", "must list optimizer steps from 1 (step 0 is W_initial, no op runs)")
         if self.logits:
             self._fail("logits", "is not supported (logits are batch x seq x vocab per step, far too large to "
                        "record); set it to false")
@@ -363,6 +366,7 @@ class PathsConfig(_Section):
     trajectory: str = "tensors/Flannel/1.20h_flannel_7.safetensors"
     metrics: str = "metrics/train.json"  # final loss, run time, steps/s, trajectory sha256, dead tokens, device
     loss_curve: str = "metrics/train_loss.csv"  # step, loss, grad_norm, learning_rate
+    trace: str = "traces/flannel_7_trace.jsonl"  # op traces of record.trace_steps (docs/traces.md)
 
     def _check(self) -> None:
         for f in dataclasses.fields(self):
@@ -389,6 +393,7 @@ class ResolvedPaths:
     trajectory: Path
     metrics: Path
     loss_curve: Path
+    trace: Path
 
     def inputs(self) -> dict[str, Path]:
         """{"corpus": path, "tokenizer": path, "masks": path}"""

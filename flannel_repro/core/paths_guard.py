@@ -29,7 +29,7 @@ STAGE_FILES = {
     "tokenizer-corpus": ((), ("tokenizer_corpus",)),
     "tokenizer": (("tokenizer_corpus",), ("tokenizer",)),
     "masks": (("corpus", "tokenizer"), ("masks",)),
-    "train": (("corpus", "tokenizer", "masks"), ("trajectory", "metrics", "loss_curve")),
+    "train": (("corpus", "tokenizer", "masks"), ("trajectory", "metrics", "loss_curve", "trace")),
 }
 # (written, kept) keys that may name one file: the tokenizer may be trained on the model corpus itself (README).
 _SHARED = {("corpus", "tokenizer_corpus")}

@@ -144,5 +144,7 @@ class AuditStore(abc.ABC):
         first_divergent_step: int | None,
         fingerprint: Mapping[str, Any],
         report: Path | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> str:
-        """Log a verify result as its own run linked to the audited run; returns its id."""
+        """Log a verify result as its own run linked to the audited run, with `tags` (the origin op of a
+        divergence); returns its id."""

@@ -418,6 +418,7 @@ class MlflowAuditStore(AuditStore):
         first_divergent_step: int | None,
         fingerprint: Mapping[str, Any],
         report: Path | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> str:
         """Log a verify result as its own run in the audited run's experiment, tagged `flannel.audit_of`; returns
         its id."""
@@ -432,6 +433,7 @@ class MlflowAuditStore(AuditStore):
             "flannel.verdict": verdict,
             "flannel.first_divergent_step": "none" if first_divergent_step is None else str(first_divergent_step),
             **fingerprint_tags(fingerprint),
+            **(tags or {}),  # the origin op of a divergence (tracing/origin.py)
         }
         run_id = client.create_run(
             audited.info.experiment_id, run_name=f"audit-{audited.info.run_name}", tags=tags

@@ -178,6 +178,8 @@ def log_train_result(tracker: Tracker, params: Params, root: Path, result: Train
             tracker.log_artifact(staged / name)
     tracker.log_artifact(paths.metrics, "metrics")
     tracker.log_artifact(paths.loss_curve, "metrics")
+    if paths.trace.is_file():
+        tracker.log_artifact(paths.trace, "trace")  # the op traces of record.trace_steps (docs/traces.md)
     if params.tracking.upload_trajectory:
         tracker.log_artifact(result.trajectory, "trajectory")
 
