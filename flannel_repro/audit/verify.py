@@ -58,7 +58,12 @@ def verify(
     params, notes = _rerun_params(ref, threads)
     ref_fp = ref.manifest.get("fingerprint") or {}
     here = {**fingerprint(pick_device(params.train.device)), "torch_threads": params.train.num_threads}
-    mismatches = fingerprint_mismatches(ref_fp, here)
+    mismatches = fingerprint_mismatches(ref_fp, here) if ref.device_recorded else []
+    notes = [*ref.notes, *notes]
+    if not ref.device_recorded:  # a notebook file: the notebook picks cuda, then mps, then cpu, and records none
+        notes.append(f"the reference does not record its device or thread count (the notebook picks CUDA, then MPS, "
+                     f"then CPU); the rerun ran on {here['device_type']} ({here['device_name']}) with "
+                     f"{here['torch_threads']} thread(s)")
     input_mismatches = _input_mismatches(ref, root)
     if strict and (mismatches or input_mismatches):
         what = [f"{k} (reference {a!r}, here {b!r})" for k, a, b in mismatches] + [p for p, _, _ in input_mismatches]
