@@ -261,7 +261,7 @@ def notebook_reference(path: Path, current: Params | None, root: Path) -> Refere
     text = content.render(content.entries(_file_layout(raw), _reader(raw, traj)))
     doc = {"format": MANIFEST_FORMAT, "params": params.to_dict(), "fingerprint": {}, "versions": {}, "inputs": {},
            "digests": {n: [[d.hex() for d in run] for run in v] for n, v in digests.items()},
-           "content": text, "content_digest": content.content_digest(text)}
+           "content": text, "content_digest": None}  # the record covers the notebook's keys only: no file's digest
     unrecorded = frozenset(k for k in trajectory_layout(params) if k in NOT_RECORDED)
     checks = (["the file's schema, its scalars against each other and the shapes, and step 0 (W = W_initial, "
                "grad_W = 0, loss NaN), without a rerun",
