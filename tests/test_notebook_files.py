@@ -279,3 +279,17 @@ def test_adopt_refuses_a_notebook_file_that_contradicts_itself(project):
     assert proc.stderr.count("\n") == 1 and "not adopted: n_live: n_live" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (project / "adopted.safetensors").exists()
+
+
+def test_check_tells_a_flannel_repro_file_saved_again_without_its_header(project):
+    """safetensors' load_file + save_file keeps a trajectory's keys and drops its metadata: not a notebook file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(project / "notebook.safetensors"))
+    tensors["digest_W"] = torch.zeros((1, STEPS + 1, 32), dtype=torch.uint8)
+    tensors["losses_f32"] = torch.zeros((1, STEPS + 1))
+    save_file(tensors, str(project / "resaved.safetensors"))
+    proc = run_cli("check", "resaved.safetensors", cwd=project)
+    assert proc.returncode == 1
+    assert "holds flannel-repro's own keys (digest_W, losses_f32) but no header metadata" in proc.stdout

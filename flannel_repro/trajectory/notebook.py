@@ -88,6 +88,10 @@ def schema_problems(raw: RawHeader) -> list[tuple[str, str]]:
         elif (got["dtype"], got["shape"]) != (dtype, []):
             problems.append((name, f"is {got['dtype']} {got['shape']}, but the notebook writes {dtype} []"))
     extra = sorted(set(entries) - set(NOTEBOOK_SCALARS) - {"W_initial", *RECORDED})
+    ours = [k for k in extra if k in NOT_RECORDED or k.startswith("digest_")]
+    if ours:  # safetensors' save_file of a loaded flannel-repro trajectory keeps every key but drops the metadata
+        return [("", f"holds flannel-repro's own keys ({', '.join(ours[:4])}) but no header metadata: a flannel-repro "
+                     "trajectory saved again without its header; use the file `flannel-repro train` wrote")]
     problems += [(name, "is not a key the notebook writes") for name in extra]
     if "W_initial" in entries and (entries["W_initial"]["dtype"] != "BF16" or len(entries["W_initial"]["shape"]) != 2):
         problems.append(("W_initial", f"is {entries['W_initial']['dtype']} {entries['W_initial']['shape']}, but the "
