@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flannel_repro.audit.check import CheckReport, Problem
+from flannel_repro.audit.check import CheckReport, FileBytes, Problem
 from flannel_repro.audit.reference import Reference
 from flannel_repro.core.config import Params
 from flannel_repro.core.errors import FlannelError
@@ -105,13 +104,12 @@ def _header_problems(raw: RawHeader) -> tuple[list[Problem], dict[str, Any]]:
 
 
 class _Mapped:
-    """The file's data, mapped read-only."""
+    """The file's data by offset, read with pread (check.FileBytes): a file truncated or rewritten while it is read is
+    one line, not a SIGBUS."""
 
     def __init__(self, raw: RawHeader) -> None:
         self.raw = raw
-        self._f = open(raw.path, "rb")
-        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.view = memoryview(self._mm)
+        self.view = FileBytes(raw.path, raw.size)
 
     def span(self, key: str) -> tuple[int, int]:
         lo, hi = self.raw.header[key]["data_offsets"]
@@ -127,10 +125,11 @@ class _Mapped:
         lo = self.span(name)[0] + (run * steps1 + step) * n
         return lo, lo + n
 
+    def confirm_unchanged(self) -> None:
+        self.view.confirm_unchanged()
+
     def close(self) -> None:
-        self.view.release()
-        self._mm.close()
-        self._f.close()
+        self.view.close()
 
     def __enter__(self) -> _Mapped:
         return self
@@ -171,7 +170,8 @@ def _step_problems(m: _Mapped, notes: list[str]) -> list[Problem]:
     if "losses" in entries:
         runs, steps1 = entries["losses"]["shape"]
         lo = m.span("losses")[0]
-        words = m.view[lo : lo + runs * steps1 * 2].cast("H")  # bf16 bits: NaN is exponent all ones, mantissa not 0
+        # bf16 bits: NaN is exponent all ones, mantissa not 0
+        words = memoryview(m.view[lo : lo + runs * steps1 * 2]).cast("H")
         nan = [(r, t) for r in range(runs) for t in range(steps1) if words[r * steps1 + t] & 0x7FFF > 0x7F80]
         words.release()
         out += [Problem("losses", "is not NaN at step 0, where the notebook records no loss", r, 0)
@@ -236,6 +236,10 @@ class NotebookInspection:
 
     def stored_digest(self, name: str, run: int, step: int) -> bytes:
         return self._digests[name][run][step]
+
+    def confirm_unchanged(self) -> None:
+        """FlannelError (exit 2) if the file was written to since it was opened."""
+        self._m.confirm_unchanged()
 
     def close(self) -> None:
         self._m.close()
@@ -416,7 +420,7 @@ def adopt(path: Path, out: Path, root: Path, current: Params | None) -> AdoptRes
     return AdoptResult(out, writer.content_digest, sha256_file(out), params, inputs, notes)
 
 
-def _tensor(data: memoryview, spec: TensorSpec):
+def _tensor(data: bytes, spec: TensorSpec):
     """The file's bytes as a tensor of `spec`, bit for bit (NaN payloads included)."""
     import torch
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -253,20 +253,19 @@ class NotebookTrajectory:
 
 
 def slice_digests(raw: RawHeader, name: str):
-    """(run, step, sha256) of every (V, H) slice of the per-step tensor `name`, in order, read from a read-only map."""
+    """(run, step, sha256) of every (V, H) slice of the per-step tensor `name`, in order, read with pread."""
     runs, steps1, v, h = raw.entries()[name]["shape"]
     n = v * h * 2  # bf16
     start = raw.data_start + raw.entries()[name]["data_offsets"][0]
-    with open(raw.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            for run in range(runs):
-                for t in range(steps1):
-                    lo = start + (run * steps1 + t) * n
-                    yield run, t, hashlib.sha256(view[lo : lo + n]).digest()
-        finally:
-            view.release()
-
+    buf = bytearray(n)
+    with open(raw.path, "rb") as f:  # pread, not a map: a file truncated while it is hashed is an error, not SIGBUS
+        for run in range(runs):
+            for t in range(steps1):
+                lo = start + (run * steps1 + t) * n
+                if os.preadv(f.fileno(), [buf], lo) != n:
+                    raise FlannelError(f"{raw.path}: the file changed while it was read (it was {raw.size:,} bytes); "
+                                       "check it again once nothing writes to it")
+                yield run, t, hashlib.sha256(buf).digest()
 
 
 def adopted_keys(metadata: Mapping[str, Any]) -> frozenset[str]:
