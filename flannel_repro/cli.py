@@ -48,6 +48,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "diff": ("flannel_repro.audit.diff",),
     "trace": ("flannel_repro.audit.trace",),
     "trace-diff": ("flannel_repro.audit.trace",),
+    "adopt": ("flannel_repro.audit.notebook",),
 }
 
 
@@ -193,16 +194,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from flannel_repro.audit.notebook import notebook_reference
     from flannel_repro.audit.reference import load_reference
     from flannel_repro.audit.verify import log_audit, verify
     from flannel_repro.core.config import load_params
     from flannel_repro.core.paths_guard import Files, check_files, check_names, project_files
+    from flannel_repro.trajectory.notebook import is_notebook_file
 
     params_path = Path(args.params)
     check_names({"--params": params_path, **({"the reference": Path(args.reference)} if args.reference else {})})
     root = params_path.resolve().parent
     current = load_params(params_path) if params_path.is_file() or args.reference is None else None
-    ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
+    if args.reference and args.run_id is None and is_notebook_file(Path(args.reference)):
+        ref = notebook_reference(Path(args.reference), current, root)  # a file the notebook wrote (audit/notebook.py)
+    else:
+        ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
     # The reference and the inputs its rerun reads; the project's own files are kept too.
     reads = {"the reference": Path(args.reference)} if args.reference else {}
     if ref.params is not None:  # None: a corrupt reference, given its verdict without a rerun
@@ -234,6 +240,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from flannel_repro.audit.check import check
     from flannel_repro.core.paths_guard import Files, check_files
+    from flannel_repro.trajectory.notebook import is_notebook_file
 
     path = Path(args.file) if args.file else None
     if path is None:
@@ -243,7 +250,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise FlannelError(f"--threads {args.threads}: give at least 1")
     report_path = {"--report": Path(args.report)} if args.report else {}
     check_files(Files({"the trajectory": path}, report_path, {"--params": Path(args.params)}))
-    report = check(path, threads=args.threads)
+    if is_notebook_file(path):  # a file the notebook wrote: checked as far as it can be without digests
+        from flannel_repro.audit.notebook import check_notebook
+
+        report = check_notebook(path)
+    else:
+        report = check(path, threads=args.threads)
     if args.report:
         _write_report(Path(args.report), report.to_json())
     _emit(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.lines())
@@ -251,17 +263,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from flannel_repro.audit.diff import diff, write_csv, write_plot
+    from flannel_repro.audit.diff import diff, open_trajectory, write_csv, write_plot
+    from flannel_repro.core.config import load_params
     from flannel_repro.core.paths_guard import Files, check_files, check_names
-    from flannel_repro.trajectory.file import load_trajectory
 
     root = Path(args.params).resolve().parent
+    current = load_params(args.params) if Path(args.params).is_file() else None  # a notebook file's data paths
     a, b = Path(args.a), Path(args.b)
     check_names({"trajectory A": a, "trajectory B": b, "--params": Path(args.params)})
-    with load_trajectory(a) as traj:
+    with open_trajectory(a, current) as traj:
         reads = {"trajectory A": a, "trajectory B": b, "A's paths.masks": root / traj.params.paths.masks}
     check_files(Files(reads, {"--csv": Path(args.csv), "--plot": Path(args.plot)}, {"--params": Path(args.params)}))
-    result = diff(a, b, root)
+    result = diff(a, b, root, current)
     try:
         write_csv(result, Path(args.csv))
         write_plot(result, Path(args.plot))
@@ -269,6 +282,32 @@ def cmd_diff(args: argparse.Namespace) -> int:
         raise OutputFailed(str(e)) from None
     _emit([*result.lines(), f"curve: {args.csv}, plot: {args.plot}"])
     return result.exit_code
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from flannel_repro.audit.notebook import adopt
+    from flannel_repro.core.config import load_params
+    from flannel_repro.core.paths_guard import Files, check_files, check_names, project_files
+    from flannel_repro.trajectory.notebook import is_notebook_file
+
+    params_path, source = Path(args.params), Path(args.file)
+    check_names({"--params": params_path, "the notebook file": source, **({"OUT": Path(args.out)} if args.out else {})})
+    root = params_path.resolve().parent
+    current = load_params(params_path) if params_path.is_file() else None
+    if not is_notebook_file(source):
+        raise FlannelError(f"{source}: not a file the Flannel 7 notebook wrote (it has header metadata, or lacks "
+                           "W_initial and the notebook's scalars); adopt takes the notebook's own safetensors file")
+    out = Path(args.out) if args.out else source.with_name(f"{source.stem}.adopted.safetensors")
+    reads = {"the notebook file": source}
+    if current is not None:
+        reads |= {f"paths.{k}": p for k, p in current.paths.under(root).inputs().items()}
+    keeps = project_files(current, root, params_path) if current is not None else {}
+    check_files(Files(reads, {"OUT": out}, keeps))
+    result = adopt(source, out, root, current)
+    _emit([*(f"note: {note}" for note in result.notes),
+           f"adopted: {result.path} (sha256 {result.sha256}; content digest {result.content_digest}); "
+           f"check it with `flannel-repro check {result.path}`, rerun it with `flannel-repro verify {result.path}`"])
+    return 0
 
 
 def _count(text: str, most: int = 1_000_000) -> int:
@@ -393,6 +432,15 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", default="reports/diff.csv", help="per-step curve (default: reports/diff.csv)")
     p.add_argument("--plot", default="reports/diff.png", help="PNG plot of the curve (default: reports/diff.png)")
     p.set_defaults(func=cmd_diff)
+    help_text = ("write a trajectory the Flannel 7 notebook wrote as a flannel-repro trajectory (its numbers byte for "
+                 "byte, with inferred params, checked inputs, digests and a content record); exit 1 if it "
+                 "contradicts itself, 2 bad input")
+    p = sub.add_parser("adopt", help=help_text, description=help_text)
+    p.add_argument("file", help="the notebook's safetensors file (e.g. 1.20h_flannel_7.safetensors)")
+    p.add_argument("out", nargs="?", help="output trajectory (default: FILE's name with .adopted.safetensors)")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file naming the data paths the notebook ran on (default: params.yaml)")
+    p.set_defaults(func=cmd_adopt)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,8 +60,15 @@ def verify(
     params, notes = _rerun_params(ref, threads)
     ref_fp = ref.manifest.get("fingerprint") or {}
     set_determinism(params.train)  # as the rerun will: the fingerprint describes the rerun, not the moment before it
-    here = {**fingerprint(pick_device(params.train.device)), "torch_threads": params.train.num_threads}
-    mismatches = fingerprint_mismatches(ref_fp, here)
+    fp_here = fingerprint(pick_device(params.train.device))
+    here = {**fp_here, "torch_threads": params.train.num_threads}
+    mismatches = fingerprint_mismatches(ref_fp, here) if ref.device_recorded else []
+    notes = [*ref.notes, *notes]
+    if not ref.device_recorded:  # a notebook file: the notebook picks cuda, then mps, then cpu, and records none
+        threads = here["torch_threads"] or f"{fp_here['torch_threads']} (torch's default; the notebook sets none)"
+        notes.append(f"the reference does not record its device or thread count (the notebook picks CUDA, then MPS, "
+                     f"then CPU); the rerun ran on {here['device_type']} ({here['device_name']}) with {threads} "
+                     "thread(s)")
     input_mismatches = _input_mismatches(ref, root)
     if strict and (mismatches or input_mismatches):
         what = [f"{k} (reference {a!r}, here {b!r})" for k, a, b in mismatches] + [p for p, _, _ in input_mismatches]
@@ -119,6 +126,8 @@ def _rerun_params(ref: Reference, threads: int | None) -> tuple[Params, list[str
             raise FlannelError(f"--threads {threads}: give at least 1")
         if threads != recorded:
             notes.append(f"rerunning with {threads} thread(s) as asked; the reference used {recorded}")
+    elif not ref.device_recorded:  # a notebook file: its params' count, said with the device in verify()
+        threads = t.num_threads
     elif isinstance(recorded, int):
         threads = recorded
         notes.append(f"thread count pinned to the reference's: {threads}")
