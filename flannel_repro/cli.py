@@ -44,6 +44,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "verify": ("flannel_repro.audit.verify",),
     "check": ("flannel_repro.audit.check",),
     "diff": ("flannel_repro.audit.diff",),
+    "sweep": ("flannel_repro.sweep.driver",),
 }
 
 
@@ -239,6 +240,45 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flannel_repro.sweep.driver import SweepConfig, sweep
+
+    if args.jobs is not None and args.jobs < 1:
+        raise FlannelError(f"--jobs {args.jobs}: give at least 1")
+    cfg = SweepConfig(
+        root=Path(args.params).resolve().parent, overrides=tuple(args.overrides),
+        sweep_file=Path(args.file) if args.file else None, address=args.address, jobs=args.jobs,
+        git_remote=args.git_remote, dvc_remote=args.dvc_remote, scratch=Path(args.scratch) if args.scratch else None,
+        retries=args.retries, summary=Path(args.summary) if args.summary else None,
+    )
+    report = sweep(cfg)
+    print("\n".join(report.lines()))
+    return report.exit_code
+
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    help_text = ("train every point of a grid on Ray (in this process, or a cluster with --address), each one a DVC "
+                 "experiment and an MLflow run (exit 0 all done, 2 a point failed or bad input)")
+    p = sub.add_parser("sweep", help=help_text, description=help_text)
+    p.add_argument("--params", default="params.yaml", help="params file of the project (default: params.yaml)")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUES",
+                   help="a grid axis in `dvc exp run -S` syntax: a,b,c or range(start,stop[,step]) (repeatable: the "
+                   "product)")
+    p.add_argument("--file", metavar="SWEEP.yaml", help="grid axes from a YAML file: section.key: [values]")
+    p.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else Ray in this process)")
+    p.add_argument("--jobs", type=int, metavar="N", help="at most N points at once (default: as the CPUs allow)")
+    p.add_argument("--git-remote", metavar="REMOTE",
+                   help="git remote (name or URL) every node clones and pushes to (default: this project's folder)")
+    p.add_argument("--dvc-remote", metavar="NAME",
+                   help="DVC remote for the inputs and outputs (default: this project's DVC cache, shared)")
+    p.add_argument("--scratch", metavar="DIR", help="each node's folder for the points' workspaces (default: "
+                   "$TMPDIR/flannel-sweep-<uid>)")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="retries of a point whose worker died (default 3)")
+    p.add_argument("--summary", metavar="PATH", help="the JSON summary (default: reports/sweep.json)")
+    p.set_defaults(func=cmd_sweep)
+
+
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     help_text = ("rerun the reference's training and check it bit for bit (exit 0 identical, 1 diverged or reference "
                  "corrupt, 2 bad input)")
@@ -308,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="params file marking the project root (default: params.yaml)")
     p.set_defaults(func=cmd_sync)
     _audit_parsers(sub)
+    _sweep_parser(sub)
     return parser
 
 
