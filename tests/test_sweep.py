@@ -317,3 +317,16 @@ def test_a_bad_grid_is_one_line_before_any_work(tmp_path, tiny_project):
     assert proc.stderr.strip().splitlines() == [
         "flannel-repro sweep: error: -S 'train.train_seed': write it as section.key=values, e.g. -S "
         "'train.train_seed=range(42,46)'"]
+
+
+def test_changes_not_committed_are_refused_before_any_work(tiny_project):
+    """Every point starts from the commit: a params.yaml edited since would silently not be swept."""
+    git("init", "-q", cwd=tiny_project)
+    git("add", "params.yaml", cwd=tiny_project)
+    git("-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "params", cwd=tiny_project)
+    (tiny_project / "params.yaml").write_text((tiny_project / "params.yaml").read_text() + "\n# edited\n")
+    proc = flannel("sweep", "-S", "train.train_seed=42,43", cwd=tiny_project)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "flannel-repro sweep: error: params.yaml: changed since the last commit; commit them first (every point "
+        "of the sweep starts from the commit)"]

@@ -8,6 +8,7 @@ that fails on its own (a bad value) comes back as a failed result and is not ret
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,7 +146,10 @@ class Points:
         its checkpoint) and wait up to `grace_s` for them to wind down."""
         import ray
 
-        for ref in self._running:
-            ray.cancel(ref, force=False)
-        if self._running:
-            ray.wait(list(self._running), num_returns=len(self._running), timeout=grace_s)
+        # A Ctrl-C from a terminal reaches the embedded Ray's own processes too: once they are gone there is
+        # nothing left to cancel, and their workers' trains died with them (worker.py).
+        with contextlib.suppress(ray.exceptions.RayError, ConnectionError):
+            for ref in self._running:
+                ray.cancel(ref, force=False)
+            if self._running:
+                ray.wait(list(self._running), num_returns=len(self._running), timeout=grace_s)

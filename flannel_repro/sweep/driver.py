@@ -30,7 +30,7 @@ from flannel_repro.core.errors import ConfigError, FlannelError, Interrupted
 from flannel_repro.core.fsutil import write_json
 from flannel_repro.core.store_uri import sqlite_path, tracking_uri
 from flannel_repro.sweep.grid import expand_grid
-from flannel_repro.sweep.worker import STOP_GRACE_S, PointResult, PointTask, dvc
+from flannel_repro.sweep.worker import STOP_GRACE_S, PointFailed, PointResult, PointTask, dvc
 
 # The sweep records each point without the verify stage's rerun (audit.verify: []); `--audit K` checks K of them.
 NO_VERIFY = "audit.verify=[]"
@@ -224,12 +224,12 @@ def _data_route(root: Path, cfg: SweepConfig) -> tuple[str | None, str | None]:
     if cfg.git_remote is None:
         raise FlannelError("--dvc-remote needs --git-remote too: the nodes that cannot see this machine's DVC cache "
                            "cannot see its git repository either")
-    remotes = dict(line.split(None, 1) for line in dvc(["remote", "list"], root).splitlines() if line.strip())
-    if cfg.dvc_remote not in remotes:
+    try:
+        url = dvc(["config", f"remote.{cfg.dvc_remote}.url"], root).strip()
+    except PointFailed:
         raise FlannelError(f"--dvc-remote {cfg.dvc_remote}: no such DVC remote in this project (dvc remote list); "
-                           "add it with `dvc remote add NAME URL`")
-    url = remotes[cfg.dvc_remote].split()[0]
-    if "://" not in url and not os.path.isabs(url):
+                           "add it with `dvc remote add NAME URL`") from None
+    if "://" not in url and not os.path.isabs(url):  # DVC keeps a folder relative to .dvc/, where its config is
         url = str((root / ".dvc" / url).resolve())
     return None, url
 
