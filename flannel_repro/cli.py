@@ -296,7 +296,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         root=Path(args.params).resolve().parent, overrides=tuple(args.overrides),
         sweep_file=Path(args.file) if args.file else None, address=args.address, jobs=args.jobs,
         git_remote=args.git_remote, dvc_remote=args.dvc_remote, scratch=Path(args.scratch) if args.scratch else None,
-        retries=args.retries, summary=Path(args.summary) if args.summary else None,
+        retries=args.retries, summary=Path(args.summary) if args.summary else None, audit=args.audit,
     )
     report = sweep(cfg)
     _emit(report.lines())
@@ -323,6 +323,9 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="retries of a point whose worker died (default 3)")
     p.add_argument("--summary", metavar="PATH", help="the JSON summary (default: reports/sweep.json)")
+    p.add_argument("--audit", type=_count, default=0, metavar="K",
+                   help="verify K of the recorded points, each on another node than the one that trained it, and say "
+                   "which pairs of node fingerprints reproduce each other bit for bit")
     p.set_defaults(func=cmd_sweep)
 
 

@@ -63,8 +63,9 @@ def git(*args: str, cwd: Path) -> str:
 
 
 @contextlib.contextmanager
-def ray_cluster(folder: Path) -> Iterator[str]:
-    """A head and a second node, 1 CPU each, as two `ray start --block` process groups; yields the address."""
+def ray_cluster(folder: Path, second_env: dict | None = None) -> Iterator[str]:
+    """A head and a second node, 1 CPU each, as two `ray start --block` process groups; yields the address.
+    `second_env`: environment of the second node only (its workers inherit it)."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     # Ray's socket paths must stay under 108 bytes: a short folder of its own, not pytest's deep one.
@@ -77,9 +78,10 @@ def ray_cluster(folder: Path) -> Iterator[str]:
         for i, argv in enumerate([["--head", "--port", str(port), "--include-dashboard", "false",
                                    "--temp-dir", str(temp)], ["--address", address]]):
             log = open(folder / f"ray-{i}.log", "wb")  # noqa: SIM115 (kept open for the process's life)
+            extra = (second_env or {}) if i == 1 else {}
             procs.append(subprocess.Popen([str(VENV_BIN / "ray"), "start", *argv, *common], stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True,
-                                          env={**os.environ, **ENV}))
+                                          env={**os.environ, **ENV, **extra}))
             _wait_for_nodes(address, i + 1, folder)
         yield address
     finally:
@@ -227,6 +229,18 @@ def test_a_grid_on_two_nodes_is_the_single_runs_and_the_record_is_dvc_and_mlflow
         n: "done before" for n in good.values()}
     assert len(mlflow_runs(services["mlflow"])) == len(runs)
 
+    # --audit 2: two of the points verified, each on the other node; one fingerprint, so bit-identical.
+    git("checkout", "-q", "--", ".", cwd=project)
+    audited = flannel(*argv, "--audit", "2", cwd=project, env=env)
+    summary = json.loads((project / "reports/sweep.json").read_text())
+    audits = summary["audits"]
+    assert len(audits) == 2 and {a["name"] for a in audits} <= set(good.values()), audited.stdout + audited.stderr
+    for a in audits:
+        assert a["verified_on"] != a["trained_on"] and a["verdict"] == "bit-identical", a
+    [(pair, counts)] = summary["audit_pairs"].items()
+    assert counts == {"audited": 2, "bit_identical": 2, "diverged": 0, "no_verdict": 0}
+    assert f"audit: fingerprints {pair} (the same fingerprint): 2 of 2 bit-identical" in audited.stdout
+
 
 def _train_of(ws: Path) -> list[int]:
     """Pids of the `flannel_repro train` processes running in workspace `ws`."""
@@ -308,6 +322,30 @@ def test_ctrl_c_stops_the_sweep_and_the_same_command_finishes_it(services, tmp_p
     assert sorted(n for n, s in runs if s == "FINISHED") == sorted(names)  # one FINISHED run per point
     assert not [r for r in runs if r[1] == "RUNNING"], runs  # the stopped attempt's run is ended, not left open
     assert cache_is_whole(project / ".dvc/cache") == []
+
+
+def test_an_audit_across_nodes_that_differ_names_the_pair_that_does_not_reproduce(tmp_path):
+    """A second node that runs torch's generic kernels (ATEN_CPU_CAPABILITY=default, which changes a run's bits from
+    step 1 on this machine): the sweep says the nodes differ before it starts, and each audited point, verified on
+    the other node, diverges, under the pair of fingerprints that parts them."""
+    project = make_project(tmp_path / "project")
+    with ray_cluster(tmp_path, second_env={"ATEN_CPU_CAPABILITY": "default"}) as address:
+        proc = flannel("sweep", "-S", "train.train_seed=70,71", "-S", "train.steps=3", "--address", address,
+                       "--git-remote", "origin", "--dvc-remote", "store", "--scratch", str(tmp_path / "scratch"),
+                       "--audit", "2", cwd=project, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out  # a diverged audit is a measurement: every point was recorded
+    assert "the nodes differ in fingerprint" in out, out
+    summary = json.loads((project / "reports/sweep.json").read_text())
+    assert len(set(summary["nodes"].values())) == 2, summary["nodes"]
+    audits = summary["audits"]
+    assert len(audits) == 2, out
+    for a in audits:
+        assert a["verified_on"] != a["trained_on"], a
+        assert a["trained_fingerprint"] != a["verified_fingerprint"], a
+        assert a["verdict"] == "diverged" and a["detail"].startswith("DIVERGED at run 0, step 1"), a
+    assert all(c["diverged"] == c["audited"] and c["bit_identical"] == 0 for c in summary["audit_pairs"].values())
+    assert "(different fingerprints): 0 of" in out, out
 
 
 def test_a_bad_grid_is_one_line_before_any_work(tmp_path, tiny_project):

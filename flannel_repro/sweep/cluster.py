@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flannel_repro.core.errors import FlannelError
+from flannel_repro.sweep.audit import AuditResult, AuditTask, run_audit
 from flannel_repro.sweep.worker import PointFailed, PointResult, PointTask, WorkerLost, run_point
 
 # The embedded Ray's object store: the tasks pass only small results, so the smallest store Ray allows will do.
@@ -73,6 +74,44 @@ def node_label() -> str:
     import ray
 
     return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+
+def alive_nodes() -> dict[str, str]:
+    """Each alive node's label (node_label) -> its Ray node id."""
+    import ray
+
+    return {f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}": n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def _audit(task: AuditTask) -> AuditResult:
+    """The Ray task of an audit: verify on the node it was pinned to; no verdict is a result that says why."""
+    node = node_label()
+    try:
+        return run_audit(task, node)
+    except (PointFailed, FlannelError) as e:
+        return AuditResult(name=task.point.name, trained_on=task.trained_on, verified_on=node,
+                           trained_fingerprint=task.trained_fingerprint, verified_fingerprint=None, verdict="failed",
+                           detail=str(e))
+
+
+def run_audits(tasks: list[tuple[AuditTask, str]], num_cpus: float) -> list[AuditResult]:
+    """Each audit pinned to its node (a node id of alive_nodes), at most one at a time per node's free CPUs."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(_audit)
+    refs = [remote.options(num_cpus=num_cpus, max_retries=0,
+                           scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(task)
+            for task, node_id in tasks]
+    out = []
+    for ref, (task, _) in zip(refs, tasks, strict=True):
+        try:
+            out.append(ray.get(ref))
+        except (ray.exceptions.RayTaskError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as e:
+            out.append(AuditResult(name=task.point.name, trained_on=task.trained_on, verified_on="?",
+                                   trained_fingerprint=task.trained_fingerprint, verified_fingerprint=None,
+                                   verdict="failed", detail=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+    return out
 
 
 def _probe(device: str) -> tuple[str, dict[str, Any]]:

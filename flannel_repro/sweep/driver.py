@@ -29,6 +29,7 @@ from flannel_repro.core.config import Params, load_params
 from flannel_repro.core.errors import ConfigError, FlannelError, Interrupted
 from flannel_repro.core.fsutil import write_json
 from flannel_repro.core.store_uri import sqlite_path, tracking_uri
+from flannel_repro.sweep.audit import AuditResult, pair_lines, pairs
 from flannel_repro.sweep.grid import expand_grid
 from flannel_repro.sweep.worker import STOP_GRACE_S, PointFailed, PointResult, PointTask, dvc
 
@@ -48,6 +49,7 @@ class SweepConfig:
     scratch: Path | None = None  # each node's folder for the points' workspaces
     retries: int = 3  # how often Ray retries a point whose worker died
     summary: Path | None = None  # the JSON summary (default: <root>/reports/sweep.json)
+    audit: int = 0  # verify this many of the recorded points, each on another node than the one that trained it
 
 
 @dataclass
@@ -57,14 +59,17 @@ class SweepReport:
     nodes: dict[str, str] = field(default_factory=dict)  # node -> fingerprint digest
     notes: list[str] = field(default_factory=list)
     summary: Path | None = None
+    audits: list[AuditResult] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
+        """0 when every point is recorded (a diverged audit is a measurement, not a failure), 2 otherwise."""
         return 0 if all(r.status in ("finished", "done before") for r in self.results) else 2
 
     def to_json(self) -> dict:
         return {"format": "flannel-sweep/1", "ray": self.started, "nodes": self.nodes, "notes": self.notes,
-                "points": [r.to_json() for r in self.results]}
+                "points": [r.to_json() for r in self.results], "audits": [a.to_json() for a in self.audits],
+                "audit_pairs": pairs(self.audits)}
 
     def lines(self) -> list[str]:
         head = ("experiment", "node", "content digest", "final loss", "dead", "wall s", "status")
@@ -76,7 +81,8 @@ class SweepReport:
         for r in self.results:
             counts[r.status] = counts.get(r.status, 0) + 1
         tally = ", ".join(f"{n} {s}" for s, n in counts.items())
-        return [*table, f"sweep: {len(self.results)} points: {tally}; summary {self.summary}"]
+        audits = [*(a.line() for a in self.audits), *pair_lines(self.audits)]
+        return [*table, *audits, f"sweep: {len(self.results)} points: {tally}; summary {self.summary}"]
 
 
 def _num(x: float | None, digits: int) -> str:
@@ -141,6 +147,8 @@ def sweep(cfg: SweepConfig, say: Callable[[str], None] = print) -> SweepReport:
             _pull(root, cfg, [n for n, r in results.items() if r.status == "finished"])
             raise Interrupted(2, f"stopped: {len(results)} of {len(points)} points done, {len(left)} left (their "
                                  "checkpoints are kept); run the same command again to finish them") from None
+        if cfg.audit:
+            report.audits = _audit(cluster, cfg, params, rev, [*results.values()], tasks, say)
     finally:
         cluster.shutdown()
     _pull(root, cfg, [n for n, r in results.items() if r.status == "finished"])
@@ -150,6 +158,38 @@ def sweep(cfg: SweepConfig, say: Callable[[str], None] = print) -> SweepReport:
     report.summary = cfg.summary or root / "reports" / "sweep.json"
     write_json(report.summary, report.to_json())
     return report
+
+
+def _audit(cluster, cfg: SweepConfig, params: Params, rev: str, results: list[PointResult],
+           tasks: list[PointTask], say: Callable[[str], None]) -> list[AuditResult]:
+    """Verify `cfg.audit` of the recorded points, each on another node than the one that trained it."""
+    from flannel_repro.sweep.audit import AuditTask, choose
+
+    nodes = cluster.alive_nodes()
+    chosen = choose(results, cfg.audit, sorted(nodes), rev)
+    if len(nodes) < 2:
+        say("sweep: note: the cluster has one node: each audited point is verified on the node that trained it")
+    by_name = {t.name: t for t in tasks}
+    jobs = []
+    for r, node in chosen:
+        task = by_name.get(r.name) or _recorded_task(cfg, params, rev, r)
+        jobs.append((AuditTask(task, r.node, r.fingerprint, params.train.device), nodes[node]))
+    say(f"sweep: auditing {len(jobs)} point(s) with verify, each on another node")
+    audits = cluster.run_audits(jobs, float(params.train.num_threads or 1))
+    for a in audits:
+        say(a.line())
+    return audits
+
+
+def _recorded_task(cfg: SweepConfig, params: Params, rev: str, r: PointResult) -> PointTask:
+    """The task of a point done before (not run by this sweep), for its audit's workspace."""
+    root = cfg.root.resolve()
+    cache_dir, dvc_remote = _data_route(root, cfg)
+    inputs = tuple(str(p.relative_to(root)) for p in params.paths.under(root).inputs().values())
+    scratch = str(cfg.scratch or Path(tempfile.gettempdir()) / f"flannel-sweep-{os.getuid()}")
+    return PointTask(name=r.name, overrides=r.overrides, git_url=_git_source(root, cfg.git_remote), baseline_rev=rev,
+                     scratch=scratch, inputs=inputs, cache_dir=cache_dir, dvc_remote=dvc_remote,
+                     tracking_uri=_tracking(params, root))
 
 
 def point_name(rev: str, overrides: tuple[str, ...]) -> str:

@@ -90,7 +90,8 @@ def run_point(task: PointTask, node: str) -> PointResult:
     apply_overrides(ws / "params.yaml", task.overrides)
     resumed = any((ws / ".flannel" / "checkpoints").rglob("resume.json"))
     trained = time.monotonic()
-    train(ws, task, resume=resumed)
+    if not trained_already(ws):  # an attempt stopped after its train ended and before the record was made
+        train(ws, task, resume=resumed)
     recorded = time.monotonic()
     params = load_params(ws / "params.yaml")
     metrics = json.loads((ws / params.paths.metrics).read_text(encoding="utf-8"))
@@ -124,6 +125,27 @@ def workspace(task: PointTask) -> Path:
     # The inputs: links from the shared cache, or pulled from the remote (a no-op once they are here).
     dvc(["pull" if task.cache_dir is None else "checkout", "--quiet", *task.inputs], ws)
     return ws
+
+
+def trained_already(ws: Path) -> bool:
+    """Whether the workspace holds the finished train of its params.yaml: the metrics name the trajectory's sha256,
+    and the trajectory records these params. A retry then goes straight to the record, with no second run."""
+    from flannel_repro.core.errors import FlannelError
+    from flannel_repro.core.fsutil import sha256_file
+    from flannel_repro.trajectory.file import load_trajectory
+
+    params = load_params(ws / "params.yaml")
+    metrics_path, trajectory = ws / params.paths.metrics, ws / params.paths.trajectory
+    if not (metrics_path.is_file() and trajectory.is_file()):
+        return False
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        if metrics.get("trajectory_sha256") != sha256_file(trajectory):
+            return False
+        with load_trajectory(trajectory) as traj:
+            return traj.params == params
+    except (FlannelError, OSError, ValueError, AttributeError):
+        return False
 
 
 def apply_overrides(params_file: Path, overrides: tuple[str, ...]) -> None:
