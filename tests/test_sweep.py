@@ -40,10 +40,8 @@ TRACKED = ["flannel_repro", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvci
 LONG = {"steps": 48, "checkpoint_every": 4}
 ENV = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
        "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "RAY_USAGE_STATS_ENABLED": "0"}
-# The test's cluster takes a token of its own (Ray's token authentication), given to every process that joins it.
-# Ray turns 127.0.0.1 into the host's own address, so the nodes listen there: only this machine's processes hold
-# the token.
-RAY_TOKEN = Path(tempfile.gettempdir()) / f"flannel-sweep-test-ray-token-{os.getpid()}"
+# Ray turns 127.0.0.1 into the host's own address, so the test's nodes listen there: a token of each cluster's own
+# (ray_cluster) keeps every process but this machine's out.
 
 
 def sh(*argv: str, cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 900):
@@ -65,15 +63,19 @@ def git(*args: str, cwd: Path) -> str:
 @contextlib.contextmanager
 def ray_cluster(folder: Path, second_env: dict | None = None) -> Iterator[str]:
     """A head and a second node, 1 CPU each, as two `ray start --block` process groups; yields the address.
-    `second_env`: environment of the second node only (its workers inherit it)."""
+    `second_env`: environment of the second node only (its workers inherit it). Each cluster takes a token of its
+    own (Ray's token authentication), given to every process that joins it; a cluster started while another runs
+    gives the other's token back when it ends."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     # Ray's socket paths must stay under 108 bytes: a short folder of its own, not pytest's deep one.
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     common = ["--num-cpus", "1", "--object-store-memory", str(100 * 1024**2), "--block", "--disable-usage-stats"]
     procs = []
-    RAY_TOKEN.write_text(secrets.token_hex(32))
-    ENV.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(RAY_TOKEN))
+    token = temp / "token"
+    token.write_text(secrets.token_hex(32))
+    before = {k: ENV.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    ENV.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     try:
         for i, argv in enumerate([["--head", "--port", str(port), "--include-dashboard", "false",
                                    "--temp-dir", str(temp)], ["--address", address]]):
@@ -90,9 +92,11 @@ def ray_cluster(folder: Path, second_env: dict | None = None) -> Iterator[str]:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
         shutil.rmtree(temp, ignore_errors=True)
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-            ENV.pop(key)
-        RAY_TOKEN.unlink()
+        for key, value in before.items():
+            if value is None:
+                ENV.pop(key, None)
+            else:
+                ENV[key] = value
 
 
 def _wait_for_nodes(address: str, n: int, folder: Path) -> None:

@@ -26,6 +26,8 @@ from typing import Any
 
 from flannel_repro.sweep.worker import PointFailed, PointResult, PointTask, dvc, run, workspace
 
+VERDICTS = {"identical": "bit-identical", "diverged": "diverged", "corrupt": "reference corrupt"}  # verify's JSON
+
 
 @dataclass(frozen=True)
 class AuditTask:
@@ -42,7 +44,7 @@ class AuditResult:
     verified_on: str
     trained_fingerprint: str | None
     verified_fingerprint: str | None
-    verdict: str  # verify's: "bit-identical", "diverged", "reference corrupt", ...; "failed": no verdict
+    verdict: str  # "bit-identical", "diverged", "reference corrupt" (verify's), or "failed": no verdict
     detail: str | None = None  # the first divergence and its origin op, or why there is no verdict
     wall_s: float | None = None
 
@@ -80,8 +82,9 @@ def run_audit(task: AuditTask, node: str) -> AuditResult:
     doc = json.loads(proc.stdout)
     found = [s.strip() for s in lines if s.lstrip().startswith(("DIVERGED", "ORIGIN:"))]
     return AuditResult(name=p.name, trained_on=task.trained_on, verified_on=node,
-                       trained_fingerprint=task.trained_fingerprint, verified_fingerprint=here, verdict=doc["verdict"],
-                       detail="; ".join(found) or None, wall_s=round(time.monotonic() - start, 3))
+                       trained_fingerprint=task.trained_fingerprint, verified_fingerprint=here,
+                       verdict=VERDICTS[doc["verdict"]], detail="; ".join(found) or None,
+                       wall_s=round(time.monotonic() - start, 3))
 
 
 def choose(results: list[PointResult], k: int, nodes: list[str], seed: str) -> list[tuple[PointResult, str]]:
