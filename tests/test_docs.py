@@ -75,7 +75,7 @@ def test_no_page_holds_a_placeholder_for_figures_not_yet_measured():
     found = []
     for page in PAGES:
         text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
-        for n, line in enumerate(text.splitlines(), 1):
+        for line in text.splitlines():
             if re.fullmatch(r"[A-Z][A-Z_]{2,}", line.strip()) or re.search(r"\b(TODO|FIXME|TBD)\b", line):
                 found.append(f"{page.relative_to(REPO)}: {line.strip()!r}")
     assert not found, found
