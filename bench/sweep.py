@@ -5,10 +5,10 @@ at a time) against the same 8 run one after another in one process (`run_train_s
 
 Both sides train the same seeds with the same params (the tiny configuration of the tests, tracking into a SQLite
 store) in a scratch git+DVC project under bench/results/sweep/ (git-ignored), made and reproduced once. Each side is
-a whole process, timed from outside: wall clock, user+sys CPU of it and its children, peak RSS of the largest
-process. The sweep's own summary gives each point's phases (workspace: clone and inputs; train: the train process;
-record: `dvc exp save` and `exp push`), from which the fixed cost per run follows. Prints the summary and writes it
-to bench/results/sweep.json.
+a whole process tree, timed from outside: wall clock, user+sys CPU of every process in it (read from /proc), peak
+RSS of the largest process. The sweep's own summary gives each point's phases (workspace: clone and inputs; train:
+the train process; record: `dvc exp save` and `exp push`), from which the fixed cost per run follows. Prints the
+summary and writes it to bench/results/sweep.json.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,17 +52,57 @@ ENV = {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTI
        "MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def _tree(root: int) -> dict[int, tuple[float, float, int]]:
+    """Every live process descended from `root` or in its session: pid -> (own CPU s, reaped children's CPU s,
+    VmHWM KiB). Ray's workers and the git, dvc and train processes they start are all in it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            f = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            hwm = next((int(x.split()[1]) for x in Path(f"/proc/{entry}/status").read_text().splitlines()
+                        if x.startswith("VmHWM:")), 0)
+        except (OSError, IndexError, ValueError):
+            continue
+        stats[int(entry)] = (int(f[1]), int(f[3]), (int(f[11]) + int(f[12])) / tick, (int(f[13]) + int(f[14])) / tick,
+                             hwm)
+    inside, grew = {root}, True
+    while grew:
+        more = {pid for pid, (ppid, sid, *_) in stats.items() if (ppid in inside or sid == root) and pid not in inside}
+        inside |= more
+        grew = bool(more)
+    return {pid: stats[pid][2:] for pid in inside if pid in stats}
+
+
 def timed(cmd: list[str], cwd: Path) -> dict:
-    """Run `cmd` as a whole process; its wall, user+sys CPU (with its children) and peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run `cmd` as a whole process tree; its wall, user+sys CPU and the largest peak RSS of any of its processes.
+
+    Ray's workers are not reaped by the command (getrusage's RUSAGE_CHILDREN misses them), so the CPU is read from
+    /proc every 0.1 s for every process of the tree (in the command's own session, or descended from it) and each
+    process's last reading of its own user+sys counts. A process that lives less than 0.1 s (a quick `git`) is
+    missed, and each loses what it ran after its last reading: an undercount of well under a second per point."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **ENV}, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: dict[int, tuple[float, float, int]] = {}
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        for pid, (own, reaped, hwm) in _tree(proc.pid).items():
+            # an exited process (a zombie) shows no VmHWM: keep the highest reading
+            seen[pid] = (own, reaped, max(hwm, seen.get(pid, (0, 0, 0))[2]))
+        time.sleep(0.1)
     wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    reader.join()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mib": round(after.ru_maxrss / 1024, 1)}
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{''.join(out)}")
+    cpu = sum(own for own, _, _ in seen.values())
+    peak = max(hwm for *_, hwm in seen.values())
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mib": round(peak / 1024, 1),
+            "processes_seen": len(seen)}
 
 
 def project(root: Path, dst: Path, overrides: list[str]) -> None:
@@ -116,6 +156,7 @@ def main() -> None:
         "per_point_slot_s": round(slot, 2),
         "fixed_cost_per_run_s": round(slot - per_run_seq, 2),
         "fixed_cost_per_run_cpu_s": round((swept["cpu_s"] - sequential["cpu_s"]) / args.points, 2),
+        "load_average_1min_at_end": os.getloadavg()[0],
         "speedup_wall": round(sequential["wall_s"] / swept["wall_s"], 2),
     }
     (root / OUT).mkdir(parents=True, exist_ok=True)
