@@ -50,6 +50,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "trace-diff": ("flannel_repro.audit.trace",),
     "adopt": ("flannel_repro.audit.notebook",),
     "sweep": ("flannel_repro.sweep.driver",),
+    "pack": ("flannel_repro.trajectory.packed",),
+    "unpack": ("flannel_repro.trajectory.packed",),
 }
 
 
@@ -443,6 +445,47 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from flannel_repro.core.paths_guard import Files, check_files
+    from flannel_repro.trajectory.packed import PACKED_SUFFIX, pack
+
+    src = Path(args.file)
+    out = Path(args.out) if args.out else src.with_suffix(PACKED_SUFFIX)
+    check_files(Files({"the trajectory": src}, {"the packed file": out}))
+    r = pack(src, out, key_every=args.key_every, threads=args.threads)
+    _emit(f"packed: {out} ({r.packed_bytes:,} bytes, {r.ratio:.2f}x smaller than the {r.source_bytes:,}-byte "
+          f"safetensors file of sha256 {r.source_sha256[:12]}; `flannel-repro unpack` gives it back)")
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    from flannel_repro.core.paths_guard import Files, check_files
+    from flannel_repro.trajectory.packed import unpack
+
+    src = Path(args.file)
+    out = Path(args.out) if args.out else src.with_suffix(".safetensors")
+    check_files(Files({"the packed file": src}, {"the trajectory": out}))
+    sha = unpack(src, out)
+    _emit(f"unpacked: {out} ({out.stat().st_size:,} bytes, sha256 {sha}: the file that was packed)")
+    return 0
+
+
+def _pack_parsers(sub: argparse._SubParsersAction) -> None:
+    help_text = "pack a trajectory losslessly into about a third of its bytes (docs/packed.md)"
+    p = sub.add_parser("pack", help=help_text, description=help_text)
+    p.add_argument("file", help="trajectory file (safetensors) written by `flannel-repro train`")
+    p.add_argument("out", nargs="?", help="packed file (default: FILE with the suffix .flpack)")
+    p.add_argument("--key-every", type=_count, default=25, metavar="K",
+                   help="a key frame every K steps: one step decodes at most K frames (default 25)")
+    p.add_argument("--threads", type=_threads, default=2, metavar="N", help="compression threads (default 2)")
+    p.set_defaults(func=cmd_pack)
+    help_text = "unpack a packed trajectory into the very safetensors file that was packed (same sha256)"
+    p = sub.add_parser("unpack", help=help_text, description=help_text)
+    p.add_argument("file", help="packed trajectory (.flpack)")
+    p.add_argument("out", nargs="?", help="safetensors file (default: FILE with the suffix .safetensors)")
+    p.set_defaults(func=cmd_unpack)
+
+
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     help_text = ("rerun the reference's training and check it bit for bit (exit 0 identical, 1 diverged or reference "
                  "corrupt, 2 bad input)")
@@ -523,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     _audit_parsers(sub)
     _trace_parsers(sub)
     _sweep_parser(sub)
+    _pack_parsers(sub)
     return parser
 
 

@@ -8,7 +8,10 @@ reads (stepcheck.py).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from flannel_repro.trajectory import content
 from flannel_repro.trajectory.file import MANIFEST_FORMAT, Trajectory, check_provenance, load_trajectory, manifest
 from flannel_repro.trajectory.layout import FORMAT, STEP_TENSORS, STEP_VALUES, recorded_tensors
 from flannel_repro.trajectory.notebook import adopted_keys
+from flannel_repro.trajectory.packed import PackedCorrupt, is_packed, kept_copy
 
 
 @dataclass
@@ -60,18 +64,28 @@ class Reference:
 
 
 def file_reference(path: Path) -> Reference:
-    """A trajectory file, checked as `flannel-repro check` checks it but for the slices, which the rerun reads."""
+    """A trajectory file, checked as `flannel-repro check` checks it but for the slices, which the rerun reads. A
+    packed file is unpacked first into a temporary folder that lives as long as the process (its frames checked on
+    the way: a damaged one is a corrupt reference)."""
+    source = str(path)
+    if is_packed(Path(path)):
+        folder = Path(tempfile.mkdtemp(prefix="flannel-unpacked-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        try:
+            path = kept_copy(Path(path), folder)
+        except PackedCorrupt as e:
+            return Reference(source, None, None, problems=[Problem(e.key, e.what, e.run, e.step)])
     insp = inspect(path)  # FlannelError (exit 2) if it is not a trajectory at all
     if not insp.usable or insp.metadata.get("format") != FORMAT:
         insp.close()
-        return Reference(str(path), None, insp.params, problems=list(insp.problems))
+        return Reference(source, None, insp.params, problems=list(insp.problems))
     traj = load_trajectory(path)
     try:
         doc = manifest(traj)
     except (KeyError, ValueError, TypeError) as e:
-        raise FlannelError(f"{path}: trajectory header is incomplete or corrupt ({e}); re-record it with "
+        raise FlannelError(f"{source}: trajectory header is incomplete or corrupt ({e}); re-record it with "
                            "`flannel-repro train`") from None
-    return _checked(Reference(str(path), doc, insp.params, trajectory=traj, inspection=insp,
+    return _checked(Reference(source, doc, insp.params, trajectory=traj, inspection=insp,
                               problems=list(insp.problems), unrecorded=adopted_keys(insp.metadata)))
 
 

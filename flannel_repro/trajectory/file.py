@@ -38,12 +38,15 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from flannel_repro.core.config import Params, bounded_int, params_from_json
+from flannel_repro.core.config import Params, params_from_json
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import commit_file, temp_path_for, write_failure
 from flannel_repro.core.safetensors_header import dtype_name, header_bytes, read_checked_header
 from flannel_repro.trajectory import content
 from flannel_repro.trajectory.layout import FORMAT, Spec, header_digest
+from flannel_repro.trajectory.packed import is_packed
+from flannel_repro.trajectory.packed_reader import PackedTrajectory
+from flannel_repro.trajectory.provenance import PROVENANCE, check_provenance, checked_metadata  # noqa: F401
 
 TORCH_DTYPES = {"I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool, "U8": torch.uint8}
 # numpy has no bfloat16: a bf16 tensor is mapped as its raw 16-bit words, then viewed as bf16 by torch
@@ -245,21 +248,7 @@ class Trajectory:
         self.path = Path(path)
         raw = read_checked_header(self.path)
         header = raw.header
-        self.metadata: dict[str, str] = header.get("__metadata__") or {}
-        if self.metadata.get("format") != FORMAT:
-            raise FlannelError(
-                f"{self.path}: not a flannel-repro trajectory (metadata format is "
-                f"{self.metadata.get('format')!r}); give a file written by `flannel-repro train`"
-            )
-        provenance = {}
-        for key in PROVENANCE:
-            try:
-                provenance[key] = json.loads(self.metadata.get(key, "null"), parse_int=bounded_int)
-            except (ValueError, RecursionError) as e:  # not JSON, an integer too long to convert, nested too deeply
-                why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:100]
-                raise FlannelError(f"{self.path}: the trajectory's recorded {key} is not JSON ({why}); the file is "
-                                   "corrupt or was edited: re-record it with `flannel-repro train`") from None
-        check_provenance(provenance, str(self.path))
+        self.metadata: dict[str, str] = checked_metadata(header.get("__metadata__") or {}, FORMAT, self.path)
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
         self._data_start = raw.data_start
@@ -351,26 +340,11 @@ class Trajectory:
         return self.params.train.steps
 
 
-# Header metadata (and digest-manifest fields) holding JSON objects; for some, objects of strings.
-PROVENANCE = {"params": object, "fingerprint": object, "versions": str, "inputs": str}
-
-
-def check_provenance(doc: Mapping[str, Any], source: str) -> None:
-    """Refuse recorded provenance of the wrong JSON type (a fingerprint that is a list, a sha256 that is a number)
-    before anything reads it."""
-    for key, values in PROVENANCE.items():
-        value = doc.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, dict) or not all(isinstance(v, values) for v in value.values()):
-            kinds = {list: "a JSON list", str: "a JSON string", bool: "a boolean", int: "a number", float: "a number"}
-            kind = "an object with a value that is not a string" if isinstance(value, dict) else kinds[type(value)]
-            raise FlannelError(f"{source}: the recorded {key} is {kind}, not a JSON object"
-                               f"{' of strings' if values is str else ''}; the record is corrupt or was edited: "
-                               "re-record it with `flannel-repro train`")
-
-
-def load_trajectory(path: str | os.PathLike) -> Trajectory:
+def load_trajectory(path: str | os.PathLike) -> Trajectory | PackedTrajectory:
+    """The trajectory at `path`, in either form: a safetensors file or a packed one (packed_reader.py, by its magic
+    bytes), with the same reading API."""
+    if is_packed(Path(path)):
+        return PackedTrajectory(Path(path))
     return Trajectory(Path(path))
 
 

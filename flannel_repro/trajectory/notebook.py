@@ -27,6 +27,7 @@ from flannel_repro.core.config import Params, params_from_dict
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.safetensors_header import RawHeader, layout_problems, read_raw_header
 from flannel_repro.trajectory.layout import DIGEST_BYTES, SCALARS, decode_scalar
+from flannel_repro.trajectory.packed import is_packed
 
 if TYPE_CHECKING:  # torch only for the tensors themselves: `check` reads the schema without it
     import torch
@@ -69,8 +70,9 @@ def is_notebook(raw: RawHeader) -> bool:
 
 
 def is_notebook_file(path: Path) -> bool:
-    """Whether `path` is a notebook file (FlannelError if it is no safetensors file at all)."""
-    return is_notebook(read_raw_header(Path(path)))
+    """Whether `path` is a notebook file (False for a packed trajectory; FlannelError if it is no safetensors file
+    at all)."""
+    return not is_packed(Path(path)) and is_notebook(read_raw_header(Path(path)))
 
 
 def schema_problems(raw: RawHeader) -> list[tuple[str, str]]:

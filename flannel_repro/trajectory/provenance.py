@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from flannel_repro.core.config import bounded_int
+from flannel_repro.core.errors import FlannelError
+
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "numpy")
 
 
@@ -156,3 +159,39 @@ def fingerprint_tags(fp: Mapping[str, Any]) -> dict[str, str]:
     tags = {f"fingerprint.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in fp.items()}
     tags["fingerprint"] = json.dumps(dict(fp), sort_keys=True)
     return tags
+
+
+# Header metadata (and digest-manifest fields) holding JSON objects; for some, objects of strings.
+PROVENANCE = {"params": object, "fingerprint": object, "versions": str, "inputs": str}
+
+
+def checked_metadata(metadata: Mapping[str, str], fmt: str, path: Path) -> dict[str, str]:
+    """A trajectory header's metadata, refused unless it is of format `fmt` with provenance of the right JSON types."""
+    if metadata.get("format") != fmt:
+        raise FlannelError(f"{path}: not a flannel-repro trajectory (metadata format is {metadata.get('format')!r}); "
+                           "give a file written by `flannel-repro train`")
+    provenance = {}
+    for key in PROVENANCE:
+        try:
+            provenance[key] = json.loads(metadata.get(key, "null"), parse_int=bounded_int)
+        except (ValueError, RecursionError) as e:  # not JSON, an integer too long to convert, nested too deeply
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:100]
+            raise FlannelError(f"{path}: the trajectory's recorded {key} is not JSON ({why}); the file is corrupt or "
+                               "was edited: re-record it with `flannel-repro train`") from None
+    check_provenance(provenance, str(path))
+    return dict(metadata)
+
+
+def check_provenance(doc: Mapping[str, Any], source: str) -> None:
+    """Refuse recorded provenance of the wrong JSON type (a fingerprint that is a list, a sha256 that is a number)
+    before anything reads it."""
+    for key, values in PROVENANCE.items():
+        value = doc.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not all(isinstance(v, values) for v in value.values()):
+            kinds = {list: "a JSON list", str: "a JSON string", bool: "a boolean", int: "a number", float: "a number"}
+            kind = "an object with a value that is not a string" if isinstance(value, dict) else kinds[type(value)]
+            raise FlannelError(f"{source}: the recorded {key} is {kind}, not a JSON object"
+                               f"{' of strings' if values is str else ''}; the record is corrupt or was edited: "
+                               "re-record it with `flannel-repro train`")

@@ -1,0 +1,565 @@
+"""The packed trajectory: the same numbers as the safetensors file, in about a third of the bytes (docs/packed.md).
+
+A packed file holds the safetensors file's own header bytes and every key's data in zstd frames (python-zstandard),
+so `unpack` gives back the very file the run wrote (same sha256) and both forms share the content digest. Each
+per-step (V, H) slice is stored per (run, step) with its 16-bit words as two byte planes (all low bytes, then all
+high bytes); W (and Adam's moments) as the XOR with the same rows one step before, except at every `key_every`-th
+step (a key frame, self-contained), and in frames of `rows_per_chunk` rows, so reading one step decodes at most
+`key_every` frames per chunk and a token's path one frame per step, never whole slices. grad_W, whose steps do not
+resemble each other, is one frame per whole slice.
+
+Every frame starts with a fixed record naming its key, run, step and chunk and the sha256 of the frame, so a
+damaged, truncated, swapped or missing frame is named by key, run and step (`PackedCorrupt`, exit 1); the index
+(offsets of every frame, at the end) is found through the file's fixed header.
+
+    pack(Path("run.safetensors"), Path("run.flpack"))       # -> PackResult (sizes, sha256 of the source)
+    unpack(Path("run.flpack"), Path("copy.safetensors"))     # the same bytes as run.safetensors
+    with PackedFile(Path("run.flpack")) as pf:
+        pf.read_slice("W", 0, 250)                           # (V * H,) uint16: W[0, 250]'s bf16 words
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import zstandard
+
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.core.fsutil import commit_file, temp_path_for
+from flannel_repro.core.safetensors_header import ITEMSIZE, read_checked_header
+from flannel_repro.trajectory import content
+
+MAGIC = b"\x89FLANPK\n"  # as the first 8 bytes of a safetensors file, a header length far past its 100 MB limit
+VERSION = 1
+PACKED_SUFFIX = ".flpack"
+INDEX_FORMAT = "flannel-packed/1"
+KEY_EVERY = 25  # a key frame every 25 steps: one step decodes at most 25 frames (docs/packed.md: the measurements)
+ROWS_PER_CHUNK = 1024  # rows of W per frame: a token's path decodes 128 KB per step at H = 64
+LEVEL = 3  # zstd level
+
+# The file's fixed header: magic, version, key_every, rows_per_chunk, flags, index offset, index length, and the
+# sha256 of the index frame's payload.
+_FIXED = struct.Struct("<8sIIII QQ32s")
+# Each frame's record: tag, kind, 0, name length, run, step, chunk, 0, payload length, raw length, sha256 (of this
+# record's first 40 bytes, the name and the payload); then the name (UTF-8) and the payload (one zstd frame).
+_FRAME = struct.Struct("<4sBBHIIII QQ32s")
+_TAG = b"FRM1"
+_SIGNED = _FRAME.size - 32  # the record bytes its sha256 covers, with the name and the payload
+HEAD, BYTES, KEY, DELTA, INDEX = 0, 1, 2, 3, 4  # frame kinds
+_KIND_NAMES = {HEAD: "head", BYTES: "bytes", KEY: "key frame", DELTA: "delta frame", INDEX: "index"}
+DELTA_KEYS = ("W", "momentum", "variance")  # stored as XOR with the step before; grad_W is not (measured: no gain)
+
+
+class PackedCorrupt(FlannelError):
+    """A packed file's frame is damaged, truncated, moved or missing: the verdict "corrupt" (exit 1)."""
+
+    exit_code = 1
+
+    def __init__(self, path: Path, key: str, what: str, run: int | None = None, step: int | None = None) -> None:
+        where = f" at run {run}, step {step}" if step is not None else ""
+        super().__init__(f"{path}: {key or 'file'}{where}: {what}")
+        self.key, self.what, self.run, self.step = key, what, run, step
+
+
+def is_packed(path: Path) -> bool:
+    """Does the file at `path` start with the packed form's magic? (False for anything unreadable.)"""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+# -- the byte transforms ---------------------------------------------------------------------------------------
+def to_planes(words: np.ndarray) -> bytes:
+    """16-bit words (n,) as two byte planes: the n low bytes, then the n high bytes."""
+    return np.ascontiguousarray(words.view(np.uint8).reshape(-1, 2).T).tobytes()
+
+
+def from_planes(raw: bytes) -> np.ndarray:
+    """The inverse of `to_planes`: (n,) uint16."""
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(2, -1)
+    return planes[0].astype("<u2") | (planes[1].astype("<u2") << 8)  # 3x faster than a transposed copy
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One key of the packed file: its safetensors dtype, shape and data offsets, and its frames' file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+    codec: str  # "bytes" (one frame), "planes" or "xor-planes" (per run, step and chunk)
+    frames: tuple[int, ...]
+
+    @property
+    def per_step(self) -> bool:
+        return self.codec != "bytes"
+
+
+def codec_for(name: str, dtype: str, shape: tuple[int, ...], step_names: set[str]) -> str:
+    if name in step_names and dtype == "BF16" and len(shape) == 4:
+        return "xor-planes" if name in DELTA_KEYS else "planes"
+    return "bytes"
+
+
+class _FrameWriter:
+    """Appends frames to an open file, with the fixed header's room reserved at the start."""
+
+    def __init__(self, f: BinaryIO, level: int, threads: int) -> None:
+        self.f = f
+        self.pos = _FIXED.size
+        self.f.seek(self.pos)
+        self._cctx = [zstandard.ZstdCompressor(level=level, write_checksum=True) for _ in range(max(1, threads))]
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+
+    def compress_all(self, raws: list[bytes]) -> list[bytes]:
+        """zstd frames of `raws`, compressed on the pool's threads (zstd releases the GIL)."""
+        n = len(self._cctx)
+        parts = [raws[i::n] for i in range(n)]
+        done = list(self.pool.map(lambda i: [self._cctx[i].compress(r) for r in parts[i]], range(n)))
+        out: list[bytes] = [b""] * len(raws)
+        for i, chunk in enumerate(done):
+            out[i::n] = chunk
+        return out
+
+    def append(self, kind: int, name: str, run: int, step: int, chunk: int, payload: bytes, raw_len: int) -> int:
+        """Write one frame record and its payload; returns its offset."""
+        encoded = name.encode("utf-8")
+        head = _FRAME.pack(_TAG, kind, 0, len(encoded), run, step, chunk, 0, len(payload), raw_len, b"")[:_SIGNED]
+        sha = hashlib.sha256(head + encoded + payload).digest()
+        at = self.pos
+        self.f.write(head + sha + encoded)
+        self.f.write(payload)
+        self.pos += _FRAME.size + len(encoded) + len(payload)
+        return at
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+@dataclass(frozen=True)
+class PackResult:
+    source_bytes: int
+    packed_bytes: int
+    source_sha256: str
+    per_key: dict[str, tuple[int, int]]  # name -> (safetensors bytes, packed bytes)
+
+    @property
+    def ratio(self) -> float:
+        return self.source_bytes / self.packed_bytes
+
+
+def pack(src: Path, out: Path, key_every: int = KEY_EVERY, rows_per_chunk: int = ROWS_PER_CHUNK,
+         level: int = LEVEL, threads: int = 2) -> PackResult:
+    """Pack the safetensors trajectory `src` into `out` (written to a temporary name, renamed into place)."""
+    src, out = Path(src), Path(out)
+    for what, value in (("--key-every", key_every), ("rows per chunk", rows_per_chunk), ("--threads", threads)):
+        if value < 1:
+            raise FlannelError(f"{what} {value}: give at least 1")
+    if is_packed(src):
+        raise FlannelError(f"{src}: is already packed; give the safetensors file (or `flannel-repro unpack` it)")
+    raw = read_checked_header(src)  # a truncated or malformed file is one clear error before any work
+    if raw.metadata.get("format") is None or "params" not in raw.metadata:
+        raise FlannelError(f"{src}: not a flannel-repro trajectory (no format or params in its header); give a "
+                           "file written by `flannel-repro train`")
+    entries = raw.entries()
+    steps = content.step_keyed(entries)
+    tmp = temp_path_for(out)
+    whole = hashlib.sha256(raw.head)
+    per_key: dict[str, tuple[int, int]] = {}
+    try:
+        with open(src, "rb") as s, open(tmp, "r+b") as f:
+            w = _FrameWriter(f, level, threads)
+            try:
+                head_off = w.append(HEAD, "", 0, 0, 0, w.compress_all([raw.head])[0], len(raw.head))
+                keys = []
+                # in data order, so the source's bytes are hashed in file order as they are read
+                for name in sorted(entries, key=lambda k: entries[k]["data_offsets"][0]):
+                    e = entries[name]
+                    shape, dtype = tuple(e["shape"]), e["dtype"]
+                    codec = codec_for(name, dtype, shape, steps)
+                    lo, hi = e["data_offsets"]
+                    start = w.pos
+                    s.seek(raw.data_start + lo)
+                    if codec == "bytes":
+                        data = s.read(hi - lo)
+                        whole.update(data)
+                        frames = (w.append(BYTES, name, 0, 0, 0, w.compress_all([data])[0], len(data)),)
+                    else:
+                        frames = tuple(_pack_steps(w, s, whole, name, shape, codec, key_every, rows_per_chunk))
+                    keys.append(KeyInfo(name, dtype, shape, (lo, hi), codec, frames))
+                    per_key[name] = (hi - lo, w.pos - start)
+                size = os.fstat(s.fileno()).st_size
+                index = {"format": INDEX_FORMAT, "source": {"size": size, "sha256": whole.hexdigest()},
+                         "head": head_off, "keys": [_key_json(k) for k in keys]}
+                _finish(w, index, key_every, rows_per_chunk)
+            finally:
+                w.close()
+        commit_file(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return PackResult(size, out.stat().st_size, whole.hexdigest(), per_key)
+
+
+def _pack_steps(w: _FrameWriter, s: BinaryIO, whole, name: str, shape: tuple[int, ...], codec: str,
+                key_every: int, rows_per_chunk: int) -> Iterator[int]:
+    """The frames of a per-step (R, S+1, V, H) bf16 tensor, read from `s` one slice at a time."""
+    runs, steps1, v, h = shape
+    bounds = _chunks(v, rows_per_chunk, codec)
+    for run in range(runs):
+        previous = None
+        for step in range(steps1):
+            data = s.read(v * h * 2)
+            whole.update(data)
+            words = np.frombuffer(data, dtype="<u2").reshape(v, h)
+            delta = codec == "xor-planes" and step % key_every != 0
+            kind = DELTA if delta else KEY
+            source = np.bitwise_xor(words, previous) if delta else words
+            raws = [to_planes(np.ascontiguousarray(source[a:b]).reshape(-1)) for a, b in bounds]
+            for chunk, payload in enumerate(w.compress_all(raws)):
+                yield w.append(kind, name, run, step, chunk, payload, len(raws[chunk]))
+            previous = words
+
+
+def _chunks(v: int, rows_per_chunk: int, codec: str) -> list[tuple[int, int]]:
+    """Row ranges of the frames of one (V, H) slice: `rows_per_chunk` rows for a delta-coded key, the whole slice
+    for grad_W (measured: its 1024-row frames take 1.5x the bytes of whole slices, W's 1.02x)."""
+    rows = rows_per_chunk if codec == "xor-planes" else v
+    return [(a, min(a + rows, v)) for a in range(0, v, rows)]
+
+
+def _key_json(k: KeyInfo) -> dict[str, Any]:
+    return {"name": k.name, "dtype": k.dtype, "shape": list(k.shape), "data_offsets": list(k.data_offsets),
+            "codec": k.codec, "frames": list(k.frames)}
+
+
+def _finish(w: _FrameWriter, index: dict[str, Any], key_every: int, rows_per_chunk: int) -> None:
+    """Append the index frame, then fill in the fixed header that points at it."""
+    text = json.dumps(index, separators=(",", ":")).encode("utf-8")
+    payload = w.compress_all([text])[0]
+    at = w.append(INDEX, "", 0, 0, 0, payload, len(text))
+    length = w.pos - at
+    w.f.seek(0)
+    w.f.write(_FIXED.pack(MAGIC, VERSION, key_every, rows_per_chunk, 0, at, length,
+                          hashlib.sha256(payload).digest()))
+    w.f.flush()
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    name: str
+    run: int
+    step: int
+    chunk: int
+    raw_len: int
+    payload: bytes
+
+
+class PackedFile:
+    """A packed file opened for reading: the fixed header and the index read and checked, frames on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._f = open(self.path, "rb")
+        except FileNotFoundError:
+            raise FlannelError(f"{self.path}: packed trajectory not found; check the path") from None
+        except OSError as e:
+            raise FlannelError(f"{self.path}: packed trajectory cannot be read ({e.strerror})") from None
+        self.size = os.fstat(self._f.fileno()).st_size
+        self._dctx = zstandard.ZstdDecompressor()
+        try:
+            self._open_index()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _open_index(self) -> None:
+        fixed = self._pread(0, _FIXED.size)
+        if len(fixed) < _FIXED.size or fixed[:8] != MAGIC:
+            raise FlannelError(f"{self.path}: not a packed flannel-repro trajectory (it does not start with the "
+                               "packed form's magic bytes); give a file written by `flannel-repro pack`")
+        magic, version, self.key_every, self.rows_per_chunk, _, at, length, sha = _FIXED.unpack(fixed)
+        if version != VERSION:
+            raise FlannelError(f"{self.path}: packed trajectory format version {version}, but this flannel-repro "
+                               f"reads version {VERSION}; unpack it with the flannel-repro that packed it")
+        if at == 0:
+            raise PackedCorrupt(self.path, "index", "the file was never finished (no index): the partial file of a "
+                                                    "pack or a run that did not complete")
+        if at + length > self.size:
+            self._diagnose(f"the index at byte {at:,} lies past the end of the file ({self.size:,} bytes)")
+        try:
+            frame = self._frame_at(at, INDEX, "", 0, 0, 0, "index")
+        except PackedCorrupt as e:
+            self._diagnose(f"the index is not where the file's fixed header puts it ({e.what})")
+        if hashlib.sha256(frame.payload).digest() != sha:
+            raise PackedCorrupt(self.path, "index", "does not hash to the digest in the file's fixed header")
+        if self.key_every < 1 or self.rows_per_chunk < 1:
+            raise PackedCorrupt(self.path, "file", f"the fixed header holds key_every {self.key_every} and "
+                                                   f"rows_per_chunk {self.rows_per_chunk}")
+        try:
+            index = json.loads(self._decode(frame, "index", None, None))
+            if index.get("format") != INDEX_FORMAT:
+                raise ValueError(f"format {index.get('format')!r}")
+            self.source_size = int(index["source"]["size"])
+            self.source_sha256 = str(index["source"]["sha256"])
+            self.keys = {k["name"]: KeyInfo(k["name"], k["dtype"], tuple(k["shape"]), tuple(k["data_offsets"]),
+                                            k["codec"], tuple(k["frames"])) for k in index["keys"]}
+            self._head_at = int(index["head"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PackedCorrupt(self.path, "index", f"is not the index this flannel-repro writes ({e})") from None
+        for k in self.keys.values():
+            n_chunks = 1 if k.codec == "bytes" else len(_chunks(k.shape[2], self.rows_per_chunk, k.codec))
+            want = n_chunks if k.codec == "bytes" else k.shape[0] * k.shape[1] * n_chunks
+            if k.codec not in ("bytes", "planes", "xor-planes") or len(k.frames) != want:
+                raise PackedCorrupt(self.path, k.name, f"the index lists {len(k.frames)} frames of codec "
+                                                       f"{k.codec!r}; its shape needs {want}")
+
+    def _diagnose(self, why: str) -> None:
+        """The index cannot be reached (`why`): walk the frames from the first, in the order `pack` writes them
+        (the head, then every key in data order, per-step keys by run, step and chunk), and name the first frame
+        that is missing, out of place or truncated. Always raises PackedCorrupt."""
+        frames = scan(self._f, self.size)
+        at, rec = next(frames, (_FIXED.size, None))
+        if rec is None or rec[1] != HEAD:
+            raise PackedCorrupt(self.path, "header", f"{why}, and the file's first frame is not its header")
+        try:
+            header = json.loads(self._decode(self._frame_at(at, HEAD, "", 0, 0, 0, "header"), "header", None, None)[8:])
+            entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
+            steps = content.step_keyed(entries)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise PackedCorrupt(self.path, "header", f"{why}, and the packed safetensors header is unreadable"
+                                ) from None
+        for name in order:
+            shape, dtype = tuple(entries[name]["shape"]), entries[name]["dtype"]
+            codec = codec_for(name, dtype, shape, steps)
+            if codec == "bytes":
+                wanted = [(BYTES, 0, 0, 0)]
+            else:
+                n_chunks = len(_chunks(shape[2], self.rows_per_chunk, codec))
+                wanted = ((DELTA if codec == "xor-planes" and s % self.key_every else KEY, r, s, c)
+                          for r in range(shape[0]) for s in range(shape[1]) for c in range(n_chunks))
+            for kind, run, step, chunk in wanted:
+                at, rec = next(frames, (self.size, None))
+                where = (run, step) if kind in (KEY, DELTA) else (None, None)
+                what = f"the {_KIND_NAMES[kind]}" + (f" (chunk {chunk})" if kind in (KEY, DELTA) else "")
+                if rec is None:
+                    whole_record = self._pread(at, 4) == _TAG
+                    lost = ("missing: the file ends before it" if at >= self.size else
+                            "truncated: the file ends inside it" if whole_record else "overwritten")
+                    raise PackedCorrupt(self.path, name, f"{what} is {lost} (byte {at:,} of {self.size:,}; {why})",
+                                        *where)
+                got = (rec[1], self._pread(at + _FRAME.size, rec[3]).decode("utf-8", "replace"), *rec[4:7])
+                if got != (kind, name, run, step, chunk):
+                    held = f"{got[1] or _KIND_NAMES.get(got[0], '?')} run {got[2]}, step {got[3]}, chunk {got[4]}"
+                    raise PackedCorrupt(self.path, name, f"{what} is missing or out of place: the file holds {held} "
+                                                         f"where it belongs ({why})", *where)
+        raise PackedCorrupt(self.path, "index", f"{why}; every frame before it is in place")
+
+    def _pread(self, at: int, n: int) -> bytes:
+        return os.pread(self._f.fileno(), n, at)
+
+    def _frame_at(self, at: int, kind: int, name: str, run: int, step: int, chunk: int, key: str,
+                  check_digest: bool = True) -> Frame:
+        """The frame record at `at`, which must be (kind, name, run, step, chunk) and whole."""
+        where = (run, step) if kind in (KEY, DELTA) else (None, None)
+        raw = self._pread(at, _FRAME.size)
+        if len(raw) < _FRAME.size:
+            raise PackedCorrupt(self.path, key, f"the frame at byte {at:,} is truncated (the file ends at "
+                                                f"{self.size:,})", *where)
+        tag, k, _, nlen, r, s, c, _, plen, rlen, sha = _FRAME.unpack(raw)
+        if tag != _TAG:
+            raise PackedCorrupt(self.path, key, f"no frame at byte {at:,}, where the index puts this "
+                                                f"{_KIND_NAMES[kind]}: it is missing or was overwritten", *where)
+        body = self._pread(at + _FRAME.size, nlen + plen)
+        if len(body) < nlen + plen:
+            raise PackedCorrupt(self.path, key, f"the frame at byte {at:,} is truncated (the file ends at "
+                                                f"{self.size:,})", *where)
+        if check_digest and hashlib.sha256(raw[:_SIGNED] + body).digest() != sha:
+            raise PackedCorrupt(self.path, key, f"the {_KIND_NAMES[kind]} (chunk {chunk}) no longer matches its "
+                                                "digest: its bytes changed after it was written", *where)
+        got_name = body[:nlen].decode("utf-8", "replace")
+        if (k, got_name, r, s, c) != (kind, name, run, step, chunk):
+            held = f"{got_name or _KIND_NAMES.get(k, '?')} run {r}, step {s}, chunk {c} ({_KIND_NAMES.get(k, '?')})"
+            raise PackedCorrupt(self.path, key, f"the index points at a frame holding {held}, not this "
+                                                f"{_KIND_NAMES[kind]} (chunk {chunk}): frames were moved, swapped "
+                                                "or lost", *where)
+        return Frame(k, got_name, r, s, c, rlen, body[nlen:])
+
+    def _decode(self, frame: Frame, key: str, run: int | None, step: int | None) -> bytes:
+        try:
+            out = self._dctx.decompress(frame.payload, max_output_size=frame.raw_len)
+        except zstandard.ZstdError as e:
+            raise PackedCorrupt(self.path, key, f"the {_KIND_NAMES[frame.kind]} (chunk {frame.chunk}) does not "
+                                                f"decompress ({e})", run, step) from None
+        if len(out) != frame.raw_len:
+            raise PackedCorrupt(self.path, key, f"the {_KIND_NAMES[frame.kind]} (chunk {frame.chunk}) decodes to "
+                                                f"{len(out)} bytes, not {frame.raw_len}", run, step)
+        return out
+
+    # -- what readers use ------------------------------------------------------------------------------------
+    def head(self) -> bytes:
+        """The safetensors file's first bytes: length, JSON header, padding."""
+        return self._decode(self._frame_at(self._head_at, HEAD, "", 0, 0, 0, "header"), "header", None, None)
+
+    def key_bytes(self, name: str) -> bytes:
+        """The whole data of a "bytes" key, as in the safetensors file."""
+        k = self.keys[name]
+        return self._decode(self._frame_at(k.frames[0], BYTES, name, 0, 0, 0, name), name, None, None)
+
+    def chunk_bounds(self, name: str) -> list[tuple[int, int]]:
+        k = self.keys[name]
+        return _chunks(k.shape[2], self.rows_per_chunk, k.codec)
+
+    def read_chunk(self, name: str, run: int, step: int, chunk: int, previous: np.ndarray | None,
+                   check_digest: bool = True) -> np.ndarray:
+        """Rows of chunk `chunk` of `name[run, step]` as (n,) uint16; a delta frame needs `previous`, the same
+        chunk at step - 1."""
+        k = self.keys[name]
+        n_chunks = len(self.chunk_bounds(name))
+        delta = k.codec == "xor-planes" and step % self.key_every != 0
+        at = k.frames[(run * k.shape[1] + step) * n_chunks + chunk]
+        frame = self._frame_at(at, DELTA if delta else KEY, name, run, step, chunk, name, check_digest)
+        words = from_planes(self._decode(frame, name, run, step))
+        a, b = self.chunk_bounds(name)[chunk]
+        if words.size != (b - a) * k.shape[3]:
+            raise PackedCorrupt(self.path, name, f"chunk {chunk} holds {words.size} values, not "
+                                                 f"{(b - a) * k.shape[3]}", run, step)
+        if delta:
+            assert previous is not None
+            np.bitwise_xor(words, previous, out=words)
+        return words
+
+    def chunk_path(self, name: str, run: int, chunk: int, start: int, stop: int,
+                   known: tuple[int, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(step, words) of chunk `chunk` for steps start..stop-1, decoding from the key frame at or before
+        `start` (or from `known`, the chunk at an earlier step of the same key-frame span)."""
+        k = self.keys[name]
+        first = start - start % self.key_every if k.codec == "xor-planes" else start
+        previous = None
+        if known is not None and first <= known[0] < start:
+            first, previous = known[0] + 1, known[1]
+        for step in range(first, stop):
+            previous = self.read_chunk(name, run, step, chunk, previous)
+            if step >= start:
+                yield step, previous
+
+    def read_slice(self, name: str, run: int, step: int) -> np.ndarray:
+        """`name[run, step]` as (V * H,) uint16."""
+        parts = [next(iter(self.chunk_path(name, run, c, step, step + 1)))[1]
+                 for c in range(len(self.chunk_bounds(name)))]
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> PackedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def scan(f: BinaryIO, size: int) -> Iterator[tuple[int, tuple | None]]:
+    """(offset, record fields) of every frame from the first on, by their lengths; None where a record is not whole
+    (the file ends inside it) or is not a frame record."""
+    at = _FIXED.size
+    while at < size:
+        raw = os.pread(f.fileno(), _FRAME.size, at)
+        if len(raw) < _FRAME.size or raw[:4] != _TAG:
+            yield at, None
+            return
+        rec = _FRAME.unpack(raw)
+        end = at + _FRAME.size + rec[3] + rec[8]
+        if end > size:
+            yield at, None
+            return
+        yield at, rec
+        at = end
+
+
+def unpack(src: Path, out: Path) -> str:
+    """Write the safetensors file that `src` packs to `out` (a temporary name, renamed into place); returns its
+    sha256, which must be the one the packed file recorded of its source."""
+    src, out = Path(src), Path(out)
+    with PackedFile(src) as pf:
+        tmp = temp_path_for(out)
+        try:
+            with open(tmp, "r+b") as f:
+                sha = write_safetensors(pf, f)
+            if sha != pf.source_sha256:
+                raise PackedCorrupt(src, "file", f"unpacks to bytes of sha256 {sha[:12]}, not the "
+                                                 f"{pf.source_sha256[:12]} it was packed from")
+            commit_file(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return sha
+
+
+@contextlib.contextmanager
+def unpacked_copy(src: Path) -> Iterator[Path]:
+    """The safetensors file that `src` packs, unpacked into a temporary folder (TMPDIR) for as long as the block
+    runs, for the checks that read a safetensors file byte by byte (`check`, `verify`)."""
+    with tempfile.TemporaryDirectory(prefix="flannel-unpacked-") as folder:
+        yield kept_copy(src, Path(folder))
+
+
+def kept_copy(src: Path, folder: Path) -> Path:
+    """`src` unpacked into `folder` (which the caller removes); a full disk is one line naming TMPDIR."""
+    out = folder / f"{Path(src).stem}.safetensors"
+    try:
+        unpack(src, out)
+    except OSError as e:
+        raise FlannelError(f"{src}: cannot unpack it into {folder} to check it ({e.strerror}); set TMPDIR to a "
+                           "folder with room for the safetensors form") from None
+    return out
+
+
+def write_safetensors(pf: PackedFile, f: BinaryIO) -> str:
+    """Decode every frame of `pf` into `f`, in the safetensors file's byte order; returns the sha256 written."""
+    whole = hashlib.sha256()
+    head = pf.head()
+    f.write(head)
+    whole.update(head)
+    pos = 0
+    for k in sorted(pf.keys.values(), key=lambda k: k.data_offsets[0]):
+        if k.data_offsets[0] != pos:
+            raise PackedCorrupt(pf.path, k.name, f"the index puts it at byte {k.data_offsets[0]} of the data, not "
+                                                 f"{pos}")
+        if k.codec == "bytes":
+            data = pf.key_bytes(k.name)
+            f.write(data)
+            whole.update(data)
+        else:
+            runs, steps1, v, h = k.shape
+            n_chunks = len(pf.chunk_bounds(k.name))
+            for run in range(runs):
+                previous: list[np.ndarray | None] = [None] * n_chunks
+                for step in range(steps1):
+                    for c in range(n_chunks):
+                        previous[c] = pf.read_chunk(k.name, run, step, c, previous[c])
+                    data = b"".join(p.tobytes() for p in previous)
+                    f.write(data)
+                    whole.update(data)
+        pos = k.data_offsets[1]
+        if len(pf.keys) and pos - k.data_offsets[0] != math.prod(k.shape) * ITEMSIZE.get(k.dtype, 0):
+            raise PackedCorrupt(pf.path, k.name, "its data offsets do not match its dtype and shape")
+    return whole.hexdigest()

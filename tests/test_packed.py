@@ -1,0 +1,245 @@
+"""The packed trajectory: `pack` then `unpack` gives the very file the run wrote (its sha256), the reader returns the
+same numbers as the safetensors reader, `check`, `verify` and `diff` take either form, and a damaged packed file (a
+truncated, flipped, swapped or missing frame, a newer format) is one line naming key, run and step, never a
+traceback nor a wrong number."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import copy_tiny_data, run_cli, thread_pair, write_params
+
+from flannel_repro.audit.check import check
+from flannel_repro.core.config import load_params
+from flannel_repro.core.errors import FlannelError
+from flannel_repro.training.loop import train
+from flannel_repro.trajectory.file import Trajectory, load_trajectory
+from flannel_repro.trajectory.packed import PackedCorrupt, PackedFile, pack, unpack
+from flannel_repro.trajectory.packed_reader import PackedTrajectory
+
+TRAJ = "tensors/Flannel/1.20h_flannel_7.safetensors"
+STEPS = 13  # key frames at 0, 4, 8 and 12 with key_every=4
+ROWS = 64  # the tiny vocabulary (300 rows) in 5 chunks of W, the last one short (grad_W: whole slices)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def raw(t: torch.Tensor) -> bytes:
+    """A tensor's bytes, whatever its dtype (bf16 and NaN compared bit for bit)."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_data) -> Path:
+    """The tiny run with 2 runs and 13 steps, and `t.flpack`, its packed form in 4-step key-frame spans."""
+    root = copy_tiny_data(tiny_data, tmp_path_factory.mktemp("packed"))
+    write_params(root, {"train": {"num_runs": 2, "steps": STEPS}})
+    train(load_params(root / "params.yaml"), root, progress=False)
+    pack(root / TRAJ, root / "t.flpack", key_every=4, rows_per_chunk=ROWS)
+    return root
+
+
+def frames(path: Path, name: str) -> tuple[int, ...]:
+    with PackedFile(path) as pf:
+        return pf.keys[name].frames
+
+
+def frame_index(path: Path, name: str, run: int, step: int, chunk: int) -> int:
+    with PackedFile(path) as pf:
+        k = pf.keys[name]
+        return (run * k.shape[1] + step) * len(pf.chunk_bounds(name)) + chunk
+
+
+def edited(project: Path, name: str, edit) -> Path:
+    """A copy of t.flpack with `edit(bytearray)` applied."""
+    data = bytearray((project / "t.flpack").read_bytes())
+    out = project / name
+    out.write_bytes(edit(data))
+    return out
+
+
+# -- lossless ------------------------------------------------------------------------------------------------
+def test_unpack_gives_the_very_file_the_run_wrote(project, tmp_path):
+    proc = run_cli("pack", str(project / TRAJ), str(tmp_path / "p.flpack"), "--key-every", "5", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    assert "smaller than the" in proc.stdout
+    proc = run_cli("unpack", str(tmp_path / "p.flpack"), str(tmp_path / "back.safetensors"), cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    assert sha256(tmp_path / "back.safetensors") == sha256(project / TRAJ)  # the original file's own bytes
+    assert (tmp_path / "p.flpack").stat().st_size < (project / TRAJ).stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.safetensors", "p.flpack"]  # no temporary left
+
+
+def test_unpack_of_the_fixture_and_the_default_suffixes(project, tmp_path):
+    shutil.copy(project / TRAJ, tmp_path / "run.safetensors")
+    assert run_cli("pack", "run.safetensors", cwd=tmp_path).returncode == 0
+    (tmp_path / "run.safetensors").rename(tmp_path / "original.safetensors")
+    assert run_cli("unpack", "run.flpack", cwd=tmp_path).returncode == 0
+    assert sha256(tmp_path / "run.safetensors") == sha256(project / TRAJ)
+    assert unpack(project / "t.flpack", tmp_path / "u.safetensors") == sha256(project / TRAJ)
+
+
+def test_the_reader_returns_the_same_numbers_as_the_file(project):
+    a, b = Trajectory(project / TRAJ), load_trajectory(project / "t.flpack")
+    assert isinstance(b, PackedTrajectory)
+    assert a.keys() == b.keys() and a.shapes == b.shapes and a.metadata == b.metadata
+    assert a.params == b.params and (a.n_runs, a.n_steps) == (b.n_runs, b.n_steps) == (2, STEPS)
+    for key in a.keys():
+        assert raw(a[key]) == raw(b[key]), key
+    for name in ("W", "grad_W"):
+        for run in (0, 1):
+            for t in (STEPS, 5, 0, 4, 3, 12, 7, 8, -1):  # out of order: across key frames, backwards, the last
+                assert raw(a.step(name, t, run)) == raw(b.step(name, t, run)), (name, run, t)
+            assert raw(a.step_block(name, 2, 11, run)) == raw(b.step_block(name, 2, 11, run))
+            for tokens in (7, [0, 63, 64, 299, 150], [299]):
+                for steps in (slice(None), slice(3, 10, 2), slice(9, 10)):
+                    assert raw(a.token_rows(name, tokens, run, steps)) == raw(b.token_rows(name, tokens, run, steps))
+    assert raw(a.step("losses_f32", 3, 1)) == raw(b.step("losses_f32", 3, 1))
+
+
+def test_both_forms_have_one_content_digest_and_check_intact(project):
+    plain, packed = check(project / TRAJ), check(project / "t.flpack")
+    assert plain.exit_code == packed.exit_code == 0, packed.lines()
+    assert packed.content_digest == plain.content_digest is not None
+    assert packed.n_slices == plain.n_slices == 2 * 2 * (STEPS + 1)
+    proc = run_cli("check", "t.flpack", cwd=project)
+    assert proc.returncode == 0 and "verdict: intact" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_check_of_a_packed_changed_file_gives_the_files_verdict(project, tmp_path):
+    """A slice changed before packing: the frames are intact, so the verdict is the safetensors check's own."""
+    from corrupt import xor_byte
+
+    xor_byte(project / TRAJ, tmp_path / "bad.safetensors", "W", (1, 6), byte=100)
+    pack(tmp_path / "bad.safetensors", tmp_path / "bad.flpack")
+    plain, packed = check(tmp_path / "bad.safetensors"), check(tmp_path / "bad.flpack")
+    assert packed.exit_code == plain.exit_code == 1
+    assert packed.problems == plain.problems
+    assert (packed.problems[0].key, packed.problems[0].run, packed.problems[0].step) == ("W", 1, 6)
+
+
+def test_diff_and_verify_take_the_packed_form(tmp_path, tiny_data):
+    root = thread_pair(tmp_path, tiny_data, "t")
+    pack(root / "t1.safetensors", root / "t1.flpack", key_every=3, rows_per_chunk=ROWS)
+    both = run_cli("diff", "t1.safetensors", "t2.safetensors", cwd=root)
+    mixed = run_cli("diff", "t1.flpack", "t2.safetensors", cwd=root)
+    assert both.returncode == mixed.returncode == 1, mixed.stderr
+    assert both.stdout.replace("t1.safetensors", "A") == mixed.stdout.replace("t1.flpack", "A")
+    same = run_cli("diff", "t1.flpack", "t1.safetensors", cwd=root)
+    assert same.returncode == 0 and "agree bit for bit" in same.stdout, same.stderr
+    write_params(root, {"train": {"num_threads": 1}, "paths": {"trajectory": "t1.safetensors"}})
+    proc = run_cli("verify", "t1.flpack", "-q", cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "identical" in proc.stdout
+
+
+# -- random access -------------------------------------------------------------------------------------------
+def test_one_step_decodes_back_to_its_key_frame_only(project):
+    """A damaged frame at step 9 leaves every step before its key-frame span readable: step 7 never decodes it."""
+    at = frames(project / "t.flpack", "W")[frame_index(project / "t.flpack", "W", 0, 9, 2)]
+
+    def flip(data: bytearray) -> bytearray:
+        data[at + 200] ^= 0x01
+        return data
+
+    bad = edited(project, "late.flpack", flip)
+    good = Trajectory(project / TRAJ)
+    with load_trajectory(bad) as traj:
+        for t in (7, 3, 8, 12, 13):  # 8 is the key frame of 9's span; 12 starts the next span
+            assert raw(traj.step("W", t)) == raw(good.step("W", t)), t
+        with pytest.raises(PackedCorrupt, match="W at run 0, step 9: the delta frame \\(chunk 2\\)"):
+            traj.step("W", 10)  # decodes 8, 9, 10
+        assert raw(traj.token_rows("W", 10)) == raw(good.token_rows("W", 10))  # chunk 0 only
+        with pytest.raises(PackedCorrupt, match="step 9"):
+            traj.token_rows("W", 2 * ROWS + 5)
+
+
+# -- bad input -----------------------------------------------------------------------------------------------
+def corrupt_cli(project: Path, path: Path, line: str, code: int = 1) -> None:
+    """`check` and `unpack` of `path`: one line naming the problem, exit `code`, no traceback."""
+    for args in (("check", str(path)), ("unpack", str(path), str(project / "never.safetensors"))):
+        proc = run_cli(*args, cwd=project)
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert line in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        if args[0] == "unpack":
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (project / "never.safetensors").exists()
+    with pytest.raises(FlannelError) as e:
+        with load_trajectory(path) as traj:
+            for name in ("W", "grad_W"):
+                for run in (0, 1):
+                    for t in range(STEPS + 1):
+                        traj.step(name, t, run)
+    assert e.value.exit_code == code and line in str(e.value)
+
+
+def test_a_flipped_bit_inside_a_compressed_frame(project):
+    at = frames(project / "t.flpack", "grad_W")[frame_index(project / "t.flpack", "grad_W", 1, 5, 0)]
+
+    def flip(data: bytearray) -> bytearray:
+        data[at + 120] ^= 0x04  # inside the zstd payload
+        return data
+
+    corrupt_cli(project, edited(project, "flip.flpack", flip),
+                "grad_W at run 1, step 5: the key frame (chunk 0) no longer matches its digest")
+
+
+def test_a_truncated_frame(project):
+    fr = frames(project / "t.flpack", "W")
+    at = fr[frame_index(project / "t.flpack", "W", 1, 6, 1)]
+    corrupt_cli(project, edited(project, "cut.flpack", lambda d: d[: at + 150]),
+                "W at run 1, step 6: the delta frame (chunk 1) is truncated: the file ends inside it")
+
+
+def test_two_frames_swapped(project):
+    fr = frames(project / "t.flpack", "W")
+    i = frame_index(project / "t.flpack", "W", 0, 5, 0)
+    a, b, c = fr[i], fr[i + 1], fr[i + 2]
+    corrupt_cli(project, edited(project, "swap.flpack", lambda d: d[:a] + d[b:c] + d[a:b] + d[c:]),
+                "W at run 0, step 5: the index points at a frame holding W run 0, step 5, chunk 1")
+
+
+def test_a_key_frame_missing(project):
+    fr = frames(project / "t.flpack", "W")
+    i = frame_index(project / "t.flpack", "W", 0, 8, 0)
+    corrupt_cli(project, edited(project, "gone.flpack", lambda d: d[: fr[i]] + d[fr[i + 1] :]),
+                "W at run 0, step 8: the key frame (chunk 0) is missing or out of place: the file holds W run 0, "
+                "step 8, chunk 1 where it belongs")
+
+
+def test_a_key_frame_overwritten_in_place(project):
+    fr = frames(project / "t.flpack", "W")
+    i = frame_index(project / "t.flpack", "W", 1, 4, 0)
+
+    def zero(data: bytearray) -> bytearray:
+        data[fr[i] : fr[i + 1]] = bytes(fr[i + 1] - fr[i])
+        return data
+
+    corrupt_cli(project, edited(project, "zeroed.flpack", zero),
+                "W at run 1, step 4: no frame at byte")
+
+
+def test_a_newer_format_version_is_unreadable(project):
+    def newer(data: bytearray) -> bytearray:
+        data[8:12] = struct.pack("<I", 2)
+        return data
+
+    corrupt_cli(project, edited(project, "v2.flpack", newer),
+                "packed trajectory format version 2, but this flannel-repro reads version 1", code=2)
+
+
+def test_packing_a_broken_or_packed_file_is_refused_and_writes_nothing(project, tmp_path):
+    data = (project / TRAJ).read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[: len(data) // 2])
+    for src, line in ((tmp_path / "short.safetensors", "truncated"), (project / "t.flpack", "is already packed")):
+        proc = run_cli("pack", str(src), str(tmp_path / "out.flpack"), cwd=project)
+        assert proc.returncode == 2 and line in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.safetensors"]
