@@ -385,8 +385,8 @@ def check(path: Path, threads: int = 2) -> CheckReport:
         return CheckReport(Path(path), problems, digest, n_slices, hashed, time.perf_counter() - start)
 
 
-_ORDER = {"grad_W": 0, "digest_grad_W": 0, "W": 1, "digest_W": 1, "momentum": 2, "digest_momentum": 2,
-          "variance": 3, "digest_variance": 3}
+_ORDER = {name: i for i, name in enumerate(("grad_W_output", "grad_W_input", "grad_W", "W", "momentum", "variance"))}
+_ORDER |= {f"digest_{name}": i for name, i in _ORDER.items()}
 
 
 def _hash_slices(insp: Inspection, slices: list[tuple[str, int, int]], threads: int) -> list[bytes]:

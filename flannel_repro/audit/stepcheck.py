@@ -35,7 +35,8 @@ from flannel_repro.trajectory.layout import STEP_TENSORS, STEP_VALUES, trajector
 if TYPE_CHECKING:
     from flannel_repro.audit.reference import Reference
 
-SLICE_ORDER = ("grad_W", "W", "momentum", "variance")  # causal: backward, then the optimizer step
+# Causal: backward (the output projection's half first, then the lookup's, then their sum), then the update.
+SLICE_ORDER = ("grad_W_output", "grad_W_input", "grad_W", "W", "momentum", "variance")
 
 
 @dataclass

@@ -254,6 +254,9 @@ class RecordConfig(_Section):
     _section = "record"
     W: bool = True  # embedding matrix after every optimizer step, (runs, steps+1, V, H) bf16
     grads: bool = True  # grad_W after backward, before clipping, (runs, steps+1, V, H) bf16, zero at t=0
+    # grad_W's two halves as autograd makes them, grad_W_input (the lookup) and grad_W_output (the output
+    # projection), (runs, steps+1, V, H) bf16 each, zero at t=0
+    grad_parts: bool = False
     momentum: bool = False  # Adam exp_avg of W, (runs, steps+1, V, H) bf16, zero at t=0
     variance: bool = False  # Adam exp_avg_sq of W, (runs, steps+1, V, H) bf16, zero at t=0
     logits: bool = False  # not supported: logits are (batch, seq, V) per step, far too large to record

@@ -3,7 +3,8 @@
 What is recorded, and when, follows the notebook's BatchRecorder exactly:
 - t = 0: W_initial; grad_W, momentum and variance zero; loss NaN.
 - t = 1..steps: grad_W is the embedding gradient after backward and before clipping (captured by a
-  post-accumulate-grad hook on the tied embedding); W, momentum and variance are read after the optimizer step
+  post-accumulate-grad hook on the tied embedding); with record.grad_parts, its two halves as autograd makes them
+  (grad_parts.py); W, momentum and variance are read after the optimizer step
   (`on_step_end`); the loss is the one `compute_loss` returned for that step's batch; the gradient norm is the
   Trainer's pre-clip norm and the learning rate the one the update used, read where the Trainer computes them (its
   per-step log, which used to carry them, is off).
@@ -24,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from flannel_repro.core.config import RecordConfig
+from flannel_repro.recording.grad_parts import PART_NAMES, GradParts
 from flannel_repro.recording.records import StepObserver, StepRecord
 from flannel_repro.trajectory.file import TrajectoryWriter
 from flannel_repro.trajectory.layout import recorded_tensors
@@ -44,6 +46,7 @@ class TrajectoryCallback(TrainerCallback):
         self.ring = ring
         self._grad: torch.Tensor | None = None  # grad_W before clipping, on the model's device
         self._hook = None
+        self._parts: GradParts | None = None  # the two halves of grad_W, when recorded
         self._lr = math.nan  # the learning rate of the current step's update
 
     def emit_initial(self, weight: torch.Tensor) -> None:
@@ -62,6 +65,8 @@ class TrajectoryCallback(TrainerCallback):
                 self._grad.copy_(param.grad)
 
             self._hook = weight.register_post_accumulate_grad_hook(capture)
+        if PART_NAMES[0] in self.names:
+            self._parts = GradParts(model)
 
     def on_optimizer_step(self, args, state, control, lr_scheduler=None, **kwargs):
         # After the update, before the scheduler steps: the Trainer's own reading of the rate this update used.
@@ -76,6 +81,9 @@ class TrajectoryCallback(TrainerCallback):
             tensors["W"] = slot.copy("W", weight.to(torch.bfloat16))
         if "grad_W" in self.names:
             tensors["grad_W"] = slot.copy("grad_W", self._grad)
+        if self._parts is not None:
+            for name, part in self._parts.buffers.items():
+                tensors[name] = slot.copy(name, part)
         if "momentum" in self.names or "variance" in self.names:
             adam = getattr(optimizer, "optimizer", optimizer).state[weight]
             for name, key in (("momentum", "exp_avg"), ("variance", "exp_avg_sq")):
@@ -96,6 +104,9 @@ class TrajectoryCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self._parts is not None:
+            self._parts.remove()
+            self._parts = None
 
 
 class FileSink:

@@ -23,7 +23,9 @@ FORMAT = "flannel-trajectory/2"  # /2: the header holds the content record and d
 DIGEST_BYTES = 32  # sha256
 
 # Per-step (V, H) tensors in the file, by their RecordConfig switch; each has a digest_<name> companion.
-STEP_TENSORS = {"W": "W", "grad_W": "grads", "momentum": "momentum", "variance": "variance"}
+# grad_W_input and grad_W_output are the tied weight's two gradient halves (the lookup's, the output projection's).
+STEP_TENSORS = {"W": "W", "grad_W": "grads", "grad_W_input": "grad_parts", "grad_W_output": "grad_parts",
+                "momentum": "momentum", "variance": "variance"}
 # Per-step keys without a digest of their own, in causal order; batch_indices[run, t - 1] is step t's batch.
 STEP_VALUES = ("batch_indices", "losses_f32", "losses", "grad_norm", "lr_schedule")
 # The notebook's metadata scalars: name -> (dtype, the params key it records); n_live and n_dead come from the masks.

@@ -1,0 +1,110 @@
+"""What the dead-token analysis reads from a trajectory: the two halves of the tied gradient (record.grad_parts),
+recorded, digested, checked and verified like grad_W, and how they add up to grad_W bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REPO, copy_tiny_data, write_params
+from corrupt import rewrite_content_record, rewrite_slice_digest, xor_byte
+
+from flannel_repro.audit.check import check
+from flannel_repro.audit.reference import file_reference
+from flannel_repro.audit.verify import verify
+from flannel_repro.core.config import load_params
+from flannel_repro.data.masks import load_masks
+from flannel_repro.training.inputs import load_inputs
+from flannel_repro.training.loop import train
+from flannel_repro.training.model import TokenDataset
+from flannel_repro.trajectory import content
+from flannel_repro.trajectory.file import load_trajectory
+from flannel_repro.trajectory.layout import trajectory_layout
+
+STEPS = 6  # conftest TINY
+PARTS = ("grad_W_input", "grad_W_output")
+
+
+@pytest.fixture(scope="module")
+def parts_run(tmp_path_factory, tiny_data):
+    """The tiny config recorded with grad_parts on, two runs (run 1 trains with another seed)."""
+    root = tmp_path_factory.mktemp("grad_parts")
+    copy_tiny_data(tiny_data, root)
+    params = load_params(write_params(root, {"train": {"num_runs": 2}, "record": {"grad_parts": True}}))
+    result = train(params, root, progress=False)
+    return root, params, result
+
+
+def test_grad_parts_are_off_by_default_and_two_more_keys_when_on(parts_run):
+    root, params, result = parts_run
+    default = trajectory_layout(load_params(REPO / "params.yaml"))  # the notebook's file: no such keys
+    assert not [k for k in default if k.removeprefix("digest_") in PARTS]
+    with load_trajectory(result.trajectory) as traj:
+        for name in PARTS:
+            assert traj.shapes[name] == traj.shapes["grad_W"] == (2, STEPS + 1, 300, 16)
+            assert traj[name].dtype == torch.bfloat16
+        record = {e.name: e for e in content.parse(traj.metadata["content"])}
+    assert {record[name].kind for name in PARTS} == {"steps"}  # in the content record through their digests
+    assert check(result.trajectory).exit_code == 0
+
+
+def test_the_halves_add_up_to_grad_w_bit_for_bit(parts_run):
+    """Autograd adds the two halves once, in bf16 (their float32 sum, which is exact unless their exponents are
+    more than 16 apart, rounded once to bf16), so the same addition here gives grad_W exactly, at every step of
+    every run, in either order."""
+    _, _, result = parts_run
+    with load_trajectory(result.trajectory) as traj:
+        g, gin, gout = traj["grad_W"], traj["grad_W_input"], traj["grad_W_output"]
+    assert not gin[:, 0].any() and not gout[:, 0].any()  # zero at t = 0, like grad_W
+    assert gin[:, 1:].any() and gout[:, 1:].any()
+    assert torch.equal(gout + gin, g) and torch.equal(gin + gout, g)  # bf16 addition is commutative
+    assert torch.equal((gout.float() + gin.float()).bfloat16(), g)
+    # Each half alone is not grad_W: both contribute at the rows of the batch's tokens.
+    assert not torch.equal(gin, g) and not torch.equal(gout, g)
+
+
+def test_the_input_half_is_zero_exactly_outside_the_batchs_input_tokens(parts_run):
+    root, params, result = parts_run
+    masks = load_masks(root / params.paths.masks, params.model.vocab_size)
+    tokens = load_inputs(params, root).tokens
+    windows = TokenDataset(tokens, params.model.max_seq_len, params.train.label_mode)
+    with load_trajectory(result.trajectory) as traj:
+        gin, gout, batches = traj["grad_W_input"], traj["grad_W_output"], traj["batch_indices"]
+    for run in range(2):
+        for t in range(1, STEPS + 1):
+            ids = torch.stack([windows[int(i)]["input_ids"] for i in batches[run, t - 1] if i >= 0])  # (B, L)
+            # A window's last position is not scored (the model shifts the labels), and with causal attention
+            # nothing else reads it: a token only ever there gets no input gradient either.
+            scored, anywhere = (torch.zeros(params.model.vocab_size, dtype=torch.bool) for _ in range(2))
+            scored[ids[:, :-1]] = True
+            anywhere[ids] = True
+            rows_nonzero = gin[run, t].ne(0).any(dim=1)
+            assert torch.equal(rows_nonzero, scored), (run, t)  # exactly the rows of the scored inputs' tokens
+            assert not gin[run, t][~anywhere].any()
+            assert not gin[run, t][masks.dead_mask].any()  # dead rows: exactly zero, so ...
+            assert gout[run, t][masks.dead_mask].ne(0).any(dim=1).all()  # ... all their pull is the output half's
+
+
+def test_a_changed_half_is_found_by_check_and_by_verify_at_its_step(parts_run, tmp_path):
+    root, params, result = parts_run
+    assert verify(file_reference(result.trajectory), root).verdict == "identical"
+    # A flipped byte with the digests untouched: check names the key, run and step.
+    bad = tmp_path / "bad.safetensors"
+    xor_byte(result.trajectory, bad, "grad_W_output", (1, 4), byte=6)
+    report = check(bad)
+    assert report.exit_code == 1 and report.problems[0].key == "grad_W_output"
+    assert (report.problems[0].run, report.problems[0].step) == (1, 4)
+    # The same byte with its digest and the content record rewritten: only the rerun can tell, at that step.
+    consistent = tmp_path / "consistent.safetensors"
+    xor_byte(result.trajectory, consistent, "grad_W_input", (0, 3), byte=2 * 16 * int(_an_input_row(result, 0, 3)))
+    rewrite_slice_digest(consistent, "grad_W_input", 0, 3)
+    rewrite_content_record(consistent)
+    assert check(consistent).exit_code == 0
+    rep = verify(file_reference(consistent), root)
+    assert rep.verdict == "diverged" and (rep.first.run, rep.first.step) == (0, 3)
+    assert rep.first.tensors == ["grad_W_input"]  # grad_W and W at that step still match the rerun
+
+
+def _an_input_row(result, run: int, step: int) -> int:
+    with load_trajectory(result.trajectory) as traj:
+        return int(traj.step("grad_W_input", step, run).ne(0).any(dim=1).nonzero()[0])
+
