@@ -1,17 +1,23 @@
 """What the dead-token analysis reads from a trajectory: the two halves of the tied gradient (record.grad_parts),
-recorded, digested, checked and verified like grad_W, and how they add up to grad_W bit for bit."""
+recorded, digested, checked and verified like grad_W, and how they add up to grad_W bit for bit; exposure (which
+tokens each step's loss saw), from the reader and from the exposure stage."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
-from conftest import REPO, copy_tiny_data, write_params
+from conftest import REPO, copy_tiny_data, run_cli, write_params
 from corrupt import rewrite_content_record, rewrite_slice_digest, xor_byte
+from safetensors.torch import load_file
 
+from flannel_repro.analysis.exposure import exposure_of, load_exposure
 from flannel_repro.audit.check import check
 from flannel_repro.audit.reference import file_reference
 from flannel_repro.audit.verify import verify
 from flannel_repro.core.config import load_params
+from flannel_repro.core.errors import FlannelError
 from flannel_repro.data.masks import load_masks
 from flannel_repro.training.inputs import load_inputs
 from flannel_repro.training.loop import train
@@ -108,3 +114,75 @@ def _an_input_row(result, run: int, step: int) -> int:
     with load_trajectory(result.trajectory) as traj:
         return int(traj.step("grad_W_input", step, run).ne(0).any(dim=1).nonzero()[0])
 
+
+# -- exposure -----------------------------------------------------------------------------------------------------
+
+def naive_exposure(traj, tokens: torch.Tensor, params) -> torch.Tensor:
+    """(runs, steps+1, V): the labels each step's loss scored, counted one window at a time from the dataset the
+    Trainer reads, shifted as GPT2LMHeadModel shifts them."""
+    windows = TokenDataset(tokens, params.model.max_seq_len, params.train.label_mode)
+    runs, steps, v = params.train.num_runs, params.train.steps, params.model.vocab_size
+    out = torch.zeros(runs, steps + 1, v, dtype=torch.int64)
+    for run in range(runs):
+        for t in range(1, steps + 1):
+            for i in traj["batch_indices"][run, t - 1].tolist():
+                if i >= 0:
+                    out[run, t] += torch.bincount(windows[i]["labels"][1:], minlength=v)
+    return out
+
+
+@pytest.mark.parametrize("label_mode", ["notebook", "next_token"])
+def test_exposure_counts_the_labels_each_step_scored(tmp_path, tiny_data, label_mode):
+    copy_tiny_data(tiny_data, tmp_path)
+    params = load_params(write_params(tmp_path, {"train": {"label_mode": label_mode, "num_runs": 2}}))
+    result = train(params, tmp_path, progress=False)
+    tokens = load_inputs(params, tmp_path).tokens
+    masks = load_masks(tmp_path / params.paths.masks, params.model.vocab_size)
+    with load_trajectory(result.trajectory) as traj:
+        ex = exposure_of(traj, tokens, masks)
+        want = naive_exposure(traj, tokens, params)
+    assert ex.label_mode == label_mode and ex.counts.dtype == torch.int32
+    assert torch.equal(ex.counts.long(), want)
+    assert not ex.counts[:, 0].any() and not ex.counts[:, :, masks.dead_mask].any()
+    seen = want.cumsum(dim=1) > 0  # (runs, steps+1, V)
+    first = torch.where(seen.any(dim=1), seen.int().argmax(dim=1), -1)
+    assert torch.equal(ex.first_step, first) and torch.equal(ex.total, want.sum(dim=1))
+    assert (ex.first_step > 1).any()  # some tokens first become labels after step 1
+
+
+def test_the_exposure_stage_writes_a_file_the_reader_reads_back(tmp_path, tiny_data):
+    copy_tiny_data(tiny_data, tmp_path)
+    params = load_params(write_params(tmp_path))
+    train(params, tmp_path, progress=False)
+    proc = run_cli("exposure", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / params.paths.exposure
+    assert f"exposure: {params.paths.exposure} ({STEPS} steps" in proc.stdout
+    with load_trajectory(tmp_path / params.paths.trajectory) as traj:
+        want = exposure_of(traj, load_inputs(params, tmp_path).tokens)
+    got = load_exposure(path)
+    assert torch.equal(got.counts, want.counts) and got.label_mode == "notebook"
+    stored = load_file(path)  # the file's own first_step and total, written beside the compact counts
+    assert torch.equal(stored["first_step"], want.first_step) and torch.equal(stored["total"], want.total)
+    # A rerun of the stage on the same inputs writes the same bytes (a DVC output that does not churn).
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert run_cli("exposure", cwd=tmp_path).returncode == 0
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_exposure_refuses_another_corpus_and_a_batch_outside_it(tmp_path, tiny_data):
+    copy_tiny_data(tiny_data, tmp_path)
+    params = load_params(write_params(tmp_path))
+    result = train(params, tmp_path, progress=False)
+    corpus = tmp_path / params.paths.corpus
+    original = corpus.read_bytes()
+    corpus.write_bytes(original + b" more words")
+    proc = run_cli("exposure", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("differs from the one the trajectory recorded); give the run's corpus")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    corpus.write_bytes(original)
+    tokens = load_inputs(params, tmp_path).tokens
+    with load_trajectory(result.trajectory) as traj:
+        with pytest.raises(FlannelError, match=r"batch_indices\[0, \d+, \d+\] = \d+ is not a window of this corpus"):
+            exposure_of(traj, tokens[: len(tokens) // 4])  # a shorter corpus: some windows are past its end

@@ -27,6 +27,7 @@ ALLOWED = {
     "tracking": {"core", "trajectory"},
     "training": {"core", "data", "trajectory", "recording", "tracking"},
     "audit": {"core", "data", "trajectory", "recording", "tracking", "training"},
+    "analysis": {"core", "data", "trajectory"},
 }
 MLFLOW_MODULES = {"flannel_repro.tracking.mlflow_store", "flannel_repro.tracking.spool"}
 TEXT_STAGES = ("flannel_repro.data.corpus", "flannel_repro.data.tokenizer_corpus", "flannel_repro.data.tokenizer")

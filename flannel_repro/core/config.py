@@ -278,6 +278,7 @@ class PathsConfig(_Section):
     trajectory: str = "tensors/Flannel/1.20h_flannel_7.safetensors"
     metrics: str = "metrics/train.json"  # final loss, run time, steps/s, trajectory sha256, dead tokens, device
     loss_curve: str = "metrics/train_loss.csv"  # step, loss, grad_norm, learning_rate
+    exposure: str = "tensors/Flannel/exposure.safetensors"  # per-step label counts of each token (exposure stage)
 
     def _check(self) -> None:
         for f in dataclasses.fields(self):
@@ -304,6 +305,7 @@ class ResolvedPaths:
     trajectory: Path
     metrics: Path
     loss_curve: Path
+    exposure: Path
 
     def inputs(self) -> dict[str, Path]:
         """{"corpus": path, "tokenizer": path, "masks": path}"""
