@@ -1,9 +1,11 @@
 """What the dead-token analysis reads from a trajectory: the two halves of the tied gradient (record.grad_parts),
 recorded, digested, checked and verified like grad_W, and how they add up to grad_W bit for bit; exposure (which
-tokens each step's loss saw), from the reader and from the exposure stage."""
+tokens each step's loss saw), from the reader and from the exposure stage; the under-training indicators per step,
+in flight, in the CSV, in tracking and per token from the reader."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 
 import pytest
@@ -13,12 +15,15 @@ from corrupt import rewrite_content_record, rewrite_slice_digest, xor_byte
 from safetensors.torch import load_file
 
 from flannel_repro.analysis.exposure import exposure_of, load_exposure
+from flannel_repro.analysis.figures import indicators_png, read_curves
 from flannel_repro.audit.check import check
 from flannel_repro.audit.reference import file_reference
 from flannel_repro.audit.verify import verify
 from flannel_repro.core.config import load_params
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.data.masks import load_masks
+from flannel_repro.recording.indicators import INDICATOR_NAMES, indicators
+from flannel_repro.recording.motion import set_means, token_sets
 from flannel_repro.training.inputs import load_inputs
 from flannel_repro.training.loop import train
 from flannel_repro.training.model import TokenDataset
@@ -186,3 +191,79 @@ def test_exposure_refuses_another_corpus_and_a_batch_outside_it(tmp_path, tiny_d
     with load_trajectory(result.trajectory) as traj:
         with pytest.raises(FlannelError, match=r"batch_indices\[0, \d+, \d+\] = \d+ is not a window of this corpus"):
             exposure_of(traj, tokens[: len(tokens) // 4])  # a shorter corpus: some windows are past its end
+
+
+# -- indicators ---------------------------------------------------------------------------------------------------
+
+def indicators_from_file(w: torch.Tensor, dead: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The indicators of one (V, H) bf16 slice, recomputed in float64 with plain torch."""
+    x = w.double() - w.double().mean(dim=0)
+    r = x[dead].mean(dim=0)
+    cos = 1 - (x @ r) / (x.norm(dim=1) * r.norm())
+    return {"dist": (x - r).norm(dim=1), "cos": cos, "dead_centroid": r.norm()}
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tmp_path_factory, tiny_data):
+    """The tiny config with two runs (seeds 42 and 43), trained through the train stage (reports written)."""
+    from flannel_repro.training.stage import write_reports
+
+    root = tmp_path_factory.mktemp("indicators")
+    copy_tiny_data(tiny_data, root)
+    params = load_params(write_params(root, {"train": {"num_runs": 2}}))
+    result = train(params, root, progress=False)
+    write_reports(params, result, root)
+    return root, params, result
+
+
+def test_indicators_per_step_are_the_papers_distances_from_the_dead_mean(two_seeds):
+    root, params, result = two_seeds
+    masks = load_masks(root / params.paths.masks, params.model.vocab_size)
+    with load_trajectory(result.trajectory) as traj:
+        for run in range(2):
+            for t in range(STEPS + 1):
+                want = indicators_from_file(traj.step("W", t, run), masks.dead_mask)
+                got = indicators(traj.step("W", t, run).float(), masks.dead_mask)  # the reader's per-token values
+                for kind in ("dist", "cos"):
+                    assert torch.allclose(got[kind].double(), want[kind], rtol=1e-4, atol=1e-6), (kind, run, t)
+                    for side, mask in (("live", masks.live_mask), ("dead", masks.dead_mask)):
+                        curve = result.motion[f"{kind}_{side}"][run][t]
+                        assert curve == pytest.approx(float(want[kind][mask].mean()), rel=1e-4), (kind, side, t)
+                        # the per-token values of the reader give the in-flight summary exactly
+                        assert curve == set_means(got[kind].numpy(), token_sets(masks))[side == "dead"]
+                assert result.motion["dead_centroid"][run][t] == pytest.approx(float(want["dead_centroid"]),
+                                                                               rel=1e-4)
+    # Live tokens are trained away from the dead mean; the dead ones stay near it.
+    dist_live, dist_dead = result.motion["dist_live"][0], result.motion["dist_dead"][0]
+    assert dist_live[STEPS] > dist_dead[STEPS]
+    assert result.motion["dead_centroid"][0][STEPS] != result.motion["dead_centroid"][0][0]
+
+
+def test_indicators_go_to_the_csv_and_the_figure(two_seeds, tmp_path):
+    root, params, result = two_seeds
+    with open(root / params.paths.loss_curve, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for name in INDICATOR_NAMES:
+            assert float(r[name]) == result.motion[name][int(r["run"])][int(r["step"])]
+    out = indicators_png(params, root, tmp_path / "indicators.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # read_curves gives the figure exactly the CSV's curves, both seeds
+    curves = read_curves(root / params.paths.loss_curve, list(INDICATOR_NAMES))
+    assert [c[1:] for c in curves["dist_dead"]] == [result.motion["dist_dead"][run][1:] for run in range(2)]
+
+
+def test_indicators_are_logged_to_tracking_per_step(tmp_path, tiny_data):
+    from mlflow.tracking import MlflowClient
+
+    from flannel_repro.training.stage import run_train_stage
+
+    copy_tiny_data(tiny_data, tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = load_params(write_params(tmp_path, {"tracking": {"enabled": True, "uri": uri}}))
+    result, run_id = run_train_stage(params, tmp_path, progress=False)
+    client = MlflowClient(tracking_uri=uri)
+    for name in INDICATOR_NAMES:
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+        assert [s for s, _ in history] == list(range(STEPS + 1))
+        assert [v for _, v in history] == pytest.approx(result.motion[name][0], rel=1e-6)

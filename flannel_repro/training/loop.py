@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 from flannel_repro.core.config import Params
 from flannel_repro.data.masks import Masks
 from flannel_repro.recording.checkpoint import HISTORY_KEYS
+from flannel_repro.recording.indicators import TokenIndicators
 from flannel_repro.recording.motion import TokenMotion
 from flannel_repro.recording.output import RecordedOutput, metadata_scalars, recorded_output
 from flannel_repro.recording.progress import Progress
@@ -118,6 +119,7 @@ def train(
     collect = _Collect(cfg.num_runs, cfg.steps)
     tracking_run = next((o.run_id for o in observers if isinstance(o, Tracker)), None)
     motion = TokenMotion(inputs.masks, cfg.num_runs, cfg.steps)  # before the other observers: they see rec.motion
+    indicators = TokenIndicators(inputs.masks, cfg.num_runs, cfg.steps)  # likewise
     # The output: lock, resume point, temporary file and checkpoints; committed when the block ends, else kept
     # for --resume or removed.
     with recorded_output(params, root, scalars, fp, inputs.input_digests, write=write and record,
@@ -127,7 +129,8 @@ def train(
             if out.marker.tracking_run:
                 _each(observers, "resumed_from", out.marker.tracking_run)
         sinks = [o for o in observers if callable(o)]  # per-step observers; the others have run hooks only
-        replayed = [collect, motion, *sinks]  # the file has these steps already, and progress is not shown again
+        # The file has these steps already, and progress is not shown again.
+        replayed = [collect, motion, indicators, *sinks]
         shown = [Progress(cfg.num_runs, cfg.steps, cfg.log_every)] if progress else []
         # record=False (the benchmark's baseline) trains without the recorder: no per-step copies of W or grad_W.
         ring = out.record_steps([*replayed, *shown], device, ring_slots) if record else None
@@ -144,11 +147,11 @@ def train(
                 out.run_done(run, collect.history)
             _each(observers, "end_run", run)
         runtime = time.perf_counter() - start
-    return _result(out, inputs.masks, collect, motion, runtime, device, fp)
+    return _result(out, inputs.masks, collect, {**motion.curves, **indicators.curves}, runtime, device, fp)
 
 
-def _result(out: RecordedOutput, masks: Masks, collect: _Collect, motion: TokenMotion, runtime: float,
-            device: torch.device, fp: dict[str, Any]) -> TrainResult:
+def _result(out: RecordedOutput, masks: Masks, collect: _Collect, curves: dict[str, list[list[float]]],
+            runtime: float, device: torch.device, fp: dict[str, Any]) -> TrainResult:
     cfg = out.params.train
     first_run, first_step = (out.marker.run, out.marker.step) if out.marker else (0, 0)
     trained = cfg.num_runs * cfg.steps - (first_run * cfg.steps + first_step)  # a resumed run trains fewer steps
@@ -167,7 +170,7 @@ def _result(out: RecordedOutput, masks: Masks, collect: _Collect, motion: TokenM
         losses=collect.losses,
         grad_norms=collect.grad_norms,
         learning_rates=collect.lrs,
-        motion=motion.curves,
+        motion=curves,
     )
 
 
