@@ -115,6 +115,30 @@ def test_a_changed_half_is_found_by_check_and_by_verify_at_its_step(parts_run, t
     assert rep.first.tensors == ["grad_W_input"]  # grad_W and W at that step still match the rerun
 
 
+class StopAt:
+    """An observer that interrupts the run at (run, step), as Ctrl-C would."""
+
+    def __init__(self, run: int, step: int) -> None:
+        self.at = (run, step)
+
+    def __call__(self, rec) -> None:
+        if (rec.run, rec.step) == self.at:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_records_the_same_halves(parts_run, tmp_path, tiny_data):
+    """Interrupted in the second run and resumed from its checkpoint: the same numbers (content digest) as the
+    uninterrupted run, the halves included."""
+    _, _, result = parts_run
+    copy_tiny_data(tiny_data, tmp_path)
+    params = load_params(write_params(tmp_path, {"train": {"num_runs": 2, "checkpoint_every": 2},
+                                                 "record": {"grad_parts": True}}))
+    with pytest.raises(KeyboardInterrupt):
+        train(params, tmp_path, progress=False, observers=[StopAt(1, 5)])
+    resumed = train(params, tmp_path, progress=False, resume=True)
+    assert resumed.content_digest == result.content_digest
+
+
 def _an_input_row(result, run: int, step: int) -> int:
     with load_trajectory(result.trajectory) as traj:
         return int(traj.step("grad_W_input", step, run).ne(0).any(dim=1).nonzero()[0])
