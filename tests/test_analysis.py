@@ -11,7 +11,7 @@ import hashlib
 import pytest
 import torch
 from conftest import REPO, copy_tiny_data, run_cli, write_params
-from corrupt import rewrite_content_record, rewrite_slice_digest, xor_byte
+from corrupt import offset_of, rewrite_content_record, rewrite_slice_digest, xor_byte
 from safetensors.torch import load_file
 
 from flannel_repro.analysis.exposure import exposure_of, load_exposure
@@ -291,3 +291,46 @@ def test_indicators_are_logged_to_tracking_per_step(tmp_path, tiny_data):
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
         assert [s for s, _ in history] == list(range(STEPS + 1))
         assert [v for _, v in history] == pytest.approx(result.motion[name][0], rel=1e-6)
+
+
+def test_a_file_that_is_not_an_exposure_file_is_one_clear_error(tmp_path, tiny_data):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(FlannelError, match=r"garbage.safetensors: cannot read the exposure file \(.*\); make it"):
+        load_exposure(garbage)
+    masks = tiny_data / "tensors/Flannel/live_dead_tokens.safetensors"  # safetensors, but not exposure
+    with pytest.raises(FlannelError, match=r"live_dead_tokens.safetensors: not an exposure file"):
+        load_exposure(masks)
+
+
+def test_exposure_of_an_epochs_short_last_batch_counts_its_windows_only(tiny_project):
+    """A corpus of 24 windows and batch 5: the Trainer keeps the short 5th batch, whose empty slot reads -1; its
+    exposure counts the windows it has, and an index after a -1 is refused."""
+    from tokenizers import Tokenizer
+
+    from flannel_repro.data.masks import encode_corpus, masks
+
+    params = load_params(write_params(tiny_project, {"train": {"batch_size": 5, "steps": 6}}))
+    corpus, tok_path = tiny_project / params.paths.corpus, tiny_project / params.paths.tokenizer
+    tokens = encode_corpus(corpus, tok_path, 300)
+    corpus.write_text(Tokenizer.from_file(str(tok_path)).decode(tokens[:40].tolist()))
+    masks(params, tiny_project)
+    result = train(params, tiny_project, progress=False)
+    tokens = load_inputs(params, tiny_project).tokens
+    with load_trajectory(result.trajectory) as traj:
+        batches = traj["batch_indices"][0]
+        ex = exposure_of(traj, tokens)
+        want = naive_exposure(traj, tokens, params)
+    assert (batches == -1).any()  # the short batch is in the run
+    assert torch.equal(ex.counts.long(), want)
+    short = int((batches == -1).any(dim=1).nonzero()[0])
+    assert int(ex.counts[0, short + 1].sum()) == int((batches[short] >= 0).sum()) * (params.model.max_seq_len - 1)
+    # The same file with step 1's first slot emptied: windows after a -1 are not a batch the Trainer makes.
+    bad = tiny_project / "bad.safetensors"
+    data = bytearray(result.trajectory.read_bytes())
+    at = offset_of(result.trajectory, "batch_indices", (0, 0, 0))
+    data[at : at + 8] = (-1).to_bytes(8, "little", signed=True)
+    bad.write_bytes(bytes(data))
+    with load_trajectory(bad) as traj:
+        with pytest.raises(FlannelError, match=r"batch_indices\[0, 0, 1\] = \d+ is not a window"):
+            exposure_of(traj, tokens)

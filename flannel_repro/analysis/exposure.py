@@ -102,7 +102,7 @@ def _check_batches(path: Path, batches: torch.Tensor, n_windows: int) -> None:
 
 def load_exposure(path: str | Path) -> Exposure:
     """The exposure file `flannel-repro exposure` wrote, as an `Exposure`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
@@ -111,7 +111,7 @@ def load_exposure(path: str | Path) -> Exposure:
             if meta.get("format") != FORMAT:
                 raise FlannelError(f"{path}: not an exposure file ({FORMAT}); make it with `flannel-repro exposure`")
             t = {k: f.get_tensor(k) for k in ("row_offsets", "tokens", "counts")}
-    except (OSError, ValueError) as e:  # safetensors raises these for a file that is not safetensors
+    except (SafetensorError, OSError, KeyError, ValueError) as e:  # not safetensors, or not all of its keys
         raise FlannelError(f"{path}: cannot read the exposure file ({e}); make it with `flannel-repro exposure`") \
             from None
     runs, steps1, v = (int(meta[k]) for k in ("runs", "steps1", "vocab_size"))
