@@ -3,9 +3,11 @@
     flannel-repro corpus | tokenizer-corpus | tokenizer | masks | train   [--params params.yaml] [-S section.key=value]
 
 Paths in params.yaml are relative to the folder holding params.yaml. A problem with the input is one line on
-stderr and exit status 2; no traceback. Before any work, each command checks its files (paths_guard.py): no output
-may be one of its inputs or another output. SIGTERM and SIGHUP stop every command as Ctrl-C does: one line, exit
-128 + the signal number (train stops at a step boundary: see stopping.py).
+stderr and exit status 2; no traceback. Exit 0 and 1 are a verdict of check, verify and diff and nothing else; a
+result that cannot be written (stdout closed or full, a --report file) is exit 4 (docs/security.md). Before any
+work, each command checks its files (paths_guard.py): no output may be one of its inputs or another output. SIGTERM
+and SIGHUP stop every command as Ctrl-C does: one line, exit 128 + the signal number (train stops at a step
+boundary: see stopping.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flannel_repro.core.errors import FlannelError, Interrupted, TrackingIncomplete, signal_name
+from flannel_repro.core.errors import FlannelError, Interrupted, OutputFailed, TrackingIncomplete, signal_name
 from flannel_repro.core.runtime import configure
 
 if TYPE_CHECKING:  # the config and everything else is imported in main(), where Ctrl-C is one line
@@ -45,6 +47,9 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "verify": ("flannel_repro.audit.verify",),
     "check": ("flannel_repro.audit.check",),
     "diff": ("flannel_repro.audit.diff",),
+    "trace": ("flannel_repro.audit.trace",),
+    "trace-diff": ("flannel_repro.audit.trace",),
+    "adopt": ("flannel_repro.audit.notebook",),
 }
 
 
@@ -66,6 +71,29 @@ def _load(args: argparse.Namespace, stage: str | None = None) -> tuple[Params, P
     if stage is not None:
         check_files(stage_files(stage, params, root, Path(args.params)))
     return params, root
+
+
+def _emit(lines: list[str] | str, stream_name: str = "stdout") -> None:
+    """Write a command's result and flush it: a stdout that is closed (`>&-`) or full (`> /dev/full`) is an
+    OutputFailed line (exit 4), never a verdict's 0 or 1 nor a traceback."""
+    stream = getattr(sys, stream_name)
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    if stream is None:
+        raise OutputFailed(f"{stream_name} is closed, so the result was not written; run it with {stream_name} open")
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except OSError as e:
+        raise OutputFailed(f"the result could not be written to {stream_name} ({e.strerror or e})") from None
+
+
+def _write_report(path: Path, doc: dict) -> None:
+    from flannel_repro.core.fsutil import write_json
+
+    try:
+        write_json(path, doc)
+    except FlannelError as e:  # after the verdict: not the verdict's code
+        raise OutputFailed(str(e)) from None
 
 
 def _refuse_dvc_added(root: Path, out: str, build_key: str) -> None:
@@ -151,6 +179,7 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None, store
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
     )
     if run_id is not None:
+        from flannel_repro.core.credentials import redacted
         from flannel_repro.core.store_uri import tracking_uri
         from flannel_repro.tracking.mlflow_store import training_runs_url
 
@@ -162,9 +191,9 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None, store
                 print(f"mlflow: the training runs page could not be looked up ({e})")
             else:
                 local = not uri.startswith(("http:", "https:"))
-                ui = f" (`mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)" if local else ""
+                ui = f" (`mlflow ui --host 127.0.0.1 --backend-store-uri {redacted(uri)}`)" if local else ""
                 print(f"mlflow: training runs at {page}{ui}")
-        print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {uri}")
+        print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {redacted(uri)}")
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -176,16 +205,21 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from flannel_repro.audit.notebook import notebook_reference
     from flannel_repro.audit.reference import load_reference
     from flannel_repro.audit.verify import log_audit, verify
     from flannel_repro.core.config import load_params
-    from flannel_repro.core.fsutil import write_json
-    from flannel_repro.core.paths_guard import Files, check_files, project_files
+    from flannel_repro.core.paths_guard import Files, check_files, check_names, project_files
+    from flannel_repro.trajectory.notebook import is_notebook_file
 
     params_path = Path(args.params)
+    check_names({"--params": params_path, **({"the reference": Path(args.reference)} if args.reference else {})})
     root = params_path.resolve().parent
     current = load_params(params_path) if params_path.is_file() or args.reference is None else None
-    ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
+    if args.reference and args.run_id is None and is_notebook_file(Path(args.reference)):
+        ref = notebook_reference(Path(args.reference), current, root)  # a file the notebook wrote (audit/notebook.py)
+    else:
+        ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
     # The reference and the inputs its rerun reads; the project's own files are kept too.
     reads = {"the reference": Path(args.reference)} if args.reference else {}
     if ref.params is not None:  # None: a corrupt reference, given its verdict without a rerun
@@ -198,24 +232,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     # The verdict is written and shown first: a tracking store that fails afterwards cannot cost it.
     if args.report:
-        write_json(Path(args.report), report.to_json())
+        _write_report(Path(args.report), report.to_json())
     if args.json:
-        print("\n".join(report.lines()), file=sys.stderr)
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        _emit(report.lines(), "stderr")
+        _emit(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
-        print("\n".join(report.lines()))
+        _emit(report.lines())
     try:
         note = log_audit(report, current, root)
-    except FlannelError as e:
-        note = f"the verdict could not be logged to tracking: {e}"
-    print(f"note: {note}", file=sys.stderr if args.json else sys.stdout)
+    except Exception as e:  # noqa: BLE001 -- the verdict is given: whatever the store does cannot change its code
+        why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        note = f"the verdict could not be logged to tracking: {why}"
+    with contextlib.suppress(OutputFailed):  # the verdict is out; a note that cannot be shown does not change it
+        _emit(f"note: {note}", "stderr" if args.json else "stdout")
     return report.exit_code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from flannel_repro.audit.check import check
-    from flannel_repro.core.fsutil import write_json
     from flannel_repro.core.paths_guard import Files, check_files
+    from flannel_repro.trajectory.notebook import is_notebook_file
 
     path = Path(args.file) if args.file else None
     if path is None:
@@ -225,29 +261,150 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise FlannelError(f"--threads {args.threads}: give at least 1")
     report_path = {"--report": Path(args.report)} if args.report else {}
     check_files(Files({"the trajectory": path}, report_path, {"--params": Path(args.params)}))
-    report = check(path, threads=args.threads)
+    if is_notebook_file(path):  # a file the notebook wrote: checked as far as it can be without digests
+        from flannel_repro.audit.notebook import check_notebook
+
+        report = check_notebook(path)
+    else:
+        report = check(path, threads=args.threads)
     if args.report:
-        write_json(Path(args.report), report.to_json())
-    print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else "\n".join(report.lines()))
+        _write_report(Path(args.report), report.to_json())
+    _emit(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.lines())
     return report.exit_code
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from flannel_repro.audit.diff import diff, write_csv, write_plot
-    from flannel_repro.core.paths_guard import Files, check_files
-    from flannel_repro.trajectory.file import load_trajectory
+    from flannel_repro.audit.diff import diff, open_trajectory, write_csv, write_plot
+    from flannel_repro.core.config import load_params
+    from flannel_repro.core.paths_guard import Files, check_files, check_names
 
     root = Path(args.params).resolve().parent
+    current = load_params(args.params) if Path(args.params).is_file() else None  # a notebook file's data paths
     a, b = Path(args.a), Path(args.b)
-    with load_trajectory(a) as traj:
+    check_names({"trajectory A": a, "trajectory B": b, "--params": Path(args.params)})
+    with open_trajectory(a, current) as traj:
         reads = {"trajectory A": a, "trajectory B": b, "A's paths.masks": root / traj.params.paths.masks}
     check_files(Files(reads, {"--csv": Path(args.csv), "--plot": Path(args.plot)}, {"--params": Path(args.params)}))
-    result = diff(a, b, root)
-    write_csv(result, Path(args.csv))
-    write_plot(result, Path(args.plot))
-    print("\n".join(result.lines()))
-    print(f"curve: {args.csv}, plot: {args.plot}")
+    result = diff(a, b, root, current)
+    try:
+        write_csv(result, Path(args.csv))
+        write_plot(result, Path(args.plot))
+    except FlannelError as e:  # after the verdict: not the verdict's code
+        raise OutputFailed(str(e)) from None
+    _emit([*result.lines(), f"curve: {args.csv}, plot: {args.plot}"])
     return result.exit_code
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from flannel_repro.audit.notebook import adopt
+    from flannel_repro.core.config import load_params
+    from flannel_repro.core.paths_guard import Files, check_files, check_names, project_files
+    from flannel_repro.trajectory.notebook import is_notebook_file
+
+    params_path, source = Path(args.params), Path(args.file)
+    check_names({"--params": params_path, "the notebook file": source, **({"OUT": Path(args.out)} if args.out else {})})
+    root = params_path.resolve().parent
+    current = load_params(params_path) if params_path.is_file() else None
+    if not is_notebook_file(source):
+        raise FlannelError(f"{source}: not a file the Flannel 7 notebook wrote (it has header metadata, or lacks "
+                           "W_initial and the notebook's scalars); adopt takes the notebook's own safetensors file")
+    out = Path(args.out) if args.out else source.with_name(f"{source.stem}.adopted.safetensors")
+    reads = {"the notebook file": source}
+    if current is not None:
+        reads |= {f"paths.{k}": p for k, p in current.paths.under(root).inputs().items()}
+    keeps = project_files(current, root, params_path) if current is not None else {}
+    check_files(Files(reads, {"OUT": out}, keeps))
+    result = adopt(source, out, root, current)
+    _emit([*(f"note: {note}" for note in result.notes),
+           f"adopted: {result.path} (sha256 {result.sha256}; content digest {result.content_digest}); "
+           f"check it with `flannel-repro check {result.path}`, rerun it with `flannel-repro verify {result.path}`"])
+    return 0
+
+
+def _count(text: str, most: int = 1_000_000) -> int:
+    """An argparse type: a whole number from 1 to `most`, refused (exit 2, one line) before anything uses it."""
+    try:
+        value = int(text) if len(text) <= 20 else None
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number from 1 to {most:,}")
+    return value
+
+
+def _threads(text: str) -> int:
+    from flannel_repro.core.config import MAX_THREADS
+
+    return _count(text, MAX_THREADS)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from flannel_repro.audit.reference import load_reference
+    from flannel_repro.audit.trace import trace_step
+    from flannel_repro.core.config import load_params
+    from flannel_repro.core.paths_guard import Files, check_files, project_files
+    from flannel_repro.tracing.file import write_trace
+
+    params_path = Path(args.params)
+    root = params_path.resolve().parent
+    current = load_params(params_path) if params_path.is_file() or args.reference is None else None
+    ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
+    out = Path(args.out or f"{Path(ref.source).stem if args.reference else 'trace'}.step{args.step}.jsonl")
+    reads = {"the reference": Path(args.reference)} if args.reference else {}
+    if ref.params is not None:
+        reads |= {f"the reference's paths.{k}": p for k, p in ref.params.paths.under(root).inputs().items()}
+    keeps = project_files(current, root, params_path) if current is not None else {}
+    check_files(Files(reads, {"--out": out}, keeps))
+    result = trace_step(ref, root, args.step, run=args.run, repeat=args.repeat, threads=args.threads)
+    write_trace(out, result.header, result.traces[0])
+    lines = [*result.lines(), f"trace: {out}"]
+    if args.json:
+        print("\n".join(lines), file=sys.stderr)
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        print("\n".join(lines))
+    return result.exit_code
+
+
+def cmd_trace_diff(args: argparse.Namespace) -> int:
+    from flannel_repro.audit.trace import diff_traces
+    from flannel_repro.tracing.file import read_trace
+
+    result = diff_traces(read_trace(Path(args.a)), read_trace(Path(args.b)), (args.a, args.b), step=args.step,
+                         run=args.run)
+    if args.json:
+        print("\n".join(result.lines()), file=sys.stderr)
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    else:
+        print("\n".join(result.lines()))
+    return result.exit_code
+
+
+def _trace_parsers(sub: argparse._SubParsersAction) -> None:
+    help_text = ("trace one step of a recorded run op by op in this environment, rerunning to it (exit 0; with "
+                 "--repeat, 1 when the step does not repeat itself)")
+    p = sub.add_parser("trace", help=help_text, description=help_text)
+    p.add_argument("reference", nargs="?", help="reference trajectory file (default: paths.trajectory of params.yaml)")
+    p.add_argument("--run-id", help="trace a step of this MLflow run (its logged params and digests)")
+    p.add_argument("--step", type=int, required=True, metavar="N", help="the optimizer step to trace (1 = the first)")
+    p.add_argument("--run", type=int, default=0, metavar="R", help="which run of the file (default 0)")
+    p.add_argument("--out", metavar="PATH", help="trace file to write (default: <reference>.step<N>.jsonl here)")
+    p.add_argument("--repeat", type=_count, default=1, metavar="K",
+                   help="trace the step K times and name the first op that does not repeat itself")
+    p.add_argument("--threads", type=_threads, metavar="N", help="rerun with N threads instead of the reference's")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file marking the project root (default: params.yaml)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (the report to stderr)")
+    p.set_defaults(func=cmd_trace)
+    help_text = ("compare two op traces (from anywhere) and name the op that broke determinism (exit 0 identical, "
+                 "1 different, 2 bad input)")
+    p = sub.add_parser("trace-diff", help=help_text, description=help_text)
+    p.add_argument("a", help="trace file A (`flannel-repro trace`, or paths.trace of a run)")
+    p.add_argument("b", help="trace file B, of the same recorded run")
+    p.add_argument("--step", type=int, metavar="N", help="compare only step N (default: every step both traced)")
+    p.add_argument("--run", type=int, metavar="R", help="compare only run R")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout")
+    p.set_defaults(func=cmd_trace_diff)
 
 
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
@@ -261,8 +418,8 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
                    help="params file marking the project root (default: params.yaml)")
     p.add_argument("--full", action="store_true", help="continue past the first divergent step and report them all")
     p.add_argument("--strict", action="store_true", help="refuse to run (exit 2) if the device or inputs differ")
-    p.add_argument("--repeat", type=int, default=1, metavar="N", help="rerun N times, each checked (default 1)")
-    p.add_argument("--threads", type=int, metavar="N", help="rerun with N threads instead of the reference's")
+    p.add_argument("--repeat", type=_count, default=1, metavar="N", help="rerun N times, each checked (default 1)")
+    p.add_argument("--threads", type=_threads, metavar="N", help="rerun with N threads instead of the reference's")
     p.add_argument("--json", action="store_true",
                    help="print the verdict as JSON on stdout (the report goes to stderr)")
     p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH (e.g. reports/verify.json)")
@@ -273,7 +430,7 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help=help_text, description=help_text)
     p.add_argument("file", nargs="?", help="trajectory file (default: paths.trajectory of params.yaml)")
     p.add_argument("--params", default="params.yaml", help="params file naming the default file (default: params.yaml)")
-    p.add_argument("--threads", type=int, default=2, metavar="N", help="hashing threads (default 2)")
+    p.add_argument("--threads", type=_threads, default=2, metavar="N", help="hashing threads (default 2)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH")
     p.set_defaults(func=cmd_check, overrides=[])
@@ -286,6 +443,15 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", default="reports/diff.csv", help="per-step curve (default: reports/diff.csv)")
     p.add_argument("--plot", default="reports/diff.png", help="PNG plot of the curve (default: reports/diff.png)")
     p.set_defaults(func=cmd_diff)
+    help_text = ("write a trajectory the Flannel 7 notebook wrote as a flannel-repro trajectory (its numbers byte for "
+                 "byte, with inferred params, checked inputs, digests and a content record); exit 1 if it "
+                 "contradicts itself, 2 bad input")
+    p = sub.add_parser("adopt", help=help_text, description=help_text)
+    p.add_argument("file", help="the notebook's safetensors file (e.g. 1.20h_flannel_7.safetensors)")
+    p.add_argument("out", nargs="?", help="output trajectory (default: FILE's name with .adopted.safetensors)")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file naming the data paths the notebook ran on (default: params.yaml)")
+    p.set_defaults(func=cmd_adopt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="params file marking the project root (default: params.yaml)")
     p.set_defaults(func=cmd_sync)
     _audit_parsers(sub)
+    _trace_parsers(sub)
     return parser
 
 
@@ -353,7 +520,34 @@ def _starting(name: list[str]) -> Iterator[None]:
             signal.signal(s, defaults[s])
 
 
+def _say(line: str) -> None:
+    """One line on stderr, if there is a stderr to write to."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # closed (`2>&-`: None) or full
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _flush_stdout() -> None:
+    """What a command printed reaches stdout before its status is returned: a full stdout is exit 4, not a 0."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError as e:
+        raise OutputFailed(f"the output could not be written to stdout ({e.strerror or e})") from None
+
+
+def _hold_standard_fds() -> None:
+    """A closed fd 0, 1 or 2 (`>&-`) gets /dev/null: else the next file opened takes its number, and whatever C code
+    writes to stdout (MKL_VERBOSE, say) would land in that file. sys.stdout stays None, so a result is refused."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 def main(argv: list[str] | None = None) -> int:
+    _hold_standard_fds()
     runtime = configure()  # before any step allocates: large freed blocks are kept for the next step
     name = ["flannel-repro"]
     argv = sys.argv[1:] if argv is None else argv
@@ -363,24 +557,25 @@ def main(argv: list[str] | None = None) -> int:
         for module in (*COMMAND_MODULES[args.command], "flannel_repro.core.config", "flannel_repro.core.paths_guard"):
             importlib.import_module(module)
     if runtime.note and args.command in ("train", "verify"):
-        print(f"flannel-repro {args.command}: note: {runtime.note}", file=sys.stderr)
+        _say(f"flannel-repro {args.command}: note: {runtime.note}")
     for s in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: every output is atomic, so nothing half-written stays
         if signal.getsignal(s) is signal.SIG_DFL:  # one the caller ignores (`nohup`: SIGHUP) stays ignored
             signal.signal(s, _stop_on_signal)
     try:
-        return args.func(args)
+        code = args.func(args)
+        _flush_stdout()
+        return code
     except TrackingIncomplete as e:
-        print(f"flannel-repro {args.command}: {e}", file=sys.stderr)
+        _say(f"flannel-repro {args.command}: {e}")
         return e.exit_code
     except FlannelError as e:
-        print(f"flannel-repro {args.command}: error: {e}", file=sys.stderr)
+        _say(f"flannel-repro {args.command}: error: {e}")
         return e.exit_code
     except KeyboardInterrupt as e:
         text = str(e) or "interrupted; no output was written"
         # The resume command as this one was typed (same --params and -S options).
         resume = shlex.join(["flannel-repro", *[a for a in argv if a != "--resume"], "--resume"])
-        print(f"flannel-repro {args.command}: {text.replace('`flannel-repro train --resume`', f'`{resume}`')}",
-              file=sys.stderr)
+        _say(f"flannel-repro {args.command}: {text.replace('`flannel-repro train --resume`', f'`{resume}`')}")
         return getattr(e, "exit_code", 128 + signal.SIGINT)
 
 
@@ -400,7 +595,7 @@ def entry() -> None:
 
     def flush() -> None:
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`) or stream
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed pipe (`| head`) or stream
                 stream.flush()
         with contextlib.suppress(OSError, AttributeError):  # what C code wrote through stdio (MKL_VERBOSE, say)
             ctypes.CDLL(None).fflush(None)

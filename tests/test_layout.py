@@ -25,8 +25,9 @@ ALLOWED = {
     "trajectory": {"core"},
     "recording": {"core", "data", "trajectory"},
     "tracking": {"core", "trajectory"},
-    "training": {"core", "data", "trajectory", "recording", "tracking"},
-    "audit": {"core", "data", "trajectory", "recording", "tracking", "training"},
+    "tracing": {"core", "data", "trajectory"},
+    "training": {"core", "data", "trajectory", "recording", "tracking", "tracing"},
+    "audit": {"core", "data", "trajectory", "recording", "tracking", "training", "tracing"},
     "analysis": {"core", "data", "trajectory"},
 }
 MLFLOW_MODULES = {"flannel_repro.tracking.mlflow_store", "flannel_repro.tracking.spool"}

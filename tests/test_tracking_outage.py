@@ -124,7 +124,7 @@ def test_server_killed_mid_run_then_sync_delivers_everything(tiny_project, serve
     assert run.data.tags["trajectory.sha256"] == sha
     assert _loss_history(client, run_id) == _losses(out)  # all 120 steps, the file's float32 values exactly
     assert {a.path for a in client.list_artifacts(run_id)} == {"params.yaml", "digests.json", "loss_curve.png",
-                                                              "metrics"}
+                                                              "metrics", "trace"}
     again = subprocess.run([sys.executable, "-m", "flannel_repro", "sync"], cwd=tiny_project, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.startswith("sync: nothing to send")
@@ -230,5 +230,5 @@ def test_sync_skips_a_last_call_cut_short_and_refuses_a_corrupt_one(tmp_path):
         else:
             assert run.info.status == "RUNNING" and spool.exists()
             assert sync.stderr.strip() == (f"flannel-repro sync: error: {spool.resolve()}: line 3 is not a call the "
-                                           "spool can send ('{\"op\": \"log_ba'); remove that line and run "
-                                           "`flannel-repro sync` again")
+                                           "spool can send (not a JSON object: '{\"op\": \"log_ba'); remove that "
+                                           "line and run `flannel-repro sync` again")

@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 
 from flannel_repro.audit.bits import CHECK_ORDER, f32_bits
+from flannel_repro.core.config import Params
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import atomic_output, sha256_file
 from flannel_repro.core.plots import figure, save_png
 from flannel_repro.data.masks import load_masks
 from flannel_repro.trajectory.file import Trajectory, load_trajectory
 from flannel_repro.trajectory.layout import recorded_tensors
+from flannel_repro.trajectory.notebook import NotebookTrajectory, is_notebook_file, open_notebook
 
 # Params that may differ between A and B: the point of a diff. Sections listed whole are locations and logging.
 ALLOWED = {"train.init_seed", "train.train_seed", "train.num_threads", "train.device", "train.log_every"}
@@ -82,18 +84,27 @@ class DiffResult:
         return out
 
 
-def diff(a_path: Path, b_path: Path, root: Path) -> DiffResult:
-    """Compare trajectory files A and B; live/dead masks come from A's paths.masks under `root`."""
-    a, b = load_trajectory(a_path), load_trajectory(b_path)
+def open_trajectory(path: Path, current: Params | None = None) -> Trajectory | NotebookTrajectory:
+    """A flannel-repro trajectory, or a file the notebook wrote with its params inferred (`current`: params.yaml,
+    for the data paths the notebook file does not hold)."""
+    return open_notebook(path, current) if is_notebook_file(path) else load_trajectory(path)
+
+
+def diff(a_path: Path, b_path: Path, root: Path, current: Params | None = None) -> DiffResult:
+    """Compare trajectory files A and B; live/dead masks come from A's paths.masks under `root`. Either may be a
+    file the notebook wrote (`current` then gives its data paths)."""
+    a, b = open_trajectory(a_path, current), open_trajectory(b_path, current)
     _check_comparable(a, b)
-    notes: list[str] = []
+    notes = [f"{t.path} was written by the notebook: its inputs are not recorded, so diff cannot check that both "
+             "runs read the same data" for t in (a, b) if isinstance(t, NotebookTrajectory)]
     live = _live_mask(a, root, notes)
     names = [n for n in CHECK_ORDER[1:] if n in recorded_tensors(a.params.record)]
     if "W" not in names:
         raise FlannelError(f"{a.path}: records no W (record.W is false); diff needs W")
     digests = {n: (a[f"digest_{n}"], b[f"digest_{n}"]) for n in names}  # (runs, steps+1, 32) uint8 each
-    has_losses = "losses_f32" in a
-    losses = (a["losses_f32"], b["losses_f32"]) if has_losses else None
+    # The f32 loss where both record it; the notebook records only the bf16 one.
+    key = next((k for k in ("losses_f32", "losses") if k in a and k in b), None)
+    losses = (a[key].float(), b[key].float()) if key is not None else None
     rows = []
     for run in range(a.n_runs):
         for step in range(a.n_steps + 1):
@@ -132,7 +143,9 @@ def _check_comparable(a: Trajectory, b: Trajectory) -> None:
             f"{b.path}: recorded with {key} = {pb.get(key)!r} but {a.path} with {pa[key]!r}; diff compares runs "
             f"that differ only in {', '.join(sorted(ALLOWED))}"
         )
-    for key in sorted(set(a.shapes) | set(b.shapes)):
+    # A notebook file lacks the keys it does not record (the params above already say what each side records).
+    notebook = isinstance(a, NotebookTrajectory) or isinstance(b, NotebookTrajectory)
+    for key in sorted(set(a.shapes) & set(b.shapes) if notebook else set(a.shapes) | set(b.shapes)):
         if a.shapes.get(key) != b.shapes.get(key):
             raise FlannelError(f"{b.path}: {key} has shape {b.shapes.get(key)} but {a.shapes.get(key)} in {a.path}")
     ia, ib = a.meta_json("inputs") or {}, b.meta_json("inputs") or {}

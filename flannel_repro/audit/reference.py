@@ -20,6 +20,7 @@ from flannel_repro.tracking.base import AuditStore
 from flannel_repro.trajectory import content
 from flannel_repro.trajectory.file import MANIFEST_FORMAT, Trajectory, check_provenance, load_trajectory, manifest
 from flannel_repro.trajectory.layout import FORMAT, STEP_TENSORS, STEP_VALUES, recorded_tensors
+from flannel_repro.trajectory.notebook import adopted_keys
 
 
 @dataclass
@@ -31,6 +32,12 @@ class Reference:
     run_id: str | None = None  # the audited MLflow run, where known
     inspection: Inspection | None = None  # a file's integrity-checked view (check.py)
     problems: list[Problem] = field(default_factory=list)  # corruption found before any rerun
+    # A notebook file, or a file adopted from one (audit/notebook.py): the keys it holds no recorded numbers for,
+    # what the verdict covers (checked, not checked), what the report says first, and whether it names its device.
+    unrecorded: frozenset[str] = frozenset()
+    checks: tuple[list[str], list[str]] | None = None
+    notes: list[str] = field(default_factory=list)
+    device_recorded: bool = True
 
     @property
     def record(self) -> dict[str, content.Entry] | None:
@@ -65,7 +72,7 @@ def file_reference(path: Path) -> Reference:
         raise FlannelError(f"{path}: trajectory header is incomplete or corrupt ({e}); re-record it with "
                            "`flannel-repro train`") from None
     return _checked(Reference(str(path), doc, insp.params, trajectory=traj, inspection=insp,
-                              problems=list(insp.problems)))
+                              problems=list(insp.problems), unrecorded=adopted_keys(insp.metadata)))
 
 
 def run_reference(run_id: str, store: AuditStore) -> Reference:

@@ -12,6 +12,7 @@ from flannel_repro.audit.check import Problem
 from flannel_repro.audit.reference import Reference
 from flannel_repro.audit.stepcheck import Divergence
 from flannel_repro.core.config import Params
+from flannel_repro.tracing.origin import StepOrigin
 
 
 @dataclass
@@ -36,6 +37,7 @@ class VerifyReport:
     fingerprint: dict[str, Any]  # this machine's, as the rerun ran
     reruns: list[Rerun]  # none when the reference is too corrupt to rerun
     notes: list[str]
+    origin: StepOrigin | None = None  # the op that broke determinism at the first divergent step (tracing/)
 
     @property
     def corruption(self) -> list[Problem]:
@@ -62,15 +64,21 @@ class VerifyReport:
 
     def checked(self) -> tuple[list[str], list[str]]:
         """What the verdict covers, and what it does not."""
+        if self.reference.checks is not None:
+            return self.reference.checks
         m = self.reference.manifest or {}
         names = sorted(m.get("digests") or {}, key=CHECK_ORDER.index)
         record = "every other key (" + ", ".join(
             k for k in ("losses", "losses_f32", "grad_norm", "lr_schedule", "batch_indices", "W_initial")
-            if self.reference.record is None or k in self.reference.record) + ", the scalars)"
+            if (self.reference.record is None or k in self.reference.record) and k not in self.reference.unrecorded)
+        record += ", the scalars)"
         if self.reference.trajectory is not None:
+            unrecorded = sorted(k for k in self.reference.unrecorded if not k.startswith("recorded_"))
             return (["the file's own bytes (every slice against its digest, every key against the content record, "
                      "the header against the data)", f"{', '.join(names)} at every step against the rerun",
-                     f"{record} step by step against the rerun"], [])
+                     f"{record} step by step against the rerun"],
+                    [f"{', '.join(unrecorded)} (adopted from a notebook file, which does not record them)"]
+                    if unrecorded else [])
         checked = [f"{', '.join(names)} digests at every step against the rerun"]
         if "losses_f32" in m:
             checked.append("the f32 loss at every step")
@@ -125,6 +133,7 @@ class VerifyReport:
                 for r in self.reruns
             ],
             "notes": self.notes,
+            "origin": self.origin.to_json() if self.origin is not None else None,
         }
         return _finite(doc)
 
@@ -166,6 +175,8 @@ class VerifyReport:
                 out.append(f"{tag}DIVERGED at run {d.run}, step {d.step}: {', '.join(d.tensors)} differ "
                            f"(checked {r.steps_checked} steps, {r.runtime_s:.1f} s)")
                 out += [f"  {line}" for line in _detail_lines(d)]
+                if i == 0 and self.origin is not None:
+                    out += [f"  {line}" for line in self.origin.lines()]
             if len(r.divergences) > 1:
                 steps = [f"{x.run}:{x.step}" if self.params.train.num_runs > 1 else str(x.step) for x in r.divergences]
                 out.append(f"  {len(r.divergences)} divergent steps: {_abbrev(steps)}")
@@ -175,6 +186,8 @@ class VerifyReport:
         digest = m.get("content_digest")
         if digest and self.reruns and self.reruns[0].content_digest:
             same = "the same" if digest == self.reruns[0].content_digest else "DIFFERENT"
+            if same != "the same" and self.reference.unrecorded and not self.reruns[0].record_differences:
+                same = "different only in the keys the notebook did not record"  # an adopted file's NaN in them
             out.append(f"content digest: {digest} (the rerun's is {same})")
         elif digest:
             out.append(f"content digest: {digest} (recorded)")

@@ -130,7 +130,8 @@ class StepCheck:
         if self.record is None:
             return
         ours = {e.name: e for e in content.parse(text)}
-        self.record_differences = sorted(k for k in ours if self.record.get(k) != ours[k])
+        compared = [k for k in ours if k not in self.ref.unrecorded]  # a notebook file lacks some keys
+        self.record_differences = sorted(k for k in compared if self.record.get(k) != ours[k])
 
     def recorded_scalars(self, scalars: dict[str, torch.Tensor]) -> None:
         """W_initial and the scalars the rerun records, as the recorded params and today's inputs give them (train()
@@ -149,7 +150,7 @@ class StepCheck:
         """The file's per-step values at this step against what the rerun records (file references)."""
         insp, run, t = self.insp, rec.run, rec.step
         for key in STEP_VALUES:
-            if key not in self.memory.tensors or (key == "batch_indices" and t == 0):
+            if key not in self.memory.tensors or key in self.ref.unrecorded or (key == "batch_indices" and t == 0):
                 continue
             index = (run, t - 1) if key == "batch_indices" else (run, t)
             ours = self.memory.bytes_at(key, index)

@@ -1,11 +1,11 @@
 """The determinism audit: rerun a recorded training and compare it with the record, step by step, bit for bit.
 
-A reference is a trajectory's digest manifest (`trajectory.manifest`): the recorded params, device fingerprint and
-input digests, the sha256 of every recorded (V, H) slice at every step and the content record (content.py). A
-trajectory file and an MLflow run give the same manifest; a file also holds the tensors themselves, which verify
-checks as well: before the rerun, everything `flannel-repro check` checks but the slices (check.py); during it, each
-step's slices and values (stepcheck.py). A file that no longer agrees with itself is *corrupt* (changed after it was
-written); an intact reference that the rerun does not reproduce has *diverged*.
+The reference (reference.py) is a trajectory's digest manifest: the recorded params, device fingerprint and input
+digests, the sha256 of every recorded (V, H) slice at every step and the content record. A trajectory file and an
+MLflow run give the same manifest; a file also holds the tensors themselves, which verify checks as well: before the
+rerun, everything `flannel-repro check` checks but the slices (check.py); during it, each step's slices and values
+(stepcheck.py). The verdict and its exit code are report.py's. A file that no longer agrees with itself is
+*corrupt* (changed after it was written); an intact reference that the rerun does not reproduce has *diverged*.
 
 The rerun uses the reference's own params (never params.yaml), pinned to the reference's thread count and device
 type, writes no file, and checks each step as training produces it; by default it stops at the first divergent or
@@ -29,6 +29,8 @@ from flannel_repro.core.config import INPUTS, Params
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import sha256_file
 from flannel_repro.data.masks import load_masks
+from flannel_repro.tracing.callback import StepTraces
+from flannel_repro.tracing.origin import run_trace, step_origin, trace_command
 from flannel_repro.trajectory.provenance import fingerprint, fingerprint_mismatches
 
 
@@ -49,7 +51,7 @@ def verify(
     the reference's. strict: refuse (FlannelError) when this machine or the inputs differ from the reference's.
     """
     from flannel_repro.training.loop import train
-    from flannel_repro.training.model import pick_device
+    from flannel_repro.training.model import pick_device, set_determinism
 
     if repeat < 1:
         raise FlannelError(f"--repeat {repeat}: give at least 1")
@@ -57,8 +59,16 @@ def verify(
         return VerifyReport(ref, ref.params, [], [], [], {}, [], [])  # nothing a rerun could add
     params, notes = _rerun_params(ref, threads)
     ref_fp = ref.manifest.get("fingerprint") or {}
-    here = {**fingerprint(pick_device(params.train.device)), "torch_threads": params.train.num_threads}
-    mismatches = fingerprint_mismatches(ref_fp, here)
+    set_determinism(params.train)  # as the rerun will: the fingerprint describes the rerun, not the moment before it
+    fp_here = fingerprint(pick_device(params.train.device))
+    here = {**fp_here, "torch_threads": params.train.num_threads}
+    mismatches = fingerprint_mismatches(ref_fp, here) if ref.device_recorded else []
+    notes = [*ref.notes, *notes]
+    if not ref.device_recorded:  # a notebook file: the notebook picks cuda, then mps, then cpu, and records none
+        threads = here["torch_threads"] or f"{fp_here['torch_threads']} (torch's default; the notebook sets none)"
+        notes.append(f"the reference does not record its device or thread count (the notebook picks CUDA, then MPS, "
+                     f"then CPU); the rerun ran on {here['device_type']} ({here['device_name']}) with {threads} "
+                     "thread(s)")
     input_mismatches = _input_mismatches(ref, root)
     if strict and (mismatches or input_mismatches):
         what = [f"{k} (reference {a!r}, here {b!r})" for k, a, b in mismatches] + [p for p, _, _ in input_mismatches]
@@ -73,12 +83,16 @@ def verify(
                             "the rerun uses the reference's")
 
     masks = load_masks(root / params.paths.masks, params.model.vocab_size)  # present: checked above
+    # The reference's op traces beside it, if any (tracing/): a divergence at a traced step is compared op by op.
+    ref_trace, note = run_trace(root / params.paths.trace, (ref.manifest or {}).get("content_digest"))
+    notes += [note] if note else []
+    tracing = StepTraces(tuple(sorted({t for _, t in ref_trace.steps}))) if ref_trace else None
     reruns = []
-    for _ in range(repeat):
+    for i in range(repeat):
         check = StepCheck(ref, masks, stop=not full)
         start = time.perf_counter()
-        try:
-            train(params, root, observers=[check], write=False, progress=progress)
+        try:  # the first rerun traces the steps the reference traced (tracing changes no number)
+            train(params, root, observers=[check], write=False, progress=progress, traces=tracing if i == 0 else None)
             check.finish()
         except Stop:
             pass
@@ -87,11 +101,18 @@ def verify(
         if not stopped and check.steps_checked != expected:
             raise RuntimeError(f"rerun checked {check.steps_checked} of {expected} steps")  # a recorder bug
         identical = not stopped and not check.record_differences
+        if ref.inspection is not None:  # a reference file written to during the rerun: no verdict on moved bytes
+            ref.inspection.confirm_unchanged()
         reruns.append(Rerun(identical, check.steps_checked, time.perf_counter() - start, check.divergences,
                             check.problems, check.reference_s, check.content_digest, check.record_differences))
     if ref.record is None:
         notes.append("the reference has no content record: keys without per-step digests were not compared")
-    return VerifyReport(ref, params, differences, mismatches, input_mismatches, here, reruns, notes)
+    report = VerifyReport(ref, params, differences, mismatches, input_mismatches, here, reruns, notes)
+    first = report.first
+    if first is not None:
+        report.origin = step_origin(ref_trace, tracing.traced if tracing else {}, first.run, first.step,
+                                    trace_command(ref.source, first.run, first.step))
+    return report
 
 
 def _rerun_params(ref: Reference, threads: int | None) -> tuple[Params, list[str]]:
@@ -105,6 +126,8 @@ def _rerun_params(ref: Reference, threads: int | None) -> tuple[Params, list[str
             raise FlannelError(f"--threads {threads}: give at least 1")
         if threads != recorded:
             notes.append(f"rerunning with {threads} thread(s) as asked; the reference used {recorded}")
+    elif not ref.device_recorded:  # a notebook file: its params' count, said with the device in verify()
+        threads = t.num_threads
     elif isinstance(recorded, int):
         threads = recorded
         notes.append(f"thread count pinned to the reference's: {threads}")
@@ -145,11 +168,12 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
         return "tracking is disabled (tracking.enabled: false in params.yaml); the verdict is not logged"
     import tempfile
 
+    from flannel_repro.core.credentials import redacted
     from flannel_repro.core.fsutil import write_json
 
     store = audit_store(current, root)
     if not store.exists():
-        return f"no tracking store at {store.uri} yet; the verdict is not logged"
+        return f"no tracking store at {redacted(store.uri)} yet; the verdict is not logged"
     run_id = report.reference.run_id
     traj = report.reference.trajectory
     if run_id is None and traj is not None:  # a file: find the run that wrote it by the file's sha256
@@ -165,5 +189,6 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
         audit_id = store.log_audit_run(
             run_id, verdict=report.to_json()["verdict"],
             first_divergent_step=first.step if first else None, fingerprint=report.fingerprint, report=doc,
+            tags=report.origin.tags() if report.origin is not None else None,
         )
     return f"logged to tracking as audit run {audit_id} of run {run_id}"

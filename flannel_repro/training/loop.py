@@ -38,6 +38,8 @@ from flannel_repro.recording.recorder import TrajectoryCallback
 from flannel_repro.recording.records import StepObserver, StepRecord
 from flannel_repro.recording.ring import RING_SLOTS, RecordingRing
 from flannel_repro.recording.stopping import StopSignals
+from flannel_repro.tracing.callback import StepTraces, TraceCallback, trace_header
+from flannel_repro.tracing.file import write_trace
 from flannel_repro.tracking.base import Tracker
 from flannel_repro.training.hf import make_trainer, scratch_dir, training_arguments
 from flannel_repro.training.inputs import load_inputs
@@ -92,6 +94,7 @@ def train(
     stops: StopSignals | None = None,
     ring_slots: int = RING_SLOTS,
     checked: bool = False,
+    traces: StepTraces | None = None,
 ) -> TrainResult:
     """Run training with `params` and record the trajectory to `params.paths.trajectory` (under `root`).
 
@@ -106,7 +109,9 @@ def train(
     stop signals; training then stops at a step boundary with a checkpoint of that step, and the commit is a
     critical section (see output.py). ring_slots: steps in flight between training and the writer thread; 0 records
     on the training thread itself (the benchmark's synchronous baseline; an observer's error then surfaces at its
-    own step). checked: the caller (the train stage) has already run `check_before_training`.
+    own step). checked: the caller (the train stage) has already run `check_before_training`. traces: the steps to
+    trace and where their op traces go (tracing/callback.py); by default a run that writes its trajectory traces
+    `record.trace_steps` into `paths.trace`, written once the trajectory is committed.
     """
     root, cfg = Path(root), params.train
     # Device and inputs, checked before anything is opened or trained.
@@ -120,6 +125,8 @@ def train(
     tracking_run = next((o.run_id for o in observers if isinstance(o, Tracker)), None)
     motion = TokenMotion(inputs.masks, cfg.num_runs, cfg.steps)  # before the other observers: they see rec.motion
     indicators = TokenIndicators(inputs.masks, cfg.num_runs, cfg.steps)  # likewise
+    saved = traces is None and write and record  # the run's own traces, kept beside the trajectory
+    traces = StepTraces(params.record.trace_steps) if saved else traces
     # The output: lock, resume point, temporary file and checkpoints; committed when the block ends, else kept
     # for --resume or removed.
     with recorded_output(params, root, scalars, fp, inputs.input_digests, write=write and record,
@@ -135,7 +142,7 @@ def train(
         # record=False (the benchmark's baseline) trains without the recorder: no per-step copies of W or grad_W.
         ring = out.record_steps([*replayed, *shown], device, ring_slots) if record else None
         dataset = TokenDataset(inputs.tokens.to(device), params.model.max_seq_len, cfg.label_mode)
-        setup = _Setup(params, device, w_initial, dataset, ring)
+        setup = _Setup(params, device, w_initial, dataset, ring, traces)
         start = time.perf_counter()
         for run in range(cfg.num_runs):
             _each(observers, "start_run", run, cfg.train_seed + run)
@@ -147,6 +154,9 @@ def train(
                 out.run_done(run, collect.history)
             _each(observers, "end_run", run)
         runtime = time.perf_counter() - start
+    if saved:
+        header = trace_header(out.writer.content_digest, fp, params.paths.trajectory)
+        write_trace(root / params.paths.trace, header, traces.traced)
     return _result(out, inputs.masks, collect, {**motion.curves, **indicators.curves}, runtime, device, fp)
 
 
@@ -213,6 +223,7 @@ class _Setup:
     w_initial: torch.Tensor  # (V, H) bf16
     dataset: Dataset
     ring: RecordingRing | None  # where each step's record goes; None: train without the recorder
+    traces: StepTraces | None = None  # the steps traced op by op (tracing/), and their traces
 
 
 def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: _Collect, sinks) -> None:
@@ -246,7 +257,9 @@ def _train_one(setup: _Setup, run: int, out: RecordedOutput, history) -> None:
         scratch = str(output_dir) if output_dir is not None else stack.enter_context(scratch_dir())
         every = params.train.checkpoint_every if output_dir is not None else 0
         args = training_arguments(params.train, setup.device, seed, scratch, checkpoint_every=every)
-        trainer = make_trainer(model, args, setup.dataset, observer, [callback] if callback else [])
+        # The tracer goes first: it leaves a traced step before the recorder copies the step's tensors.
+        tracer = [TraceCallback(run, setup.traces)] if setup.traces is not None else []
+        trainer = make_trainer(model, args, setup.dataset, observer, [*tracer, *([callback] if callback else [])])
         for cb in out.callbacks(run, history):
             trainer.add_callback(cb)
         if callback is not None and resume_dir is None:
