@@ -19,10 +19,12 @@ sha256).
     ex = load_exposure("tensors/Flannel/exposure.safetensors")
     late = (ex.first_step[0] > 100).nonzero()       # tokens first seen after step 100
     once = (ex.total[0] == 1).nonzero()             # tokens seen once
+    by = ex.seen_by(traj.recorded_steps)            # (runs, recorded steps, V): seen up to each recorded step
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,12 @@ class Exposure:
         seen = self.counts > 0
         first = seen.to(torch.int8).argmax(dim=1)
         return torch.where(seen.any(dim=1), first, torch.full_like(first, -1))
+
+    def seen_by(self, steps: Sequence[int]) -> torch.Tensor:
+        """(runs, len(steps), V) int64: times each token was a label in steps 1..t, for each t of `steps`: with a
+        record.steps schedule, `ex.seen_by(traj.recorded_steps)[r, i]` is what W's row i had been trained on (the
+        counts themselves cover every step, as batch_indices does)."""
+        return self.counts.cumsum(dim=1, dtype=torch.int64)[:, list(steps)]
 
 
 def label_windows(tokens: torch.Tensor, starts: torch.Tensor, max_seq_len: int, label_mode: str) -> torch.Tensor:

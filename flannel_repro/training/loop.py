@@ -148,7 +148,7 @@ def train(
             _each(observers, "start_run", run, cfg.train_seed + run)
             done = out.steps_done(run)
             if done >= 0:
-                _replay(out.writer, run, done, collect, replayed)
+                _replay(out.writer, params.record.schedule(cfg.steps), run, done, collect, replayed)
             if done < cfg.steps:
                 _train_one(setup, run, out, collect.history)
                 out.run_done(run, collect.history)
@@ -226,15 +226,17 @@ class _Setup:
     traces: StepTraces | None = None  # the steps traced op by op (tracing/), and their traces
 
 
-def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: _Collect, sinks) -> None:
+def _replay(writer: TrajectoryWriter, schedule: tuple[int, ...], run: int, upto: int, collect: _Collect,
+            sinks) -> None:
     """Feed steps 0..upto of `run`, already in the partial trajectory, to the sinks (not to the file again), with
     their tensors: token motion is computed from them, as in flight."""
     names = [n for n in writer.specs if n in STEP_TENSORS]
+    index = {t: i for i, t in enumerate(schedule)}
     for t in range(upto + 1):
         tensors, digests = {}, {}
-        for name in names:
-            tensors[name] = writer.read(name, (run, t))
-            digests[name] = bytes(writer.read(f"digest_{name}", (run, t)).tolist())
+        for name in names if t in index else []:  # record.steps: only the recorded steps have tensors
+            tensors[name] = writer.read(name, (run, index[t]))
+            digests[name] = bytes(writer.read(f"digest_{name}", (run, index[t])).tolist())
         indices = writer.read("batch_indices", (run, t - 1)) if t > 0 else None
         rec = StepRecord(run, t, collect.losses[run][t], collect.grad_norms[run][t], collect.lrs[run][t], tensors,
                          digests=digests, batch_indices=indices)
@@ -252,7 +254,7 @@ def _train_one(setup: _Setup, run: int, out: RecordedOutput, history) -> None:
     np.random.seed(seed)
     model = build_model(params.model, setup.w_initial, setup.device)
     observer = StepObserver()
-    callback = TrajectoryCallback(run, params.record, observer, setup.ring) if setup.ring is not None else None
+    callback = TrajectoryCallback(run, params, observer, setup.ring) if setup.ring is not None else None
     with contextlib.ExitStack() as stack:
         scratch = str(output_dir) if output_dir is not None else stack.enter_context(scratch_dir())
         every = params.train.checkpoint_every if output_dir is not None else 0
