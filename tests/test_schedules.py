@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, copy_tiny_data, run_cli, write_params
-from corrupt import rewrite_content_record, xor_byte
+from corrupt import rewrite_content_record, rewrite_slice_digest, xor_byte
 
 from flannel_repro.analysis.exposure import exposure_of
 from flannel_repro.audit.check import check
 from flannel_repro.audit.diff import diff
-from flannel_repro.audit.reference import file_reference
+from flannel_repro.audit.reference import Reference, file_reference
 from flannel_repro.audit.verify import verify
 from flannel_repro.core.config import load_params
 from flannel_repro.core.errors import ConfigError, FlannelError
 from flannel_repro.data.masks import load_masks
 from flannel_repro.training.inputs import load_inputs
 from flannel_repro.training.loop import train
-from flannel_repro.trajectory.file import load_trajectory
+from flannel_repro.trajectory.file import load_trajectory, manifest
 from flannel_repro.trajectory.layout import trajectory_layout
 
 STEPS = 10
@@ -192,3 +192,21 @@ def test_exposure_up_to_each_recorded_step(runs):
     assert by.shape == (1, len(SCHEDULE), params.model.vocab_size)
     assert torch.equal(by[0, -1], ex.total[0]) and int(by[0, 0].sum()) == 0
     assert torch.equal(by[0, 2], ex.counts[0, 1:7].sum(dim=0))  # steps 1..6
+
+
+def test_a_digests_only_reference_is_checked_at_the_recorded_steps(runs, tmp_path):
+    """The manifest an MLflow run logs (digests.json) holds the recorded steps' digests: a slice changed at step 6
+    (index 2) is named at step 6, and the rerun's later recorded steps match again."""
+    root, _, sparse = runs["sparse"]
+    flipped = tmp_path / "flipped.safetensors"
+    xor_byte(sparse.trajectory, flipped, "W", (0, 2), byte=4)
+    rewrite_slice_digest(flipped, "W", 0, 2)
+    with load_trajectory(flipped) as traj:
+        doc = manifest(traj)
+        params = traj.params
+    assert [len(run) for run in doc["digests"]["W"]] == [len(SCHEDULE)]
+    report = verify(Reference("MLflow run abc", doc, params, run_id="abc"), root, full=True)
+    assert [(d.step, d.tensors) for d in report.reruns[0].divergences] == [(6, ["W"])]
+    assert report.reruns[0].steps_checked == STEPS + 1
+    checked = report.to_json()["checked"][0]
+    assert checked == "grad_W, W digests at each step record.steps = 3 recorded against the rerun"
