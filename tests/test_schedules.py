@@ -153,7 +153,7 @@ def test_diff_compares_recorded_steps_and_refuses_another_schedule(runs, tiny_da
     assert result.rows[1].differs[:2] == ("loss", "grad_W")  # step 3
 
 
-def test_a_resumed_run_gives_the_same_bytes(runs, tiny_data, tmp_path):
+def test_a_resumed_run_gives_the_same_bytes(runs, tiny_data, tmp_path, capfd):
     """Stopped after a checkpoint at step 4 (not a recorded step) of the second run, resumed: the same file, byte
     for byte, as the same two runs uninterrupted."""
     class StopAt:
@@ -167,7 +167,9 @@ def test_a_resumed_run_gives_the_same_bytes(runs, tiny_data, tmp_path):
     params = _params(root, 3, num_runs=2, checkpoint_every=4)
     with pytest.raises(KeyboardInterrupt):
         train(params, root, progress=False, observers=[StopAt()])
+    capfd.readouterr()
     resumed = train(params, root, progress=False, resume=True)
+    assert "resuming run 2/2 after step 4" in capfd.readouterr().err  # from the unrecorded step's checkpoint
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (whole.trajectory, resumed.trajectory)]
     assert digest[0] == digest[1] and resumed.content_digest == whole.content_digest
 
@@ -210,3 +212,10 @@ def test_a_digests_only_reference_is_checked_at_the_recorded_steps(runs, tmp_pat
     assert report.reruns[0].steps_checked == STEPS + 1
     checked = report.to_json()["checked"][0]
     assert checked == "grad_W, W digests at each step record.steps = 3 recorded against the rerun"
+
+
+@pytest.mark.parametrize("value", ["every", "1", "log"])
+def test_a_run_too_long_for_the_disk_is_refused_whatever_the_schedule(tiny_project, value):
+    """10**12 steps: sized without listing them (an every-step or every-1 schedule is counted, not built)."""
+    proc = run_cli("train", "-q", "-S", "train.steps=1000000000000", "-S", f"record.steps={value}", cwd=tiny_project)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "cannot reserve" in proc.stderr

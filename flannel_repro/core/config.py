@@ -368,6 +368,18 @@ class RecordConfig(_Section):
             chosen = list(range(0, n_steps + 1, self.steps))
         return tuple(chosen if chosen[-1] == n_steps else [*chosen, n_steps])
 
+    def n_recorded(self, n_steps: int) -> int:
+        """len(schedule(n_steps)), without listing a long run's steps (preflight sizes a run before refusing it)."""
+        if self.steps == "every":
+            return n_steps + 1
+        if isinstance(self.steps, int):  # 0, K, 2K, ..., and the last step when K does not divide it
+            return n_steps // self.steps + 1 + (n_steps % self.steps != 0)
+        if self.steps == "log":  # 0, the powers of 2 up to 512, the thousands, and the last step if none of those
+            early = [0, *(2**i for i in range(10))]
+            last_listed = n_steps in early or (n_steps >= 1000 and n_steps % 1000 == 0)
+            return sum(t <= n_steps for t in early) + n_steps // 1000 + (not last_listed)
+        return len(self.steps)
+
     def _check(self) -> None:
         self._check_steps()
         if any(t < 1 for t in self.trace_steps):

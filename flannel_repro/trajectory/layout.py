@@ -74,7 +74,7 @@ def trajectory_layout(params: Params) -> dict[str, Spec]:
     """Every key of a trajectory recorded with `params`, with its dtype and shape."""
     t, m = params.train, params.model
     runs, steps1, vh = t.num_runs, t.steps + 1, (m.vocab_size, m.hidden_dim)
-    held = len(params.record.schedule(t.steps))  # the per-step tensors hold the recorded steps only
+    held = params.record.n_recorded(t.steps)  # the per-step tensors hold the recorded steps only
     specs = {name: Spec(dtype, ()) for name, (dtype, _) in SCALARS.items()}
     specs["W_initial"] = Spec("BF16", vh)
     if params.record.steps != "every":  # which training step each index of the per-step tensors is
