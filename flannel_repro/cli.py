@@ -50,6 +50,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "trace": ("flannel_repro.audit.trace",),
     "trace-diff": ("flannel_repro.audit.trace",),
     "adopt": ("flannel_repro.audit.notebook",),
+    "sweep": ("flannel_repro.sweep.driver",),
 }
 
 
@@ -342,10 +343,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from flannel_repro.audit.reference import load_reference
     from flannel_repro.audit.trace import trace_step
     from flannel_repro.core.config import load_params
-    from flannel_repro.core.paths_guard import Files, check_files, project_files
+    from flannel_repro.core.paths_guard import Files, check_files, check_names, project_files
     from flannel_repro.tracing.file import write_trace
 
     params_path = Path(args.params)
+    check_names({"--params": params_path, **({"the reference": Path(args.reference)} if args.reference else {}),
+                 **({"--out": Path(args.out)} if args.out else {})})
     root = params_path.resolve().parent
     current = load_params(params_path) if params_path.is_file() or args.reference is None else None
     ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
@@ -359,24 +362,26 @@ def cmd_trace(args: argparse.Namespace) -> int:
     write_trace(out, result.header, result.traces[0])
     lines = [*result.lines(), f"trace: {out}"]
     if args.json:
-        print("\n".join(lines), file=sys.stderr)
-        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        _emit(lines, "stderr")
+        _emit(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
-        print("\n".join(lines))
+        _emit(lines)
     return result.exit_code
 
 
 def cmd_trace_diff(args: argparse.Namespace) -> int:
     from flannel_repro.audit.trace import diff_traces
+    from flannel_repro.core.paths_guard import check_names
     from flannel_repro.tracing.file import read_trace
 
+    check_names({"trace A": Path(args.a), "trace B": Path(args.b)})
     result = diff_traces(read_trace(Path(args.a)), read_trace(Path(args.b)), (args.a, args.b), step=args.step,
                          run=args.run)
     if args.json:
-        print("\n".join(result.lines()), file=sys.stderr)
-        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        _emit(result.lines(), "stderr")
+        _emit(json.dumps(result.to_json(), indent=2, sort_keys=True))
     else:
-        print("\n".join(result.lines()))
+        _emit(result.lines())
     return result.exit_code
 
 
@@ -405,6 +410,48 @@ def _trace_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", type=int, metavar="R", help="compare only run R")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON on stdout")
     p.set_defaults(func=cmd_trace_diff)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flannel_repro.sweep.driver import SweepConfig, sweep
+
+    if not 0 <= args.retries <= 100:
+        raise FlannelError(f"--retries {args.retries}: give a number from 0 to 100")
+    cfg = SweepConfig(
+        root=Path(args.params).resolve().parent, overrides=tuple(args.overrides),
+        sweep_file=Path(args.file) if args.file else None, address=args.address, jobs=args.jobs,
+        git_remote=args.git_remote, dvc_remote=args.dvc_remote, scratch=Path(args.scratch) if args.scratch else None,
+        retries=args.retries, summary=Path(args.summary) if args.summary else None, audit=args.audit,
+    )
+    report = sweep(cfg)
+    _emit(report.lines())
+    return report.exit_code
+
+
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    help_text = ("train every point of a grid on Ray (in this process, or a cluster with --address), each one a DVC "
+                 "experiment and an MLflow run (exit 0 all done, 2 a point failed or bad input)")
+    p = sub.add_parser("sweep", help=help_text, description=help_text)
+    p.add_argument("--params", default="params.yaml", help="params file of the project (default: params.yaml)")
+    p.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUES",
+                   help="a grid axis in `dvc exp run -S` syntax: a,b,c or range(start,stop[,step]) (repeatable: the "
+                   "product)")
+    p.add_argument("--file", metavar="SWEEP.yaml", help="grid axes from a YAML file: section.key: [values]")
+    p.add_argument("--address", help="join this Ray cluster (default: $RAY_ADDRESS, else Ray in this process)")
+    p.add_argument("--jobs", type=_count, metavar="N", help="at most N points at once (default: as the CPUs allow)")
+    p.add_argument("--git-remote", metavar="REMOTE",
+                   help="git remote (name or URL) every node clones and pushes to (default: this project's folder)")
+    p.add_argument("--dvc-remote", metavar="NAME",
+                   help="DVC remote for the inputs and outputs (default: this project's DVC cache, shared)")
+    p.add_argument("--scratch", metavar="DIR", help="each node's folder for the points' workspaces (default: "
+                   "$TMPDIR/flannel-sweep-<uid>)")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="retries of a point whose worker died (default 3)")
+    p.add_argument("--summary", metavar="PATH", help="the JSON summary (default: reports/sweep.json)")
+    p.add_argument("--audit", type=_count, default=0, metavar="K",
+                   help="verify K of the recorded points, each on another node than the one that trained it, and say "
+                   "which pairs of node fingerprints reproduce each other bit for bit")
+    p.set_defaults(func=cmd_sweep)
 
 
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
@@ -488,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sync)
     _audit_parsers(sub)
     _trace_parsers(sub)
+    _sweep_parser(sub)
     return parser
 
 

@@ -67,3 +67,15 @@ def test_a_broken_link_is_found(tmp_path):
     page.write_text("[a](q.md#real-heading) [b](q.md#gone) [c](missing.md) `[d](x.md)`\n```\n[e](y.md)\n```\n")
     assert [t for t in links(page)] == ["q.md#real-heading", "q.md#gone", "missing.md", "x.md"]
     assert anchors(tmp_path / "q.md") == {"real-heading"}
+
+
+def test_no_page_holds_a_placeholder_for_figures_not_yet_measured():
+    """A line that is one upper-case word (MEASUREMENTS, COSTS, FIXME) or a TODO/FIXME/TBD outside code is a
+    figure or an example left for later: every page shows what was measured."""
+    found = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for line in text.splitlines():
+            if re.fullmatch(r"[A-Z][A-Z_]{2,}", line.strip()) or re.search(r"\b(TODO|FIXME|TBD)\b", line):
+                found.append(f"{page.relative_to(REPO)}: {line.strip()!r}")
+    assert not found, found

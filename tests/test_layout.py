@@ -29,7 +29,9 @@ ALLOWED = {
     "training": {"core", "data", "trajectory", "recording", "tracking", "tracing"},
     "audit": {"core", "data", "trajectory", "recording", "tracking", "training", "tracing"},
     "analysis": {"core", "data", "trajectory"},
+    "sweep": {"core", "data", "trajectory", "tracking", "training"},
 }
+RAY_FOLDER = "sweep"  # ray, an optional extra, is imported only by the sweep
 MLFLOW_MODULES = {"flannel_repro.tracking.mlflow_store", "flannel_repro.tracking.spool"}
 TEXT_STAGES = ("flannel_repro.data.corpus", "flannel_repro.data.tokenizer_corpus", "flannel_repro.data.tokenizer")
 
@@ -122,6 +124,12 @@ def test_only_the_tracking_store_and_spool_import_mlflow():
     users = sorted(m for m, p in modules().items() if any(t.split(".")[0] == "mlflow" for t in imports(p)))
     assert set(users) <= MLFLOW_MODULES, f"rule 'only {sorted(MLFLOW_MODULES)} import mlflow': {users}"
     assert users, "the tracking store no longer imports mlflow: update MLFLOW_MODULES"
+
+
+def test_only_the_sweep_imports_ray():
+    users = sorted(m for m, p in modules().items() if any(t.split(".")[0] == "ray" for t in imports(p)))
+    assert users, "the sweep no longer imports ray: update RAY_FOLDER"
+    assert all(folder(m) == RAY_FOLDER for m in users), f"rule 'only flannel_repro/{RAY_FOLDER} imports ray': {users}"
 
 
 def test_subpackage_init_files_are_empty():
