@@ -42,6 +42,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "tokenizer": ("flannel_repro.data.tokenizer",),
     "masks": ("flannel_repro.data.masks",),
     "train": ("flannel_repro.training.stage",),
+    "exposure": ("flannel_repro.analysis.exposure",),
     "sync": ("flannel_repro.tracking.mlflow_store",),
     "verify": ("flannel_repro.audit.verify",),
     "check": ("flannel_repro.audit.check",),
@@ -162,6 +163,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print_trained(params, root, e.result, e.run_id, store_reached=False)
         raise
     _print_trained(params, root, result, run_id)
+    return 0
+
+
+def cmd_exposure(args: argparse.Namespace) -> int:
+    from flannel_repro.analysis.exposure import exposure
+
+    params, root = _load(args, "exposure")
+    r = exposure(params, root)
+    seen = ", ".join(f"{a:,} ({b:,} once)" for a, b in zip(r.n_seen, r.n_once, strict=True))
+    print(f"exposure: {params.paths.exposure} ({r.n_steps:,} steps; tokens seen per run: {seen})")
     return 0
 
 
@@ -547,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "user's tokenizer file"),
         "masks": (cmd_masks, "write the live/dead token masks"),
         "train": (cmd_train, "train and record the trajectory (W, grad_W, losses) to safetensors"),
+        "exposure": (cmd_exposure, "count the labels each recorded step's loss saw, per token, from the trajectory's "
+                     "batches and the corpus"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -28,6 +28,7 @@ ALLOWED = {
     "tracing": {"core", "data", "trajectory"},
     "training": {"core", "data", "trajectory", "recording", "tracking", "tracing"},
     "audit": {"core", "data", "trajectory", "recording", "tracking", "training", "tracing"},
+    "analysis": {"core", "data", "trajectory"},
     "sweep": {"core", "data", "trajectory", "tracking", "training"},
 }
 RAY_FOLDER = "sweep"  # ray, an optional extra, is imported only by the sweep

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from flannel_repro.core.config import load_params
 from flannel_repro.data.masks import load_masks
+from flannel_repro.recording.indicators import INDICATOR_NAMES
 from flannel_repro.recording.motion import MOTION_NAMES
 from flannel_repro.training.loop import train
 from flannel_repro.training.stage import write_reports
@@ -70,7 +71,7 @@ def test_motion_is_the_masked_mean_row_distance_of_each_run(two_runs):
 def test_csv_carries_motion_per_run_and_step(two_runs):
     root, params, result = two_runs
     rows = read_csv(root / params.paths.loss_curve)
-    assert list(rows[0]) == ["run", "step", "loss", "grad_norm", "learning_rate", *MOTION_NAMES]
+    assert list(rows[0]) == ["run", "step", "loss", "grad_norm", "learning_rate", *MOTION_NAMES, *INDICATOR_NAMES]
     want = [(run, t) for run in range(2) for t in range(1, STEPS + 1)]
     assert [(int(r["run"]), int(r["step"])) for r in rows] == want
     for r in rows:

@@ -243,3 +243,16 @@ def test_packing_a_broken_or_packed_file_is_refused_and_writes_nothing(project, 
         proc = run_cli("pack", str(src), str(tmp_path / "out.flpack"), cwd=project)
         assert proc.returncode == 2 and line in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.safetensors"]
+
+
+def test_a_file_with_a_step_schedule_is_refused_by_pack_in_one_line(tmp_path, tiny_data):
+    """The packed reader indexes steps by position: a record.steps file is kept as safetensors, not packed wrongly."""
+    root = copy_tiny_data(tiny_data, tmp_path / "p")
+    write_params(root, {"train": {"steps": 4}, "record": {"steps": 2}})
+    train(load_params(root / "params.yaml"), root, progress=False)
+    proc = run_cli("pack", str(root / TRAJ), str(root / "t.flpack"), cwd=root)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"flannel-repro pack: error: {root / TRAJ}: recorded with a record.steps schedule, which the packed form "
+        "does not carry yet; keep the safetensors file (a scheduled file is already small: docs/analysis.md)"]
+    assert not (root / "t.flpack").exists()

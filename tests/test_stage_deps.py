@@ -72,7 +72,8 @@ def stages(root: Path) -> list[tuple[str, str, str, list[str]]]:
             deps = [str((wdir / d.def_path).resolve().relative_to(root.resolve())) for d in stage.deps]
             dvcfile = str(Path(stage.path).resolve().relative_to(root.resolve()))
             out.append((dvcfile, stage.name, stage.cmd, deps))
-    order = {s: i for i, s in enumerate(("corpus", "tokenizer_corpus", "tokenizer", "masks", "train", "verify"))}
+    order = {s: i for i, s in enumerate(("corpus", "tokenizer_corpus", "tokenizer", "masks", "train", "exposure",
+                                         "verify"))}
     return sorted(out, key=lambda s: order.get(s[1].split(":")[-1].split("@")[0], len(order)))
 
 
@@ -93,7 +94,7 @@ def test_every_dvc_yaml_is_covered(project):
     assert dvc_files(project) == [Path("dvc.yaml")]
     names = [s[1] for s in stages(project)]
     assert names == ["corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train",
-                     "verify@rerun"]
+                     "exposure", "verify@rerun"]
 
 
 def code_deps(modules: list[str]) -> list[str]:

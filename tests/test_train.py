@@ -182,7 +182,7 @@ def test_cli_train_writes_reports(tiny_project):
         k: recorded[k] for k in ("n_live", "n_dead", "n_dead_bytes", "n_dead_merges")}
     rows = (tiny_project / "metrics/train_loss.csv").read_text().splitlines()
     assert rows[0] == ("run,step,loss,grad_norm,learning_rate,drift_live,drift_dead,speed_live,speed_dead,"
-                       "force_live,force_dead") and len(rows) == 5
+                       "force_live,force_dead,dist_live,dist_dead,cos_live,cos_dead,dead_centroid") and len(rows) == 5
     with safe_open(str(traj), framework="pt") as f:
         assert float(rows[-1].split(",")[2]) == f.get_tensor("losses_f32")[0, 4].item()
 

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-# Causal order within one step: the loss comes from the forward pass, grad_W from backward, then the update.
-CHECK_ORDER = ("loss", "grad_W", "W", "momentum", "variance")
+# Causal order within one step: the loss comes from the forward pass, grad_W from backward (the output projection's
+# half first, then the lookup's, then their sum), then the update.
+CHECK_ORDER = ("loss", "grad_W_output", "grad_W_input", "grad_W", "W", "momentum", "variance")
 SHOW_ROWS = 10  # differing token rows listed in a report
 
 

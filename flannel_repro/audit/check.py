@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ from flannel_repro.trajectory.layout import (
     DIGEST_BYTES,
     FORMAT,
     SCALARS,
+    SCHEDULE_KEY,
     STEP_TENSORS,
     decode_scalar,
     encode_scalar,
@@ -87,6 +89,7 @@ class Inspection:
             self.problems.append(Problem("format", f"the header's format tag is {bad_format!r}, not {FORMAT!r}: the "
                                                    "header was changed after the file was written"))
         self.params: Params | None = self._params()
+        self._positions: dict[int, int] | None = None  # training step -> index, once asked
         self.usable = False  # the layout can be trusted: every key where the params put it
         self.record: dict[str, content.Entry] | None = None
         self.record_changed = False  # the record itself does not hash to content_digest
@@ -109,10 +112,22 @@ class Inspection:
         lo, hi = self.span(key)
         return self.view[lo:hi]
 
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        """The training steps whose (V, H) slices the file holds (record.steps), in file order."""
+        return self.params.record.schedule(self.params.train.steps)
+
+    def _index(self, step: int) -> int:
+        """The index in the per-step tensors of training step `step` (a recorded one)."""
+        if self._positions is None:
+            self._positions = {t: i for i, t in enumerate(self.schedule)}
+        return self._positions[step]
+
     def slice_span(self, name: str, run: int, step: int) -> tuple[int, int]:
-        runs, steps1, v, h = self.raw.header[name]["shape"]
+        """Where the (V, H) slice of training step `step` lies in the file."""
+        runs, held, v, h = self.raw.header[name]["shape"]
         n = v * h * 2  # bf16
-        lo = self.span(name)[0] + (run * steps1 + step) * n
+        lo = self.span(name)[0] + (run * held + self._index(step)) * n
         return lo, lo + n
 
     def slice_digest(self, name: str, run: int, step: int) -> bytes:
@@ -121,8 +136,8 @@ class Inspection:
         return hashlib.sha256(self.view[lo:hi]).digest()
 
     def stored_digest(self, name: str, run: int, step: int) -> bytes:
-        steps1 = self.raw.header[name]["shape"][1]
-        lo = self.span(f"digest_{name}")[0] + (run * steps1 + step) * DIGEST_BYTES
+        held = self.raw.header[name]["shape"][1]
+        lo = self.span(f"digest_{name}")[0] + (run * held + self._index(step)) * DIGEST_BYTES
         return bytes(self.view[lo : lo + DIGEST_BYTES])
 
     def step_names(self) -> list[str]:
@@ -282,6 +297,11 @@ class Inspection:
             else:
                 self.problems.append(Problem(key, f"is {now!r}, but the header's params say {SCALARS[key][1]} = "
                                                   f"{value!r}"))
+        if SCHEDULE_KEY in self.raw.header and SCHEDULE_KEY not in self.changed:
+            want = self.params.record.schedule(self.params.train.steps)
+            if bytes(self.data(SCHEDULE_KEY)) != struct.pack(f"<{len(want)}q", *want):
+                self.problems.append(Problem(SCHEDULE_KEY, "does not hold the steps the header's params schedule "
+                                                           f"(record.steps = {self.params.record.steps!r})"))
         live, dead = (decode_scalar("I64", bytes(self.data(k))) for k in ("n_live", "n_dead"))
         if live + dead != self.params.model.vocab_size and not {"n_live", "n_dead"} & self.changed:
             self.problems.append(Problem("n_live", f"n_live {live} + n_dead {dead} is not vocab_size "
@@ -448,7 +468,7 @@ def check(path: Path, threads: int = 2) -> CheckReport:
         n_slices = hashed = 0
         if insp.usable:
             slices = [(n, r, t) for n in insp.step_names() for r in range(insp.params.train.num_runs)
-                      for t in range(insp.params.train.steps + 1)]
+                      for t in insp.schedule]
             computed = _hash_slices(insp, slices, threads)
             n_slices = len(slices)
             hashed = insp.raw.size - insp.raw.data_start  # every data byte, once: slices here, the rest in inspect
@@ -465,8 +485,8 @@ def check(path: Path, threads: int = 2) -> CheckReport:
         return CheckReport(Path(path), problems, digest, n_slices, hashed, time.perf_counter() - start)
 
 
-_ORDER = {"grad_W": 0, "digest_grad_W": 0, "W": 1, "digest_W": 1, "momentum": 2, "digest_momentum": 2,
-          "variance": 3, "digest_variance": 3}
+_ORDER = {name: i for i, name in enumerate(("grad_W_output", "grad_W_input", "grad_W", "W", "momentum", "variance"))}
+_ORDER |= {f"digest_{name}": i for name, i in _ORDER.items()}
 
 
 def _hash_slices(insp: Inspection, slices: list[tuple[str, int, int]], threads: int) -> list[bytes]:

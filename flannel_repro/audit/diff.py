@@ -3,7 +3,11 @@
 Meant for runs that should differ only in what is being studied: the seeds, the thread count or the device (one
 thread against two, CPU against CUDA, seed 42 against 43). Everything else that shapes the numbers (model, optimizer,
 schedule, steps, what is recorded, the input files) must match, or the comparison is refused with the difference
-named. Files are read one (V, H) slice at a time, and steps whose digests agree are not read at all.
+named. Files are read one (V, H) slice at a time, and steps whose digests agree are not read at all. With a
+record.steps schedule there is one row per recorded step, and the losses of every step are compared too (a loss that
+differs at a step between two recorded ones is the first divergence). Two files with different schedules are refused:
+a row compares W at one training step in both, and a comparison over the common steps only would report a verdict
+on fewer steps than either file holds without saying which.
 
     result = diff(Path("a.safetensors"), Path("b.safetensors"), root=Path("."))
     result.first            # (run, step, tensor) of the first difference, or None
@@ -54,15 +58,19 @@ class DiffRow:
 class DiffResult:
     a: Path
     b: Path
-    rows: list[DiffRow]  # one per (run, step), t = 0 included
+    rows: list[DiffRow]  # one per (run, recorded step), t = 0 included
     numel: int  # elements of one W slice
     split: bool  # live/dead split available
     notes: list[str]
+    first_loss: tuple[int, int] | None = None  # (run, step) of the first differing loss, at any step
 
     @property
     def first(self) -> tuple[int, int, str] | None:
         row = next((r for r in self.rows if r.differs), None)
-        return (row.run, row.step, row.differs[0]) if row else None
+        found = (row.run, row.step, row.differs[0]) if row else None
+        if self.first_loss is not None and (found is None or self.first_loss < found[:2]):
+            return (*self.first_loss, "loss")  # a step the schedule did not record
+        return found
 
     @property
     def exit_code(self) -> int:
@@ -101,23 +109,31 @@ def diff(a_path: Path, b_path: Path, root: Path, current: Params | None = None) 
     names = [n for n in CHECK_ORDER[1:] if n in recorded_tensors(a.params.record)]
     if "W" not in names:
         raise FlannelError(f"{a.path}: records no W (record.W is false); diff needs W")
-    digests = {n: (a[f"digest_{n}"], b[f"digest_{n}"]) for n in names}  # (runs, steps+1, 32) uint8 each
-    # The f32 loss where both record it; the notebook records only the bf16 one.
+    digests = {n: (a[f"digest_{n}"], b[f"digest_{n}"]) for n in names}  # (runs, recorded steps, 32) uint8 each
+    # The f32 loss where both record it; the notebook records only the bf16 one. Kept for every step.
     key = next((k for k in ("losses_f32", "losses") if k in a and k in b), None)
     losses = (a[key].float(), b[key].float()) if key is not None else None
+    first_loss = None
+    if losses is not None:
+        apart = (losses[0].view(torch.int32) != losses[1].view(torch.int32)) & ~(losses[0].isnan() & losses[1].isnan())
+        first_loss = next(((r, t) for r, t in apart.nonzero().tolist()), None)  # row-major: run, then step
     rows = []
     for run in range(a.n_runs):
-        for step in range(a.n_steps + 1):
+        for i, step in enumerate(_recorded_steps(a)):
             differs = []
             la = lb = math.nan
             if losses is not None:
                 la, lb = float(losses[0][run, step]), float(losses[1][run, step])
                 if f32_bits(la) != f32_bits(lb):
                     differs.append("loss")
-            differs += [n for n in names if not torch.equal(digests[n][0][run, step], digests[n][1][run, step])]
+            differs += [n for n in names if not torch.equal(digests[n][0][run, i], digests[n][1][run, i])]
             rows.append(_row(a, b, run, step, tuple(differs), live, la, lb))
     numel = math.prod(a.shapes["W"][2:])
-    return DiffResult(Path(a_path), Path(b_path), rows, numel, live is not None, notes)
+    return DiffResult(Path(a_path), Path(b_path), rows, numel, live is not None, notes, first_loss)
+
+
+def _recorded_steps(t: Trajectory | NotebookTrajectory) -> tuple[int, ...]:
+    return getattr(t, "recorded_steps", None) or tuple(range(t.n_steps + 1))  # a notebook file holds every step
 
 
 def _row(a: Trajectory, b: Trajectory, run: int, step: int, differs: tuple[str, ...], live, la, lb) -> DiffRow:
@@ -136,6 +152,12 @@ def _row(a: Trajectory, b: Trajectory, run: int, step: int, differs: tuple[str, 
 
 def _check_comparable(a: Trajectory, b: Trajectory) -> None:
     pa, pb = a.params.flat(), b.params.flat()
+    if pa["record.steps"] != pb["record.steps"]:
+        raise FlannelError(
+            f"{b.path}: recorded the steps of record.steps = {pb['record.steps']!r} but {a.path} those of "
+            f"{pa['record.steps']!r}; diff compares the same recorded steps of both: rerun one with the other's "
+            "record.steps"
+        )
     for key in sorted(pa):
         if key in ALLOWED or key.split(".")[0] in ALLOWED_SECTIONS or pa[key] == pb.get(key):
             continue

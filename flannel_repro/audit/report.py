@@ -62,12 +62,21 @@ class VerifyReport:
     def first(self) -> Divergence | None:
         return next((r.divergences[0] for r in self.reruns if r.divergences), None)
 
+    def _which_steps(self) -> str:
+        """"recorded steps", or with a record.steps schedule how many of the steps have their slices in the file."""
+        if self.params is None or self.params.record.steps == "every":
+            return "recorded steps"
+        held = len(self.params.record.schedule(self.params.train.steps)) * self.params.train.num_runs
+        return f"steps (the loss at each, the slices at the {held} record.steps recorded)"
+
     def checked(self) -> tuple[list[str], list[str]]:
         """What the verdict covers, and what it does not."""
         if self.reference.checks is not None:
             return self.reference.checks
         m = self.reference.manifest or {}
         names = sorted(m.get("digests") or {}, key=CHECK_ORDER.index)
+        steps = self.params.record.steps if self.params is not None else "every"
+        when = "at every step" if steps == "every" else f"at each step record.steps = {steps!r} recorded"
         record = "every other key (" + ", ".join(
             k for k in ("losses", "losses_f32", "grad_norm", "lr_schedule", "batch_indices", "W_initial")
             if (self.reference.record is None or k in self.reference.record) and k not in self.reference.unrecorded)
@@ -75,11 +84,11 @@ class VerifyReport:
         if self.reference.trajectory is not None:
             unrecorded = sorted(k for k in self.reference.unrecorded if not k.startswith("recorded_"))
             return (["the file's own bytes (every slice against its digest, every key against the content record, "
-                     "the header against the data)", f"{', '.join(names)} at every step against the rerun",
+                     "the header against the data)", f"{', '.join(names)} {when} against the rerun",
                      f"{record} step by step against the rerun"],
                     [f"{', '.join(unrecorded)} (adopted from a notebook file, which does not record them)"]
                     if unrecorded else [])
-        checked = [f"{', '.join(names)} digests at every step against the rerun"]
+        checked = [f"{', '.join(names)} digests {when} against the rerun"]
         if "losses_f32" in m:
             checked.append("the f32 loss at every step")
         if self.reference.record is not None:
@@ -169,7 +178,8 @@ class VerifyReport:
         for i, r in enumerate(self.reruns):
             tag = f"rerun {i + 1}/{len(self.reruns)}: " if len(self.reruns) > 1 else ""
             if r.identical and not r.problems:
-                out.append(f"{tag}BIT-IDENTICAL: all {r.steps_checked} recorded steps match ({r.runtime_s:.1f} s)")
+                which = self._which_steps()
+                out.append(f"{tag}BIT-IDENTICAL: all {r.steps_checked} {which} match ({r.runtime_s:.1f} s)")
                 continue
             for d in r.divergences[:1]:
                 out.append(f"{tag}DIVERGED at run {d.run}, step {d.step}: {', '.join(d.tensors)} differ "

@@ -342,18 +342,61 @@ class RecordConfig(_Section):
     _section = "record"
     W: bool = True  # embedding matrix after every optimizer step, (runs, steps+1, V, H) bf16
     grads: bool = True  # grad_W after backward, before clipping, (runs, steps+1, V, H) bf16, zero at t=0
+    # grad_W's two halves as autograd makes them, grad_W_input (the lookup) and grad_W_output (the output
+    # projection), (runs, steps+1, V, H) bf16 each, zero at t=0
+    grad_parts: bool = False
     momentum: bool = False  # Adam exp_avg of W, (runs, steps+1, V, H) bf16, zero at t=0
     variance: bool = False  # Adam exp_avg_sq of W, (runs, steps+1, V, H) bf16, zero at t=0
     logits: bool = False  # not supported: logits are (batch, seq, V) per step, far too large to record
     losses: bool = True  # training loss per step, (runs, steps+1), NaN at t=0
     trace_steps: tuple[int, ...] = (1,)  # steps traced op by op into paths.trace (tracing/); [] traces none
+    # Which steps' (V, H) tensors are recorded (docs/analysis.md, "Step schedules"): "every", K (every K-th step),
+    # "log" (Pythia's: 0, 1, 2, 4, ..., 512, then every 1,000) or a list from 0; the last step is always recorded by
+    # the first two. Training runs every step, and the loss, gradient norm, rate and batch are kept for every step.
+    steps: str | int | tuple[int, ...] = "every"
+
+    def schedule(self, n_steps: int) -> tuple[int, ...]:
+        """The recorded steps of a run of `n_steps` optimizer steps, increasing, from 0."""
+        if self.steps == "every":
+            return tuple(range(n_steps + 1))
+        if isinstance(self.steps, tuple):
+            return self.steps
+        if self.steps == "log":
+            early = [0, *(2**i for i in range(10))]  # 0, 1, 2, ..., 512
+            chosen = [t for t in early if t <= n_steps] + list(range(1000, n_steps + 1, 1000))
+        else:
+            chosen = list(range(0, n_steps + 1, self.steps))
+        return tuple(chosen if chosen[-1] == n_steps else [*chosen, n_steps])
+
+    def n_recorded(self, n_steps: int) -> int:
+        """len(schedule(n_steps)), without listing a long run's steps (preflight sizes a run before refusing it)."""
+        if self.steps == "every":
+            return n_steps + 1
+        if isinstance(self.steps, int):  # 0, K, 2K, ..., and the last step when K does not divide it
+            return n_steps // self.steps + 1 + (n_steps % self.steps != 0)
+        if self.steps == "log":  # 0, the powers of 2 up to 512, the thousands, and the last step if none of those
+            early = [0, *(2**i for i in range(10))]
+            last_listed = n_steps in early or (n_steps >= 1000 and n_steps % 1000 == 0)
+            return sum(t <= n_steps for t in early) + n_steps // 1000 + (not last_listed)
+        return len(self.steps)
 
     def _check(self) -> None:
+        self._check_steps()
         if any(t < 1 for t in self.trace_steps):
             self._fail("trace_steps", "must list optimizer steps from 1 (step 0 is W_initial, no op runs)")
         if self.logits:
             self._fail("logits", "is not supported (logits are batch x seq x vocab per step, far too large to "
                        "record); set it to false")
+
+    def _check_steps(self) -> None:
+        how = "give every, K (every K-th step), log (Pythia's) or an increasing list of steps from 0, e.g. [0, 10, 100]"
+        s = self.steps
+        if isinstance(s, str) and s not in ("every", "log"):
+            self._fail("steps", f"is not a schedule; {how}")
+        if isinstance(s, int) and s < 1:
+            self._fail("steps", f"must be at least 1 (every K-th step); {how}")
+        if isinstance(s, tuple) and (not s or s[0] != 0 or any(b <= a for a, b in zip(s, s[1:], strict=False))):
+            self._fail("steps", f"must be an increasing list that starts at 0 (step 0 is W_initial); {how}")
 
 
 @dataclass(frozen=True)
@@ -366,6 +409,7 @@ class PathsConfig(_Section):
     trajectory: str = "tensors/Flannel/1.20h_flannel_7.safetensors"
     metrics: str = "metrics/train.json"  # final loss, run time, steps/s, trajectory sha256, dead tokens, device
     loss_curve: str = "metrics/train_loss.csv"  # step, loss, grad_norm, learning_rate
+    exposure: str = "tensors/Flannel/exposure.safetensors"  # per-step label counts of each token (exposure stage)
     trace: str = "traces/flannel_7_trace.jsonl"  # op traces of record.trace_steps (docs/traces.md)
 
     def _check(self) -> None:
@@ -393,6 +437,7 @@ class ResolvedPaths:
     trajectory: Path
     metrics: Path
     loss_curve: Path
+    exposure: Path
     trace: Path
 
     def inputs(self) -> dict[str, Path]:
@@ -448,6 +493,13 @@ class Params:
     paths: PathsConfig = field(default_factory=PathsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+
+    def __post_init__(self) -> None:
+        last, steps = self.record.steps, self.train.steps
+        if isinstance(last, tuple) and last[-1] > steps:
+            problem = (f"record.steps lists step {last[-1]}, past the last step train.steps = {steps}; drop it or "
+                       "raise train.steps")
+            raise InvalidValue(f"params: {problem} (in params.yaml)", problem)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -30,6 +30,7 @@ STAGE_FILES = {
     "tokenizer": (("tokenizer_corpus",), ("tokenizer",)),
     "masks": (("corpus", "tokenizer"), ("masks",)),
     "train": (("corpus", "tokenizer", "masks"), ("trajectory", "metrics", "loss_curve", "trace")),
+    "exposure": (("trajectory", "corpus", "tokenizer", "masks"), ("exposure",)),
 }
 # (written, kept) keys that may name one file: the tokenizer may be trained on the model corpus itself (README).
 _SHARED = {("corpus", "tokenizer_corpus")}

@@ -29,9 +29,10 @@ from typing import Any, Protocol
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import atomic_output, file_kind
 
-ITEMSIZE = {"I64": 8, "F32": 4, "BF16": 2, "BOOL": 1, "U8": 1}  # the dtypes the project writes, bytes per element
-_NAMES = {"torch.int64": "I64", "torch.float32": "F32", "torch.bfloat16": "BF16", "torch.bool": "BOOL",
-          "torch.uint8": "U8"}
+# The dtypes the project writes, bytes per element (I32: the exposure file's compact counts).
+ITEMSIZE = {"I64": 8, "I32": 4, "F32": 4, "BF16": 2, "BOOL": 1, "U8": 1}
+_NAMES = {"torch.int64": "I64", "torch.int32": "I32", "torch.float32": "F32", "torch.bfloat16": "BF16",
+          "torch.bool": "BOOL", "torch.uint8": "U8"}
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 MAX_DIMS = 8  # no tensor of the project has more than 4 dimensions; a longer shape is refused before any product
 _U64_DIGITS = 20  # safetensors' shapes and offsets are 64-bit unsigned integers

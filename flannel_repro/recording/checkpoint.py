@@ -280,10 +280,13 @@ def run_done(checkpoints: Checkpoints, writer: TrajectoryWriter, run: int, param
     checkpoints.prune(run + 1, keep=None)
 
 
-def check_checkpoint(marker: Marker, writer: TrajectoryWriter) -> None:
+def check_checkpoint(marker: Marker, writer: TrajectoryWriter, schedule: tuple[int, ...]) -> None:
     """Before a resume trusts `marker.checkpoint`: its step is the marker's, every file loads as plain tensors, and
-    W (and Adam's moments of W, when recorded) hash to what the partial trajectory recorded at that step."""
-    folder, idx = marker.checkpoint, (marker.run, marker.step)
+    W (and Adam's moments of W, when recorded) hash to what the partial trajectory recorded at that step, when
+    `schedule` (record.steps) recorded it."""
+    folder = marker.checkpoint
+    index = schedule.index(marker.step) if marker.step in schedule else None
+    idx = (marker.run, index)
     start_over = "run `flannel-repro train` without --resume to start over"
     state_path = folder / "trainer_state.json"
     try:
@@ -313,7 +316,7 @@ def check_checkpoint(marker: Marker, writer: TrajectoryWriter) -> None:
         if len(adam) == 1:
             tensors.update(momentum=adam[0]["exp_avg"], variance=adam[0].get("exp_avg_sq"))
     for name, t in tensors.items():
-        if f"digest_{name}" not in writer.specs:
+        if f"digest_{name}" not in writer.specs or index is None:  # not recorded: nothing to compare with
             continue
         recorded = bytes(writer.read(f"digest_{name}", idx).tolist())
         if not isinstance(t, torch.Tensor) or t.dtype != torch.bfloat16 or digest(t) != recorded:

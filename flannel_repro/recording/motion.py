@@ -8,7 +8,8 @@ From the (V, H) bf16 slices the recorder already holds, in float32, for live and
 
 `TokenMotion` is a train() step sink: it fills `rec.motion` for the sinks after it (tracking logs it) and keeps
 the (runs, steps+1) curves for the per-step CSV. t = 0 has drift, speed and force 0 by definition; a value whose
-tensor is not recorded (record.W or record.grads off) or whose token set is empty is NaN.
+tensor is not recorded (record.W or record.grads off, or a step record.steps does not record) or whose token set is
+empty is NaN. With a schedule, speed at a recorded step is the move since the previous recorded step.
 """
 
 from __future__ import annotations

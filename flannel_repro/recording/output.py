@@ -54,7 +54,7 @@ from flannel_repro.recording.recorder import FileSink
 from flannel_repro.recording.ring import RING_SLOTS, RecordingRing
 from flannel_repro.recording.stopping import StopSignals
 from flannel_repro.trajectory.file import FORMAT, TORCH_DTYPES, TensorSpec, TrajectoryWriter
-from flannel_repro.trajectory.layout import SCALARS, scalar_values, trajectory_layout
+from flannel_repro.trajectory.layout import SCALARS, SCHEDULE_KEY, scalar_values, trajectory_layout
 from flannel_repro.trajectory.provenance import versions
 
 History = Callable[[], dict[str, list[list[float]]]]
@@ -64,6 +64,8 @@ def metadata_scalars(params: Params, masks: Masks, w_initial: torch.Tensor) -> d
     """Every scalar of the notebook's save cell (layout.SCALARS) with the notebook's dtypes, and W_initial."""
     values = {**scalar_values(params), "n_live": masks.n_live, "n_dead": masks.n_dead}
     scalars = {name: torch.tensor(values[name], dtype=TORCH_DTYPES[dtype]) for name, (dtype, _) in SCALARS.items()}
+    if params.record.steps != "every":  # layout.SCHEDULE_KEY: the training step of each recorded index
+        scalars[SCHEDULE_KEY] = torch.tensor(params.record.schedule(params.train.steps), dtype=torch.int64)
     return {**scalars, "W_initial": w_initial}
 
 
@@ -267,14 +269,14 @@ def _open(out: RecordedOutput, root: Path, fp, input_digests, resume: bool) -> N
         checkpoints.clear(keep=marker.temp if marker else None)
         writer = TrajectoryWriter(out.path, specs, metadata, resume_from=marker.temp if marker else None)
         if marker is not None and marker.step > 0:
-            check_checkpoint(marker, writer)
+            check_checkpoint(marker, writer, params.record.schedule(params.train.steps))
     except BaseException:
         if writer is not None:  # a resumed partial file is kept as it was
             writer.close() if marker is not None else writer.abort()
         checkpoints.release()
         raise
     out.writer, out.checkpoints, out.marker = writer, checkpoints, marker
-    out.observers = [FileSink(writer, params.record)]
+    out.observers = [FileSink(writer, params)]
 
 
 def _resume_point(checkpoints: Checkpoints, params: Params, resume: bool) -> Marker | None:

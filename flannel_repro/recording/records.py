@@ -20,7 +20,8 @@ class StepRecord:
     tensors: dict[str, torch.Tensor]  # recorded (V, H) bf16 slices on the CPU (a ring slot's: copy what you keep)
     digests: dict[str, bytes] = field(default_factory=dict)
     batch_indices: torch.Tensor | None = None  # int64[batch]; None at t = 0
-    motion: dict[str, float] = field(default_factory=dict)  # token motion, filled by motion.TokenMotion
+    # token motion and indicators, filled by motion.TokenMotion and indicators.TokenIndicators
+    motion: dict[str, float] = field(default_factory=dict)
     # The fields above still held as the step's tensors in a ring slot: reading a number off a device waits for
     # it, so the training thread leaves that to the writer thread (`settle`, after the slot's copies have landed).
     unread: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)

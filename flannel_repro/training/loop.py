@@ -30,6 +30,7 @@ from transformers.utils import logging as hf_logging
 from flannel_repro.core.config import Params
 from flannel_repro.data.masks import Masks
 from flannel_repro.recording.checkpoint import HISTORY_KEYS
+from flannel_repro.recording.indicators import TokenIndicators
 from flannel_repro.recording.motion import TokenMotion
 from flannel_repro.recording.output import RecordedOutput, metadata_scalars, recorded_output
 from flannel_repro.recording.progress import Progress
@@ -123,6 +124,7 @@ def train(
     collect = _Collect(cfg.num_runs, cfg.steps)
     tracking_run = next((o.run_id for o in observers if isinstance(o, Tracker)), None)
     motion = TokenMotion(inputs.masks, cfg.num_runs, cfg.steps)  # before the other observers: they see rec.motion
+    indicators = TokenIndicators(inputs.masks, cfg.num_runs, cfg.steps)  # likewise
     saved = traces is None and write and record  # the run's own traces, kept beside the trajectory
     traces = StepTraces(params.record.trace_steps) if saved else traces
     # The output: lock, resume point, temporary file and checkpoints; committed when the block ends, else kept
@@ -134,7 +136,8 @@ def train(
             if out.marker.tracking_run:
                 _each(observers, "resumed_from", out.marker.tracking_run)
         sinks = [o for o in observers if callable(o)]  # per-step observers; the others have run hooks only
-        replayed = [collect, motion, *sinks]  # the file has these steps already, and progress is not shown again
+        # The file has these steps already, and progress is not shown again.
+        replayed = [collect, motion, indicators, *sinks]
         shown = [Progress(cfg.num_runs, cfg.steps, cfg.log_every)] if progress else []
         # record=False (the benchmark's baseline) trains without the recorder: no per-step copies of W or grad_W.
         ring = out.record_steps([*replayed, *shown], device, ring_slots) if record else None
@@ -145,7 +148,7 @@ def train(
             _each(observers, "start_run", run, cfg.train_seed + run)
             done = out.steps_done(run)
             if done >= 0:
-                _replay(out.writer, run, done, collect, replayed)
+                _replay(out.writer, params.record.schedule(cfg.steps), run, done, collect, replayed)
             if done < cfg.steps:
                 _train_one(setup, run, out, collect.history)
                 out.run_done(run, collect.history)
@@ -154,11 +157,11 @@ def train(
     if saved:
         header = trace_header(out.writer.content_digest, fp, params.paths.trajectory)
         write_trace(root / params.paths.trace, header, traces.traced)
-    return _result(out, inputs.masks, collect, motion, runtime, device, fp)
+    return _result(out, inputs.masks, collect, {**motion.curves, **indicators.curves}, runtime, device, fp)
 
 
-def _result(out: RecordedOutput, masks: Masks, collect: _Collect, motion: TokenMotion, runtime: float,
-            device: torch.device, fp: dict[str, Any]) -> TrainResult:
+def _result(out: RecordedOutput, masks: Masks, collect: _Collect, curves: dict[str, list[list[float]]],
+            runtime: float, device: torch.device, fp: dict[str, Any]) -> TrainResult:
     cfg = out.params.train
     first_run, first_step = (out.marker.run, out.marker.step) if out.marker else (0, 0)
     trained = cfg.num_runs * cfg.steps - (first_run * cfg.steps + first_step)  # a resumed run trains fewer steps
@@ -177,7 +180,7 @@ def _result(out: RecordedOutput, masks: Masks, collect: _Collect, motion: TokenM
         losses=collect.losses,
         grad_norms=collect.grad_norms,
         learning_rates=collect.lrs,
-        motion=motion.curves,
+        motion=curves,
     )
 
 
@@ -223,15 +226,17 @@ class _Setup:
     traces: StepTraces | None = None  # the steps traced op by op (tracing/), and their traces
 
 
-def _replay(writer: TrajectoryWriter, run: int, upto: int, collect: _Collect, sinks) -> None:
+def _replay(writer: TrajectoryWriter, schedule: tuple[int, ...], run: int, upto: int, collect: _Collect,
+            sinks) -> None:
     """Feed steps 0..upto of `run`, already in the partial trajectory, to the sinks (not to the file again), with
     their tensors: token motion is computed from them, as in flight."""
     names = [n for n in writer.specs if n in STEP_TENSORS]
+    index = {t: i for i, t in enumerate(schedule)}
     for t in range(upto + 1):
         tensors, digests = {}, {}
-        for name in names:
-            tensors[name] = writer.read(name, (run, t))
-            digests[name] = bytes(writer.read(f"digest_{name}", (run, t)).tolist())
+        for name in names if t in index else []:  # record.steps: only the recorded steps have tensors
+            tensors[name] = writer.read(name, (run, index[t]))
+            digests[name] = bytes(writer.read(f"digest_{name}", (run, index[t])).tolist())
         indices = writer.read("batch_indices", (run, t - 1)) if t > 0 else None
         rec = StepRecord(run, t, collect.losses[run][t], collect.grad_norms[run][t], collect.lrs[run][t], tensors,
                          digests=digests, batch_indices=indices)
@@ -249,7 +254,7 @@ def _train_one(setup: _Setup, run: int, out: RecordedOutput, history) -> None:
     np.random.seed(seed)
     model = build_model(params.model, setup.w_initial, setup.device)
     observer = StepObserver()
-    callback = TrajectoryCallback(run, params.record, observer, setup.ring) if setup.ring is not None else None
+    callback = TrajectoryCallback(run, params, observer, setup.ring) if setup.ring is not None else None
     with contextlib.ExitStack() as stack:
         scratch = str(output_dir) if output_dir is not None else stack.enter_context(scratch_dir())
         every = params.train.checkpoint_every if output_dir is not None else 0

@@ -16,8 +16,9 @@ from flannel_repro.data.tokenizer import load_tokenizer
 from flannel_repro.trajectory.layout import trajectory_layout
 
 # Memory a run keeps per step: the per-step scalars and token motion (nine floats) and what torch and the Trainer
-# keep. Measured: resident memory grew 768 KB from step 200 to step 1,800 of the tiny-step case (480 B a step).
-BYTES_PER_STEP = 512
+# keep. Measured: resident memory grew 768 KB from step 200 to step 1,800 of the tiny-step case (480 B a step),
+# before the five indicator floats (recording/indicators.py), 32 B each as Python floats in lists.
+BYTES_PER_STEP = 672
 
 
 def check_before_training(params: Params, root: Path, write: bool, resume: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""What a training run returns: the file, its digests, the per-step scalars and the token motion."""
+"""What a training run returns: the file, its digests, the per-step scalars, the token motion and indicators."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class TrainResult:
     losses: list[list[float]] = field(repr=False)  # (runs, steps+1), NaN at t = 0
     grad_norms: list[list[float]] = field(repr=False)
     learning_rates: list[list[float]] = field(repr=False)
-    motion: dict[str, list[list[float]]] = field(repr=False)  # motion.MOTION_NAMES -> (runs, steps+1)
+    # motion.MOTION_NAMES and indicators.INDICATOR_NAMES -> (runs, steps+1)
+    motion: dict[str, list[list[float]]] = field(repr=False)
 
     def metrics(self) -> dict[str, Any]:
         return {

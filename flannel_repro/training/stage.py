@@ -18,6 +18,7 @@ from typing import Any
 from flannel_repro.core.config import Params
 from flannel_repro.core.errors import FlannelError, TrackingIncomplete
 from flannel_repro.core.fsutil import atomic_output, write_json
+from flannel_repro.recording.indicators import INDICATOR_NAMES
 from flannel_repro.recording.motion import MOTION_NAMES
 from flannel_repro.recording.stopping import StopSignals
 from flannel_repro.training.loop import train
@@ -59,15 +60,16 @@ def run_train_stage(
 
 def write_reports(params: Params, result: TrainResult, root: Path) -> None:
     """metrics/train.json (DVC metrics) and the per-step CSV (DVC plots): loss, gradient norm, learning rate and
-    the token motion of live and dead tokens."""
+    the token motion and the under-training indicators of live and dead tokens."""
     paths = params.paths.under(root)
     write_json(paths.metrics, result.metrics())
     with atomic_output(paths.loss_curve) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["run", "step", "loss", "grad_norm", "learning_rate", *MOTION_NAMES])
+            curves = (*MOTION_NAMES, *INDICATOR_NAMES)
+            w.writerow(["run", "step", "loss", "grad_norm", "learning_rate", *curves])
             for run, losses in enumerate(result.losses):
                 for step in range(1, len(losses)):
                     w.writerow([run, step, repr(losses[step]), repr(result.grad_norms[run][step]),
                                 repr(result.learning_rates[run][step]),
-                                *(repr(result.motion[name][run][step]) for name in MOTION_NAMES)])
+                                *(repr(result.motion[name][run][step]) for name in curves)])

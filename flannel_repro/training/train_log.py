@@ -67,7 +67,8 @@ def tracked_run(params: Params, root: Path, *, resume: bool = False) -> Iterator
 class StepMetrics:
     """The per-step sink: loss, gradient norm and learning rate (steps 1..N), the mean L2 norm of the live and of
     the dead rows of W (steps 0..N, when W is recorded), computed in float32, and the token motion that train()'s
-    `motion.TokenMotion` put in the record (drift, speed, force; steps 0..N)."""
+    `motion.TokenMotion` and `indicators.TokenIndicators` put in the record (drift, speed, force and the
+    under-training indicators; steps 0..N)."""
 
     def __init__(self, tracker: Tracker, masks: Masks) -> None:
         self.tracker = tracker

@@ -18,10 +18,16 @@ all steps reads one H-wide row per step (strided reads of the mapped file), neve
     traj.token_rows("W", 7)      # (steps+1, H) bf16: token 7's row at t = 0..steps
     traj.step_block("W", 10, 20) # (10, V, H) bf16: steps 10..19
     traj.params.train.train_seed # 42
+
+With a record.steps schedule the per-step (V, H) tensors hold the recorded steps only: `traj.recorded_steps` says
+which training step each index is, `step` and `step_block` take training steps (a step not recorded is an error
+naming its recorded neighbours), and `token_rows` gives one row per recorded step. The loss, gradient norm, rate and
+batch are kept for every step, so `traj.step("losses_f32", t)` works at any t.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import json
@@ -43,7 +49,7 @@ from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import commit_file, temp_path_for, write_failure
 from flannel_repro.core.safetensors_header import dtype_name, header_bytes, read_checked_header
 from flannel_repro.trajectory import content
-from flannel_repro.trajectory.layout import FORMAT, Spec, header_digest
+from flannel_repro.trajectory.layout import FORMAT, SCHEDULE_KEY, Spec, header_digest
 from flannel_repro.trajectory.packed import is_packed
 from flannel_repro.trajectory.packed_reader import PackedTrajectory
 from flannel_repro.trajectory.provenance import PROVENANCE, check_provenance, checked_metadata  # noqa: F401
@@ -275,26 +281,47 @@ class Trajectory:
         """The whole tensor (loads it)."""
         return self._f.get_tensor(name)
 
+    @cached_property
+    def recorded_steps(self) -> tuple[int, ...]:
+        """The training step of each index of the per-step (V, H) tensors (record.steps; 0..steps by default)."""
+        if SCHEDULE_KEY in self.shapes:
+            return tuple(self[SCHEDULE_KEY].tolist())
+        return tuple(range(self.n_steps + 1))
+
+    def index_of(self, t: int) -> int:
+        """The index of training step `t` in the per-step (V, H) tensors; FlannelError if it was not recorded."""
+        steps = self.recorded_steps
+        i = bisect.bisect_left(steps, t)
+        if i < len(steps) and steps[i] == t:
+            return i
+        near = ", ".join(str(s) for s in steps[max(i - 1, 0) : i + 1])
+        raise FlannelError(f"{self.path}: step {t} was not recorded (record.steps = {self.params.record.steps!r}); "
+                           f"the nearest recorded steps are {near} (traj.recorded_steps lists them all)")
+
     def step(self, name: str, t: int, run: int = 0) -> torch.Tensor:
-        """`name[run, t]`, reading only that slice from the mapped file."""
+        """`name` at training step `t` of `run`, reading only that slice from the mapped file."""
+        if len(self.shapes.get(name, ())) == 4:  # a (R, N, V, H) tensor holds the recorded steps only
+            t = self.index_of(t)
         return self._f.get_slice(name)[run, t]
 
     def token_rows(
         self, name: str, tokens: int | Sequence[int], run: int = 0, steps: slice = slice(None)
     ) -> torch.Tensor:
-        """The rows of `tokens` in the per-step tensor `name` (W, grad_W, ...) across `steps`: (n_steps, H) for one
-        token, (n_steps, k, H) for a list of k. Reads only those rows (strided reads of the mapped file), so a
-        token's whole path over 500 steps costs 500 pages from disk, not the 640 MB of the tensor."""
+        """The rows of `tokens` in the per-step tensor `name` (W, grad_W, ...) at the recorded steps within `steps`
+        (a slice of training steps; its stride counts recorded steps): (n, H) for one token, (n, k, H) for a list of
+        k, row i at training step `traj.recorded_steps[steps][i]`. Reads only those rows (strided reads of the mapped
+        file), so a token's whole path over 500 steps costs 500 pages from disk, not the 640 MB of the tensor."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.tolist()
         few = isinstance(tokens, int) or len(tokens) <= _SCATTERED_TOKENS
         rows = self._per_step(name, scattered=few)
-        path = rows[self._check_run(name, run)][steps][:, tokens]  # still a view of the map
+        path = rows[self._check_run(name, run)][self._indices(steps)][:, tokens]  # still a view of the map
         return self._as_torch(name, np.array(path))  # the copy is the read
 
     def step_block(self, name: str, start: int, stop: int, run: int = 0) -> torch.Tensor:
-        """`name[run, start:stop]`, (stop - start, V, H): a block of consecutive steps in one contiguous read."""
-        block = self._per_step(name)[self._check_run(name, run), start:stop]
+        """`name` at the recorded training steps start <= t < stop, (n, V, H), in one contiguous read (every step
+        from start to stop - 1 by default; with record.steps, those of `traj.recorded_steps` in that range)."""
+        block = self._per_step(name)[self._check_run(name, run), self._indices(slice(start, stop))]
         return self._as_torch(name, np.array(block))  # the copy is the read
 
     def _per_step(self, name: str, scattered: bool = False) -> np.memmap:
@@ -313,6 +340,13 @@ class Trajectory:
                 mapped._mmap.madvise(mmap.MADV_RANDOM)
             self._maps[name, scattered] = mapped
         return self._maps[name, scattered]
+
+    def _indices(self, steps: slice) -> slice:
+        """The slice of recorded indices whose training steps fall in the slice of training steps `steps` (a
+        negative bound counts recorded steps from the end, as in any Python slice)."""
+        def at(bound: int | None) -> int | None:
+            return bound if bound is None or bound < 0 else bisect.bisect_left(self.recorded_steps, bound)
+        return slice(at(steps.start), at(steps.stop), steps.step)
 
     def _check_run(self, name: str, run: int) -> int:
         runs = self.shapes[name][0]

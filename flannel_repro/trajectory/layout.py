@@ -5,6 +5,7 @@ Everything here follows from the recorded params alone, so `flannel-repro check`
 (`safetensors_header.header_bytes` of these specs) and compare it with the file's without importing torch.
 
     specs = trajectory_layout(params)          # {"W": Spec("BF16", (1, 501, 10000, 64)), ...}
+    # with record.steps: log, W is (1, 11, 10000, 64) for steps 0, 1, 2, 4, ..., 256, 500, and recorded_steps (11,)
     scalar_values(params)["n_steps"]           # 500
 """
 
@@ -23,7 +24,9 @@ FORMAT = "flannel-trajectory/2"  # /2: the header holds the content record and d
 DIGEST_BYTES = 32  # sha256
 
 # Per-step (V, H) tensors in the file, by their RecordConfig switch; each has a digest_<name> companion.
-STEP_TENSORS = {"W": "W", "grad_W": "grads", "momentum": "momentum", "variance": "variance"}
+# grad_W_input and grad_W_output are the tied weight's two gradient halves (the lookup's, the output projection's).
+STEP_TENSORS = {"W": "W", "grad_W": "grads", "grad_W_input": "grad_parts", "grad_W_output": "grad_parts",
+                "momentum": "momentum", "variance": "variance"}
 # Per-step keys without a digest of their own, in causal order; batch_indices[run, t - 1] is step t's batch.
 STEP_VALUES = ("batch_indices", "losses_f32", "losses", "grad_norm", "lr_schedule")
 # The notebook's metadata scalars: name -> (dtype, the params key it records); n_live and n_dead come from the masks.
@@ -47,6 +50,9 @@ SCALARS = {
     "recorded_momentum": ("BOOL", "record.momentum"),
     "recorded_variance": ("BOOL", "record.variance"),
 }
+# With a record.steps schedule other than "every": the (N,) training steps that index i of every per-step (V, H)
+# tensor holds. A key of its own, so it is in the content record (and the content digest) like any other key.
+SCHEDULE_KEY = "recorded_steps"
 _STRUCT = {"I64": "<q", "F32": "<f", "BOOL": "<?"}
 
 
@@ -68,11 +74,14 @@ def trajectory_layout(params: Params) -> dict[str, Spec]:
     """Every key of a trajectory recorded with `params`, with its dtype and shape."""
     t, m = params.train, params.model
     runs, steps1, vh = t.num_runs, t.steps + 1, (m.vocab_size, m.hidden_dim)
+    held = params.record.n_recorded(t.steps)  # the per-step tensors hold the recorded steps only
     specs = {name: Spec(dtype, ()) for name, (dtype, _) in SCALARS.items()}
     specs["W_initial"] = Spec("BF16", vh)
+    if params.record.steps != "every":  # which training step each index of the per-step tensors is
+        specs[SCHEDULE_KEY] = Spec("I64", (held,))
     for name in recorded_tensors(params.record):
-        specs[name] = Spec("BF16", (runs, steps1, *vh))
-        specs[f"digest_{name}"] = Spec("U8", (runs, steps1, DIGEST_BYTES))
+        specs[name] = Spec("BF16", (runs, held, *vh))
+        specs[f"digest_{name}"] = Spec("U8", (runs, held, DIGEST_BYTES))
     if params.record.losses:
         specs["losses"] = Spec("BF16", (runs, steps1))
         specs["losses_f32"] = Spec("F32", (runs, steps1))

@@ -40,6 +40,7 @@ from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import commit_file, temp_path_for
 from flannel_repro.core.safetensors_header import ITEMSIZE, read_checked_header
 from flannel_repro.trajectory import content
+from flannel_repro.trajectory.layout import SCHEDULE_KEY
 
 MAGIC = b"\x89FLANPK\n"  # as the first 8 bytes of a safetensors file, a header length far past its 100 MB limit
 VERSION = 1
@@ -177,6 +178,9 @@ def pack(src: Path, out: Path, key_every: int = KEY_EVERY, rows_per_chunk: int =
         raise FlannelError(f"{src}: not a flannel-repro trajectory (no format or params in its header); give a "
                            "file written by `flannel-repro train`")
     entries = raw.entries()
+    if SCHEDULE_KEY in entries:  # the packed reader indexes steps by position, not by the schedule's training steps
+        raise FlannelError(f"{src}: recorded with a record.steps schedule, which the packed form does not carry yet; "
+                           "keep the safetensors file (a scheduled file is already small: docs/analysis.md)")
     steps = content.step_keyed(entries)
     tmp = temp_path_for(out)
     whole = hashlib.sha256(raw.head)
