@@ -126,7 +126,8 @@ def test_repro_locks_every_stage_and_links_outputs_from_the_cache(base):
         "tokenizer", "model.vocab_size", "paths.tokenizer_corpus", "paths.tokenizer"}
     assert set(stages["masks"]["params"]["params.yaml"]) == {
         "model.vocab_size", "paths.corpus", "paths.tokenizer", "paths.masks"}
-    assert set(stages["train"]["params"]["params.yaml"]) == {"model", "train", "record", "paths", "tracking"}
+    assert set(stages["train"]["params"]["params.yaml"]) == {"model", "train", "record", "paths", "tracking",
+                                                             "audit.report", "audit.metrics"}
 
     params = load_params(base / "params.yaml")
     paths = params.paths

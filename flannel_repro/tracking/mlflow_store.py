@@ -484,6 +484,7 @@ def _start_system_metrics(uri: str, run_id: str) -> Any:
     run, sampled every SYSTEM_METRICS_INTERVAL_S on their own thread, as `system/...` metrics."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no INFO line at each start and stop
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri)
     monitor.start()
     return monitor
