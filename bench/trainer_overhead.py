@@ -3,7 +3,7 @@ flannel-repro's Trainer does it.
 
 A step's time is mostly arithmetic, and on a loaded machine two whole runs differ by more than the few hundred
 microseconds in question, so the pieces are timed one by one instead, each over many calls, on the real trainer of
-the tiny-step case (batch 1, 16 tokens; `train.py`'s own `training_arguments` and `make_trainer`) after it has
+the tiny-step case (batch 1, 16 tokens; `training/hf.py`'s own `training_arguments` and `make_trainer`) after it has
 trained a few steps:
   - the per-step log (what `logging_steps=1` costs): gather and `.item()` of the loss and of the gradient norm, the
     log entry, every callback's `on_log`; flannel-repro turns the log off (`logging_strategy="no"`);

@@ -3,9 +3,11 @@
     flannel-repro corpus | tokenizer-corpus | tokenizer | masks | train   [--params params.yaml] [-S section.key=value]
 
 Paths in params.yaml are relative to the folder holding params.yaml. A problem with the input is one line on
-stderr and exit status 2; no traceback. Before any work, each command checks its files (paths_guard.py): no output
-may be one of its inputs or another output. SIGTERM and SIGHUP stop every command as Ctrl-C does: one line, exit
-128 + the signal number (train stops at a step boundary: see stopping.py).
+stderr and exit status 2; no traceback. Exit 0 and 1 are a verdict of check, verify and diff and nothing else; a
+result that cannot be written (stdout closed or full, a --report file) is exit 4 (docs/security.md). Before any
+work, each command checks its files (paths_guard.py): no output may be one of its inputs or another output. SIGTERM
+and SIGHUP stop every command as Ctrl-C does: one line, exit 128 + the signal number (train stops at a step
+boundary: see stopping.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flannel_repro.core.errors import ConfigError, FlannelError, Interrupted, TrackingIncomplete, signal_name
+from flannel_repro.core.errors import (
+    ConfigError,
+    FlannelError,
+    Interrupted,
+    OutputFailed,
+    TrackingIncomplete,
+    signal_name,
+)
 from flannel_repro.core.runtime import configure
 
 if TYPE_CHECKING:  # the config and everything else is imported in main(), where Ctrl-C is one line
@@ -65,6 +74,29 @@ def _load(args: argparse.Namespace, stage: str | None = None) -> tuple[Params, P
     if stage is not None:
         check_files(stage_files(stage, params, root, Path(args.params)))
     return params, root
+
+
+def _emit(lines: list[str] | str, stream_name: str = "stdout") -> None:
+    """Write a command's result and flush it: a stdout that is closed (`>&-`) or full (`> /dev/full`) is an
+    OutputFailed line (exit 4), never a verdict's 0 or 1 nor a traceback."""
+    stream = getattr(sys, stream_name)
+    text = lines if isinstance(lines, str) else "\n".join(lines)
+    if stream is None:
+        raise OutputFailed(f"{stream_name} is closed, so the result was not written; run it with {stream_name} open")
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except OSError as e:
+        raise OutputFailed(f"the result could not be written to {stream_name} ({e.strerror or e})") from None
+
+
+def _write_report(path: Path, doc: dict) -> None:
+    from flannel_repro.core.fsutil import write_json
+
+    try:
+        write_json(path, doc)
+    except FlannelError as e:  # after the verdict: not the verdict's code
+        raise OutputFailed(str(e)) from None
 
 
 def _refuse_dvc_added(root: Path, out: str, build_key: str) -> None:
@@ -140,6 +172,7 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None, store
         f"{result.steps_per_s:.2f} steps/s on {result.device}"
     )
     if run_id is not None:
+        from flannel_repro.core.credentials import redacted
         from flannel_repro.core.store_uri import tracking_uri
         from flannel_repro.tracking.mlflow_store import training_runs_url
 
@@ -151,9 +184,9 @@ def _print_trained(params: Params, root: Path, result, run_id: str | None, store
                 print(f"mlflow: the training runs page could not be looked up ({e})")
             else:
                 local = not uri.startswith(("http:", "https:"))
-                ui = f" (`mlflow ui --host 127.0.0.1 --backend-store-uri {uri}`)" if local else ""
+                ui = f" (`mlflow ui --host 127.0.0.1 --backend-store-uri {redacted(uri)}`)" if local else ""
                 print(f"mlflow: training runs at {page}{ui}")
-        print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {uri}")
+        print(f"mlflow: run {run_id} in experiment {params.tracking.experiment!r} at {redacted(uri)}")
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -168,10 +201,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from flannel_repro.audit.reference import load_reference
     from flannel_repro.audit.verify import AuditLogged, log_audit, verify
     from flannel_repro.core.config import load_params
-    from flannel_repro.core.fsutil import write_json
-    from flannel_repro.core.paths_guard import Files, check_files, project_files
+    from flannel_repro.core.paths_guard import Files, check_files, check_names, project_files
 
     params_path = Path(args.params)
+    check_names({"--params": params_path, **({"the reference": Path(args.reference)} if args.reference else {})})
     root = params_path.resolve().parent
     current = load_params(params_path) if params_path.is_file() or args.reference is None else None
     ref = load_reference(Path(args.reference) if args.reference else None, args.run_id, current, root)
@@ -188,28 +221,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     )
     # The verdict is written and shown first: a tracking store that fails afterwards cannot cost it.
     if args.report:
-        write_json(Path(args.report), report.to_json())
+        _write_report(Path(args.report), report.to_json())
     if args.metrics:
-        write_json(Path(args.metrics), report.metrics())
+        _write_report(Path(args.metrics), report.metrics())
     if args.json:
-        print("\n".join(report.lines()), file=sys.stderr)
-        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        _emit(report.lines(), "stderr")
+        _emit(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
-        print("\n".join(report.lines()))
+        _emit(report.lines())
     try:
         logged = log_audit(report, current, root)
-    except FlannelError as e:
-        logged = AuditLogged(f"the verdict could not be logged to tracking: {e}")
+    except Exception as e:  # noqa: BLE001 -- the verdict is given: whatever the store does cannot change its code
+        why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        logged = AuditLogged(f"the verdict could not be logged to tracking: {why}")
     if args.report and logged.audit_run_id is not None:  # the report names the run it was logged beside
-        write_json(Path(args.report), report.to_json(audited_run_id=logged.audited_run_id,
-                                                     audit_run_id=logged.audit_run_id))
-    print(f"note: {logged.note}", file=sys.stderr if args.json else sys.stdout)
+        _write_report(Path(args.report), report.to_json(audited_run_id=logged.audited_run_id,
+                                                        audit_run_id=logged.audit_run_id))
+    with contextlib.suppress(OutputFailed):  # the verdict is out; a note that cannot be shown does not change it
+        _emit(f"note: {logged.note}", "stderr" if args.json else "stdout")
     return report.exit_code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from flannel_repro.audit.check import check
-    from flannel_repro.core.fsutil import write_json
     from flannel_repro.core.paths_guard import Files, check_files, same_file
 
     path = Path(args.file) if args.file else None
@@ -232,8 +266,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     elif project is not None:
         report.expected = _recorded_digest(project.metrics, params.paths.metrics)
     if args.report:
-        write_json(Path(args.report), report.to_json())
-    print(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else "\n".join(report.lines()))
+        _write_report(Path(args.report), report.to_json())
+    _emit(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.lines())
     return report.exit_code
 
 
@@ -248,20 +282,40 @@ def _recorded_digest(metrics: Path, name: str) -> tuple[str, str] | None:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from flannel_repro.audit.diff import diff, write_csv, write_plot
-    from flannel_repro.core.paths_guard import Files, check_files
+    from flannel_repro.core.paths_guard import Files, check_files, check_names
     from flannel_repro.trajectory.file import load_trajectory
 
     root = Path(args.params).resolve().parent
     a, b = Path(args.a), Path(args.b)
+    check_names({"trajectory A": a, "trajectory B": b, "--params": Path(args.params)})
     with load_trajectory(a) as traj:
         reads = {"trajectory A": a, "trajectory B": b, "A's paths.masks": root / traj.params.paths.masks}
     check_files(Files(reads, {"--csv": Path(args.csv), "--plot": Path(args.plot)}, {"--params": Path(args.params)}))
     result = diff(a, b, root)
-    write_csv(result, Path(args.csv))
-    write_plot(result, Path(args.plot))
-    print("\n".join(result.lines()))
-    print(f"curve: {args.csv}, plot: {args.plot}")
+    try:
+        write_csv(result, Path(args.csv))
+        write_plot(result, Path(args.plot))
+    except FlannelError as e:  # after the verdict: not the verdict's code
+        raise OutputFailed(str(e)) from None
+    _emit([*result.lines(), f"curve: {args.csv}, plot: {args.plot}"])
     return result.exit_code
+
+
+def _count(text: str, most: int = 1_000_000) -> int:
+    """An argparse type: a whole number from 1 to `most`, refused (exit 2, one line) before anything uses it."""
+    try:
+        value = int(text) if len(text) <= 20 else None
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number from 1 to {most:,}")
+    return value
+
+
+def _threads(text: str) -> int:
+    from flannel_repro.core.config import MAX_THREADS
+
+    return _count(text, MAX_THREADS)
 
 
 def _audit_parsers(sub: argparse._SubParsersAction) -> None:
@@ -275,8 +329,8 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
                    help="params file marking the project root (default: params.yaml)")
     p.add_argument("--full", action="store_true", help="continue past the first divergent step and report them all")
     p.add_argument("--strict", action="store_true", help="refuse to run (exit 2) if the device or inputs differ")
-    p.add_argument("--repeat", type=int, default=1, metavar="N", help="rerun N times, each checked (default 1)")
-    p.add_argument("--threads", type=int, metavar="N", help="rerun with N threads instead of the reference's")
+    p.add_argument("--repeat", type=_count, default=1, metavar="N", help="rerun N times, each checked (default 1)")
+    p.add_argument("--threads", type=_threads, metavar="N", help="rerun with N threads instead of the reference's")
     p.add_argument("--json", action="store_true",
                    help="print the verdict as JSON on stdout (the report goes to stderr)")
     p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH (e.g. reports/verify.json)")
@@ -289,7 +343,7 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help=help_text, description=help_text)
     p.add_argument("file", nargs="?", help="trajectory file (default: paths.trajectory of params.yaml)")
     p.add_argument("--params", default="params.yaml", help="params file naming the default file (default: params.yaml)")
-    p.add_argument("--threads", type=int, default=2, metavar="N", help="hashing threads (default 2)")
+    p.add_argument("--threads", type=_threads, default=2, metavar="N", help="hashing threads (default 2)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH")
     p.add_argument("--expect", metavar="DIGEST", help="the content digest the file must have (exit 1 if intact but "
@@ -372,7 +426,34 @@ def _starting(name: list[str]) -> Iterator[None]:
             signal.signal(s, defaults[s])
 
 
+def _say(line: str) -> None:
+    """One line on stderr, if there is a stderr to write to."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # closed (`2>&-`: None) or full
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _flush_stdout() -> None:
+    """What a command printed reaches stdout before its status is returned: a full stdout is exit 4, not a 0."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError as e:
+        raise OutputFailed(f"the output could not be written to stdout ({e.strerror or e})") from None
+
+
+def _hold_standard_fds() -> None:
+    """A closed fd 0, 1 or 2 (`>&-`) gets /dev/null: else the next file opened takes its number, and whatever C code
+    writes to stdout (MKL_VERBOSE, say) would land in that file. sys.stdout stays None, so a result is refused."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+
+
 def main(argv: list[str] | None = None) -> int:
+    _hold_standard_fds()
     runtime = configure()  # before any step allocates: large freed blocks are kept for the next step
     name = ["flannel-repro"]
     argv = sys.argv[1:] if argv is None else argv
@@ -382,24 +463,25 @@ def main(argv: list[str] | None = None) -> int:
         for module in (*COMMAND_MODULES[args.command], "flannel_repro.core.config", "flannel_repro.core.paths_guard"):
             importlib.import_module(module)
     if runtime.note and args.command in ("train", "verify"):
-        print(f"flannel-repro {args.command}: note: {runtime.note}", file=sys.stderr)
+        _say(f"flannel-repro {args.command}: note: {runtime.note}")
     for s in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: every output is atomic, so nothing half-written stays
         if signal.getsignal(s) is signal.SIG_DFL:  # one the caller ignores (`nohup`: SIGHUP) stays ignored
             signal.signal(s, _stop_on_signal)
     try:
-        return args.func(args)
+        code = args.func(args)
+        _flush_stdout()
+        return code
     except TrackingIncomplete as e:
-        print(f"flannel-repro {args.command}: {e}", file=sys.stderr)
+        _say(f"flannel-repro {args.command}: {e}")
         return e.exit_code
     except FlannelError as e:
-        print(f"flannel-repro {args.command}: error: {e}", file=sys.stderr)
+        _say(f"flannel-repro {args.command}: error: {e}")
         return e.exit_code
     except KeyboardInterrupt as e:
         text = str(e) or "interrupted; no output was written"
         # The resume command as this one was typed (same --params and -S options).
         resume = shlex.join(["flannel-repro", *[a for a in argv if a != "--resume"], "--resume"])
-        print(f"flannel-repro {args.command}: {text.replace('`flannel-repro train --resume`', f'`{resume}`')}",
-              file=sys.stderr)
+        _say(f"flannel-repro {args.command}: {text.replace('`flannel-repro train --resume`', f'`{resume}`')}")
         return getattr(e, "exit_code", 128 + signal.SIGINT)
 
 
@@ -419,7 +501,7 @@ def entry() -> None:
 
     def flush() -> None:
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`) or stream
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed pipe (`| head`) or stream
                 stream.flush()
         with contextlib.suppress(OSError, AttributeError):  # what C code wrote through stdio (MKL_VERBOSE, say)
             ctypes.CDLL(None).fflush(None)

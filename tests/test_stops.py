@@ -64,6 +64,23 @@ def _runs(project: Path) -> dict[str, object]:
     return {r.info.run_id: r for r in runs}
 
 
+def _holds_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open. Its fds come and go while it starts (imports open and close files):
+    one that closes between listing and reading it is not the one looked for."""
+    target = str(path.resolve())
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:  # the process has ended: the caller's poll() says how
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
 def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob(f"{TMP_PREFIX}*"))
 
@@ -133,14 +150,18 @@ def test_kill_9_then_sigterm_then_resume_each_told_and_closed(project, reference
 
 
 def test_sighup_without_checkpoints_stops_with_one_line_and_leaves_nothing(project):
-    write_params(project, {**PARAMS, "train": {**PARAMS["train"], "checkpoint_every": 0}})
+    # Steps enough that the run cannot end before the signal lands, however busy the machine: a run that stops
+    # reading nothing blocks on its own progress lines (a pipe holds about 1,000 of them) long before step 3,000.
+    steps = 3000
+    write_params(project, {**PARAMS, "train": {**PARAMS["train"], "steps": steps, "checkpoint_every": 0}})
     proc = _start(project)
     _signal_at_step(proc, 3, signal.SIGHUP)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGHUP
     [line] = _messages(stderr)
-    assert re.fullmatch(r"flannel-repro train: stopped by SIGHUP after step \d+; no output was written; checkpoints "
-                        r"are off \(train.checkpoint_every: 0\), so nothing can resume it", line), line
+    m = re.fullmatch(r"flannel-repro train: stopped by SIGHUP after step (\d+); no output was written; checkpoints "
+                     r"are off \(train.checkpoint_every: 0\), so nothing can resume it", line)
+    assert m and 3 <= int(m.group(1)) < steps, line
     assert (project / TRAJ).read_bytes() == PREVIOUS and _temps((project / TRAJ).parent) == []
     [run] = _runs(project).values()
     assert run.info.status == "KILLED"
@@ -179,8 +200,7 @@ def test_a_signal_during_start_up_stops_at_once_and_closes_the_run(project):
     try:
         proc = _start(project, "-q")
         deadline = time.monotonic() + 300
-        while not any(os.path.realpath(f"/proc/{proc.pid}/fd/{fd}") == str((project / "runs.db.lock").resolve())
-                      for fd in os.listdir(f"/proc/{proc.pid}/fd")):
+        while not _holds_open(proc.pid, project / "runs.db.lock"):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)

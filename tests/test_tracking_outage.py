@@ -230,5 +230,5 @@ def test_sync_skips_a_last_call_cut_short_and_refuses_a_corrupt_one(tmp_path):
         else:
             assert run.info.status == "RUNNING" and spool.exists()
             assert sync.stderr.strip() == (f"flannel-repro sync: error: {spool.resolve()}: line 3 is not a call the "
-                                           "spool can send ('{\"op\": \"log_ba'); remove that line and run "
-                                           "`flannel-repro sync` again")
+                                           "spool can send (not a JSON object: '{\"op\": \"log_ba'); remove that "
+                                           "line and run `flannel-repro sync` again")

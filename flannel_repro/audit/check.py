@@ -14,7 +14,9 @@ It reads every byte once and checks, in this order:
 A key whose bytes no longer match the content record changed after the file was written; with the record intact,
 a slice that does not match its digest is a changed slice, a digest that does not match its slice a changed digest.
 Exit 0 intact, 1 corrupt (the verdict names the first corrupt key, run and step), 2 unreadable or not a trajectory.
-No torch: slices are hashed straight from a read-only memory map by two threads (hashlib releases the GIL).
+No torch: slices are read with pread (a memory map would kill the process with SIGBUS if the file were truncated
+while it is read) and hashed by two threads (both release the GIL). A file that changes while it is read (shorter
+than its header says, or written to meanwhile) is one error line, exit 2: no verdict on bytes that moved.
 
     report = check(Path("tensors/Flannel/1.20h_flannel_7.safetensors"))
     report.exit_code, report.lines()
@@ -23,15 +25,16 @@ No torch: slices are hashed straight from a read-only memory map by two threads 
 from __future__ import annotations
 
 import hashlib
-import mmap
+import os
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flannel_repro.core.config import Params, params_from_json
+from flannel_repro.core.config import Params, params_from_json, short_repr
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.safetensors_header import RawHeader, header_bytes, layout_problems, read_raw_header
 from flannel_repro.trajectory import content
@@ -68,7 +71,7 @@ class Problem:
 
 
 class Inspection:
-    """A trajectory file opened for checking: its header read and checked, the data mapped read-only.
+    """A trajectory file opened for checking: its header read and checked, the data read through `view`.
 
     `problems` holds what the header and the step-less keys show; the per-step slices are left to the caller
     (`check` hashes them all, `verify` one step at a time as its rerun reaches it)."""
@@ -87,13 +90,11 @@ class Inspection:
         self.record: dict[str, content.Entry] | None = None
         self.record_changed = False  # the record itself does not hash to content_digest
         self.changed: set[str] = set()  # keys whose bytes no longer hash to their record line
-        self._mm: mmap.mmap | None = None
+        self.view: FileBytes | None = None
         if self.params is not None:
             self._check_layout()
         if self.usable:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self.view = memoryview(self._mm)
+            self.view = FileBytes(self.path, self.raw.size)
             self._check_record()
             self._check_scalars()
         self._check_header_digest()
@@ -103,7 +104,7 @@ class Inspection:
         lo, hi = self.raw.header[key]["data_offsets"]
         return self.raw.data_start + lo, self.raw.data_start + hi
 
-    def data(self, key: str) -> memoryview:
+    def data(self, key: str) -> bytes:
         lo, hi = self.span(key)
         return self.view[lo:hi]
 
@@ -123,19 +124,18 @@ class Inspection:
         lo = self.span(f"digest_{name}")[0] + (run * steps1 + step) * DIGEST_BYTES
         return bytes(self.view[lo : lo + DIGEST_BYTES])
 
-    def drop(self, start: int, length: int) -> None:
-        """Unmap pages of the file from this process (MADV_DONTNEED; reading them again maps them back)."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            self._mm.madvise(mmap.MADV_DONTNEED, start, length)
-
     def step_names(self) -> list[str]:
         return [n for n in STEP_TENSORS if n in self.raw.header]
 
+    def confirm_unchanged(self) -> None:
+        """FlannelError (exit 2) if the file was written to since it was opened: what was read may mix two files."""
+        if self.view is not None:
+            self.view.confirm_unchanged()
+
     def close(self) -> None:
-        if self._mm is not None:
-            self.view.release()
-            self._mm.close()
-            self._mm = None
+        if self.view is not None:
+            self.view.close()
+            self.view = None
 
     def __enter__(self) -> Inspection:
         return self
@@ -184,11 +184,13 @@ class Inspection:
             elif want is None:
                 self.problems.append(Problem(name, "is in the header, but no trajectory with these params has it"))
             elif not isinstance(got, dict) or got.get("dtype") != want.dtype or got.get("shape") != list(want.shape):
-                got_desc = f"{got.get('dtype')} {got.get('shape')}" if isinstance(got, dict) else repr(got)
+                got_desc = f"{_brief(got.get('dtype'))} {_brief(got.get('shape'))}" if isinstance(got, dict) else \
+                    _brief(got)
                 self.problems.append(Problem(name, f"is {got_desc} in the header, but the header's params give "
                                                    f"{want.dtype} {list(want.shape)}"))
             elif got.get("data_offsets") != [offsets[name], offsets[name] + want.nbytes]:
-                self.problems.append(Problem(name, f"has data_offsets {got.get('data_offsets')}, but flannel-repro "
+                got_offsets = _brief(got.get("data_offsets"))
+                self.problems.append(Problem(name, f"has data_offsets {got_offsets}, but flannel-repro "
                                                    f"lays it out at {[offsets[name], offsets[name] + want.nbytes]}"))
             else:
                 continue
@@ -285,6 +287,14 @@ class Inspection:
                                                    f"{self.params.model.vocab_size}"))
 
 
+_BRIEF = short_repr(8, 40)
+
+
+def _brief(value: Any) -> str:
+    """A header value for a message, bounded however large the header made it."""
+    return _BRIEF.repr(value)[:100]
+
+
 def inspect(path: Path) -> Inspection:
     """Open `path` and check everything but the per-step slices; FlannelError (exit 2) if it is no trajectory."""
     return Inspection(path)
@@ -379,6 +389,62 @@ class CheckReport:
         }
 
 
+class FileChanged(FlannelError):
+    """The file was truncated or written to while it was read: no verdict can be given on its bytes."""
+
+
+class FileBytes:
+    """A file's bytes by offset (`fb[lo:hi]`, `fb.read_into(buf, lo)`), read with pread from one open descriptor.
+    A read past the end (the file was truncated) and a change of size or modification time since opening are a
+    FileChanged error, where a memory map would have killed the process with SIGBUS."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = Path(path), size
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FlannelError(f"{self.path}: trajectory file cannot be read ({e.strerror})") from None
+        self._stamp = self._stat()
+        if self._stamp[0] != size:
+            self.close()
+            raise self._changed()
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.fstat(self.fd)
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def _changed(self) -> FileChanged:
+        return FileChanged(f"{self.path}: the file changed while it was read (it was {self.size:,} bytes); check it "
+                           "again once nothing writes to it")
+
+    def __getitem__(self, span: slice) -> bytes:
+        lo, hi = span.start, span.stop
+        buf = bytearray(hi - lo)
+        self.read_into(memoryview(buf), lo)
+        return bytes(buf)
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        """Fill `buf` with the file's bytes from `offset` on."""
+        done = 0
+        while done < len(buf):
+            try:
+                n = os.preadv(self.fd, [buf[done:]], offset + done)
+            except OSError as e:
+                raise FlannelError(f"{self.path}: trajectory file cannot be read ({e.strerror})") from None
+            if n == 0:  # past the end: the file is shorter than when its header was read
+                raise self._changed()
+            done += n
+
+    def confirm_unchanged(self) -> None:
+        if self._stat() != self._stamp:
+            raise self._changed()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def check(path: Path, threads: int = 2) -> CheckReport:
     """Check every byte of the trajectory at `path` against its header, content record, params and digests."""
     start = time.perf_counter()
@@ -397,6 +463,7 @@ def check(path: Path, threads: int = 2) -> CheckReport:
                 located += slice_problems(insp, name, run, step, h, intact.get(name))
             located += _step_zero_problems(insp, dict(zip(slices, computed, strict=True)))
             located += _consistent_edits(insp, slices, computed, located)
+            insp.confirm_unchanged()  # last: bytes written while they were hashed would read as corruption
             problems += sorted(located, key=lambda p: (p.run or 0, -1 if p.step is None else p.step,
                                                        _ORDER.get(p.key, 9)))
         digest = insp.metadata.get("content_digest") if isinstance(insp.metadata.get("content_digest"), str) else None
@@ -408,16 +475,19 @@ _ORDER = {"grad_W": 0, "digest_grad_W": 0, "W": 1, "digest_W": 1, "momentum": 2,
 
 
 def _hash_slices(insp: Inspection, slices: list[tuple[str, int, int]], threads: int) -> list[bytes]:
-    """sha256 of every slice, in order; chunks of neighbouring slices go to `threads` threads. Each chunk's whole
-    pages are unmapped again once hashed (they stay in the page cache), so the process does not grow by the file."""
+    """sha256 of every slice, in order; chunks of neighbouring slices go to `threads` threads. Each thread reads into
+    one buffer of its own, so the process does not grow by the file."""
     spans = [insp.slice_span(*s) for s in slices]
-    view, page = insp.view, mmap.PAGESIZE
+    view, local = insp.view, threading.local()
 
     def work(chunk: list[tuple[int, int]]) -> list[bytes]:
-        out = [hashlib.sha256(view[lo:hi]).digest() for lo, hi in chunk]
-        lo, hi = -(-chunk[0][0] // page) * page, chunk[-1][1] // page * page  # pages of this chunk only
-        if hi > lo:
-            insp.drop(lo, hi - lo)
+        out = []
+        for lo, hi in chunk:
+            if getattr(local, "buf", None) is None or len(local.buf) < hi - lo:
+                local.buf = memoryview(bytearray(hi - lo))
+            buf = local.buf[: hi - lo]
+            view.read_into(buf, lo)
+            out.append(hashlib.sha256(buf).digest())
         return out
 
     chunks = [spans[i : i + CHUNK_SLICES] for i in range(0, len(spans), CHUNK_SLICES)]

@@ -1,11 +1,11 @@
 """The determinism audit: rerun a recorded training and compare it with the record, step by step, bit for bit.
 
-A reference is a trajectory's digest manifest (`trajectory.manifest`): the recorded params, device fingerprint and
-input digests, the sha256 of every recorded (V, H) slice at every step and the content record (content.py). A
-trajectory file and an MLflow run give the same manifest; a file also holds the tensors themselves, which verify
-checks as well: before the rerun, everything `flannel-repro check` checks but the slices (check.py); during it, each
-step's slices and values (stepcheck.py). A file that no longer agrees with itself is *corrupt* (changed after it was
-written); an intact reference that the rerun does not reproduce has *diverged*.
+The reference (reference.py) is a trajectory's digest manifest: the recorded params, device fingerprint and input
+digests, the sha256 of every recorded (V, H) slice at every step and the content record. A trajectory file and an
+MLflow run give the same manifest; a file also holds the tensors themselves, which verify checks as well: before the
+rerun, everything `flannel-repro check` checks but the slices (check.py); during it, each step's slices and values
+(stepcheck.py). The verdict and its exit code are report.py's. A file that no longer agrees with itself is
+*corrupt* (changed after it was written); an intact reference that the rerun does not reproduce has *diverged*.
 
 The rerun uses the reference's own params (never params.yaml), pinned to the reference's thread count and device
 type, writes no file, and checks each step as training produces it; by default it stops at the first divergent or
@@ -49,7 +49,7 @@ def verify(
     the reference's. strict: refuse (FlannelError) when this machine or the inputs differ from the reference's.
     """
     from flannel_repro.training.loop import train
-    from flannel_repro.training.model import pick_device
+    from flannel_repro.training.model import pick_device, set_determinism
 
     if repeat < 1:
         raise FlannelError(f"--repeat {repeat}: give at least 1")
@@ -57,6 +57,7 @@ def verify(
         return VerifyReport(ref, ref.params, [], [], [], {}, [], [])  # nothing a rerun could add
     params, notes = _rerun_params(ref, threads)
     ref_fp = ref.manifest.get("fingerprint") or {}
+    set_determinism(params.train)  # as the rerun will: the fingerprint describes the rerun, not the moment before it
     here = {**fingerprint(pick_device(params.train.device)), "torch_threads": params.train.num_threads}
     mismatches = fingerprint_mismatches(ref_fp, here)
     input_mismatches = _input_mismatches(ref, root)
@@ -87,6 +88,8 @@ def verify(
         if not stopped and check.steps_checked != expected:
             raise RuntimeError(f"rerun checked {check.steps_checked} of {expected} steps")  # a recorder bug
         identical = not stopped and not check.record_differences
+        if ref.inspection is not None:  # a reference file written to during the rerun: no verdict on moved bytes
+            ref.inspection.confirm_unchanged()
         reruns.append(Rerun(identical, check.steps_checked, time.perf_counter() - start, check.divergences,
                             check.problems, check.reference_s, check.content_digest, check.record_differences,
                             started_at))
@@ -156,12 +159,13 @@ def log_audit(report: VerifyReport, current: Params | None, root: Path) -> Audit
         return AuditLogged("tracking is disabled (tracking.enabled: false in params.yaml); the verdict is not logged")
     import tempfile
 
+    from flannel_repro.core.credentials import redacted
     from flannel_repro.core.fsutil import write_json
     from flannel_repro.tracking.base import AuditRun
 
     store = audit_store(current, root)
     if not store.exists():
-        return AuditLogged(f"no tracking store at {store.uri} yet; the verdict is not logged")
+        return AuditLogged(f"no tracking store at {redacted(store.uri)} yet; the verdict is not logged")
     run_id = report.reference.run_id
     traj = report.reference.trajectory
     if run_id is None and traj is not None:  # a file: find the run that wrote it by the file's sha256

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,15 +24,57 @@ from typing import Any
 
 import yaml
 
+from flannel_repro.core.credentials import has_password, redacted, uri_problem
 from flannel_repro.core.errors import ConfigError
 from flannel_repro.core.fsutil import file_kind
 
 LABEL_MODES = ("notebook", "next_token")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MAX_THREADS = 4096  # torch takes a thread count as a C int; no machine this runs on has more cores
+
+
+_MAX_DIGITS = 40  # an integer of more digits than this is no count or seed (and past 4,300 Python cannot print it)
+_INT64 = 2**63  # every integer in params.yaml is passed on as a 64-bit integer (torch, safetensors, MLflow)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """PyYAML reads `1e-3` as a string (YAML 1.1); DVC's `-S key=1e-3` writes exactly that. Read it as a float."""
+    """PyYAML reads `1e-3` as a string (YAML 1.1); DVC's `-S key=1e-3` writes exactly that. Read it as a float.
+
+    Bounded as a file of settings should be: an alias (`*name`) is refused, since a few of them nested expand a
+    kilobyte into gigabytes (a "billion laughs"); a key given twice is refused, as `dvc repro` refuses it; an
+    integer is refused before conversion when it has more digits than any setting needs."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise _Refused(f"line {mark.line + 1}: a YAML alias (*{self.peek_event().anchor}); write the value out "
+                           "in full (params.yaml takes no anchors or aliases)")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise _Refused(f"line {key_node.start_mark.line + 1}: key {_show(key)} is given twice (also at line "
+                               f"{seen[key]}); keep one")
+            if key is not None:
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        digits = sum(c.isdigit() for c in str(node.value))
+        if digits > _MAX_DIGITS:
+            raise _Refused(f"line {node.start_mark.line + 1}: an integer of {digits:,} digits; no setting takes "
+                           f"more than {_MAX_DIGITS}")
+        return super().construct_yaml_int(node)
+
+
+class _Refused(Exception):
+    """What the loader refuses, with the line; parse_yaml names the file."""
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _Yaml12Loader.construct_yaml_int)
 
 
 _Yaml12Loader.add_implicit_resolver(
@@ -44,10 +87,15 @@ _Yaml12Loader.add_implicit_resolver(
 def parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Yaml12Loader)
+    except _Refused as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a params file; fix the syntax") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: not valid YAML{where}; fix the syntax ({getattr(e, 'problem', e)})") from None
+        why = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}; fix the syntax ({why})") from None
 
 
 class _Section:
@@ -62,18 +110,23 @@ class _Section:
             expected = hints[f.name]
             ok, coerced = _check_type(value, expected)
             if not ok:
-                problem = (f"{self._section}.{f.name} must be {_type_name(expected)}, got {value!r} "
+                problem = (f"{self._section}.{f.name} must be {_type_name(expected)}, got {_show(value)} "
                            f"({type(value).__name__})")
                 raise InvalidValue(f"params: {problem}; fix it in params.yaml", problem)
             if coerced is not value:
                 object.__setattr__(self, f.name, coerced)
+            for item in coerced if isinstance(coerced, tuple) else (coerced,):
+                why = _unusable(item)
+                if why is not None:
+                    problem = f"{self._section}.{f.name} {why}"
+                    raise InvalidValue(f"params: {problem}; fix it in params.yaml", problem)
         self._check()
 
     def _check(self) -> None:
         pass
 
     def _fail(self, key: str, why: str) -> None:
-        problem = f"{self._section}.{key} = {getattr(self, key)!r} {why}"
+        problem = f"{self._section}.{key} = {_show(getattr(self, key))} {why}"
         raise InvalidValue(f"params: {problem} (in params.yaml)", problem)
 
 
@@ -84,6 +137,41 @@ class InvalidValue(ConfigError):
     def __init__(self, message: str, problem: str) -> None:
         super().__init__(message)
         self.problem = problem
+
+
+def _show(value: Any) -> str:
+    """A value for a message, bounded: a long list or string is cut, an integer too long to print is counted."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {value.bit_length() * 0.30103:,.0f} digits"
+    text = _SHORT.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def short_repr(items: int, chars: int) -> reprlib.Repr:
+    """A repr() whose work is bounded: `items` entries per list or mapping, two levels deep, `chars` per string."""
+    r = reprlib.Repr()  # Python 3.11's takes no arguments
+    r.maxlevel, r.maxstring, r.maxother = 2, chars, chars
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = items
+    return r
+
+
+_SHORT = short_repr(4, 60)
+_SHORT.repr_int = lambda x, level: repr(x) if x.bit_length() <= 128 else _show(x)  # reprlib prints it whole first
+
+
+def _unusable(value: Any) -> str | None:
+    """Why a well-typed value still cannot be passed on: an integer past 64 bits, a string with a NUL byte (no file
+    name or URI holds one) or with bytes that are not UTF-8 (a file name the trajectory header could not record)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+        return f"= {_show(value)} is out of range (at most 2**63 - 1)"
+    if isinstance(value, str):
+        if "\0" in value:
+            return f"= {_show(value)} holds a NUL byte; remove it"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"= {_show(value)} holds bytes that are not UTF-8; name the file in UTF-8"
+    return None
 
 
 def _check_type(value: Any, expected: Any) -> tuple[bool, Any]:
@@ -245,8 +333,8 @@ class TrainConfig(_Section):
             self._fail("device", f"is not one of {', '.join(DEVICES)}")
         if self.checkpoint_every < 0:
             self._fail("checkpoint_every", "must be zero (off) or positive")
-        if self.num_threads is not None and self.num_threads < 1:
-            self._fail("num_threads", "must be at least 1, or null for torch's default")
+        if self.num_threads is not None and not 1 <= self.num_threads <= MAX_THREADS:
+            self._fail("num_threads", f"must be in [1, {MAX_THREADS}], or null for torch's default")
 
 
 @dataclass(frozen=True)
@@ -319,6 +407,15 @@ class TrackingConfig(_Section):
     def _check(self) -> None:
         if not self.experiment:
             self._fail("experiment", "is empty: give an MLflow experiment name")
+        if self.uri is not None:
+            if has_password(self.uri):  # params are recorded in every trajectory header and tracking run
+                problem = (f"tracking.uri = {redacted(self.uri)!r} holds a password, which would be recorded in every "
+                           "trajectory and tracking run")
+                raise InvalidValue(f"params: {problem}; remove it and set MLFLOW_TRACKING_USERNAME and "
+                                   "MLFLOW_TRACKING_PASSWORD instead (docs/security.md)", problem)
+            why = uri_problem(self.uri)
+            if why is not None:
+                self._fail("uri", f"{why}; give a tracking URI such as http://127.0.0.1:5000 or sqlite:///mlflow.db")
 
 
 @dataclass(frozen=True)
@@ -378,9 +475,12 @@ def params_from_dict(doc: Any, source: str = "params.yaml", recorded: bool = Fal
         )
     built = {}
     for name, cls in _SECTION_TYPES.items():
-        section = doc.get(name) or {}
+        section = doc.get(name)
+        if section is None:  # absent, or a heading with nothing under it: the defaults
+            section = {}
         if not isinstance(section, dict):
-            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys, got {type(section).__name__}")
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys, got {_show(section)} "
+                              f"({type(section).__name__}); write its keys under it, or leave it out for the defaults")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in section:
             if key not in known:
@@ -401,14 +501,19 @@ def apply_overrides(doc: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply `section.key=value` overrides (values parsed as YAML, like `dvc exp run -S`) to a parsed document."""
     doc = {k: dict(v) if isinstance(v, dict) else v for k, v in (doc or {}).items()}
     for item in overrides:
+        why = _unusable(item)  # bytes that are not UTF-8 (an argument is decoded with surrogate escapes), a NUL
+        if why is not None:
+            raise ConfigError(f"override {_show(item)} {why.removeprefix(f'= {_show(item)} ')}")
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not section or not name:
-            raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.steps=10")
-        value = parse_yaml(raw, f"override {item!r}")
-        current = doc.setdefault(section, {})
+            raise ConfigError(f"override {_show(item)}: write it as section.key=value, e.g. train.steps=10")
+        value = parse_yaml(raw, f"override {_show(item)}")
+        if doc.get(section) is None:  # absent, or a heading with nothing under it
+            doc[section] = {}
+        current = doc[section]
         if not isinstance(current, dict):
-            raise ConfigError(f"override {item!r}: section {section!r} is not a mapping in params.yaml")
+            raise ConfigError(f"override {_show(item)}: section {section!r} is not a mapping in params.yaml")
         current[name] = value
     return doc
 
@@ -446,7 +551,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
 def params_from_json(text: str, source: str) -> Params:
     """Rebuild the `Params` a trajectory file recorded in its header."""
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{source}: recorded params are not valid JSON ({e})") from None
+        doc = json.loads(text, parse_int=bounded_int)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ConfigError(f"{source}: recorded params cannot be read as JSON ({why})") from None
     return params_from_dict(doc, source, recorded=True)
+
+
+def bounded_int(text: str) -> int:
+    """json's parse_int that refuses an integer longer than any value a trajectory records, before converting it."""
+    if len(text) > _MAX_DIGITS + 1:
+        raise ValueError(f"an integer of {len(text):,} digits")
+    return int(text)

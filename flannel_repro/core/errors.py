@@ -4,6 +4,8 @@ Raise `FlannelError` for anything a user can fix (a missing file, a bad key in p
 wrong size): the message names the file or key and says how to fix it. `Interrupted` is a stop by a signal
 (SIGINT, SIGTERM, SIGHUP): its message says what was written and how to go on, and the exit status is 128 + the
 signal number. `TrackingIncomplete` (exit 3) says the outputs are in place but tracking could not take all of it.
+`OutputFailed` (exit 4) says a command's result could not be delivered: stdout closed or full, a report not
+written. Exit 0 and 1 are a verdict (`check`, `verify`, `diff`) and nothing else.
 Everything else is a bug and keeps its traceback.
 """
 
@@ -29,6 +31,12 @@ class TrackingIncomplete(FlannelError):
     def __init__(self, message: str, *, result: object, run_id: str | None) -> None:
         super().__init__(message)
         self.result, self.run_id = result, run_id
+
+
+class OutputFailed(FlannelError):
+    """The command ran, but its result could not be written out (stdout, a report file); not a verdict."""
+
+    exit_code = 4
 
 
 class Interrupted(KeyboardInterrupt):

@@ -136,9 +136,26 @@ def _same_entry(a: str, b: str, any_link: bool = False) -> bool:
     return len(folders) == 1 and os.path.basename(a).casefold() == os.path.basename(b).casefold()
 
 
+def check_names(files: dict[str, Path]) -> None:
+    """Refuse a file name that is not UTF-8 (legal on Linux): a trajectory records its inputs' names in a JSON
+    header, safetensors and tokenizers open files by UTF-8 names, and MLflow logs them; one such name is refused by
+    every command alike, before any work, rather than half-handled by some."""
+    for key, path in files.items():
+        text = os.fspath(path)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise FlannelError(f"{key} ({shown}): the path is not UTF-8 text; rename it (or the folder) to a UTF-8 "
+                               "name") from None
+        if "\0" in text:
+            raise FlannelError(f"{key} ({text!r}): the path holds a NUL byte; remove it")
+
+
 def check_files(files: Files) -> None:
     """Refuse, before any work, a write that would replace a read, a kept file or another write; an input that is
     not a regular file; and an output that cannot be written."""
+    check_names({**files.reads, **files.writes, **files.keeps})
     for key, path in files.reads.items():
         _check_input(key, Path(path))
     # What each file is: a read or kept file where its path leads, an output the entry it replaces.

@@ -33,6 +33,8 @@ ITEMSIZE = {"I64": 8, "F32": 4, "BF16": 2, "BOOL": 1, "U8": 1}  # the dtypes the
 _NAMES = {"torch.int64": "I64", "torch.float32": "F32", "torch.bfloat16": "BF16", "torch.bool": "BOOL",
           "torch.uint8": "U8"}
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_DIMS = 8  # no tensor of the project has more than 4 dimensions; a longer shape is refused before any product
+_U64_DIGITS = 20  # safetensors' shapes and offsets are 64-bit unsigned integers
 
 
 class _Shaped(Protocol):
@@ -120,13 +122,27 @@ def read_raw_header(path: Path, what: str = "trajectory file") -> RawHeader:
     except OSError as e:
         raise FlannelError(f"{path}: {what} cannot be read ({e.strerror})") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, parse_int=_u64)
         json.dumps(header, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape is no Unicode text
-    except (UnicodeError, json.JSONDecodeError, RecursionError):
-        raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not JSON)") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeError are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else "not JSON" if not isinstance(e, _TooLong) else e
+        raise FlannelError(f"{path}: {what} is not a safetensors file (its header is {why})") from None
     if not isinstance(header, dict):
         raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not a JSON object)")
     return RawHeader(path, size, head + raw, header)
+
+
+class _TooLong(ValueError):
+    def __str__(self) -> str:
+        return f"JSON with an integer of {self.args[0]:,} digits, past any 64-bit size or offset"
+
+
+def _u64(text: str) -> int:
+    """json's parse_int for a safetensors header: an integer longer than any 64-bit one is refused unconverted (past
+    4,300 digits Python could not even print it)."""
+    if len(text) > _U64_DIGITS + 1:
+        raise _TooLong(len(text))
+    return int(text)
 
 
 def layout_problems(raw: RawHeader) -> list[tuple[str, str]]:
@@ -179,8 +195,8 @@ def _well_formed(info: Any) -> bool:
     if not isinstance(info, dict):
         return False
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    return (isinstance(dtype, str) and isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-            and all(natural(x) for x in (*shape, *offsets)))
+    return (isinstance(dtype, str) and isinstance(shape, list) and len(shape) <= MAX_DIMS and isinstance(offsets, list)
+            and len(offsets) == 2 and all(natural(x) for x in (*shape, *offsets)))
 
 
 def _regular_file_size(path: Path, what: str) -> int:

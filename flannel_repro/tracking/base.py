@@ -3,8 +3,8 @@
 `Tracker` is where a train run reports to (params, per-step metrics, tags, inputs, artifacts, finish); it is also a
 `train()` observer, told when each run of a file starts and ends. `NullTracker` stands in when `tracking.enabled`
 is false. `AuditStore` is where `verify` finds the run it audits and logs its verdict. The one implementation of
-each is MLflow's, in mlflow_tracker.py, the only module that imports mlflow; what a train run logs is decided in
-train_log.py.
+each is MLflow's, in mlflow_store.py (with spool.py, the only modules that import mlflow); what a train run logs is
+decided in training/train_log.py.
 """
 
 from __future__ import annotations

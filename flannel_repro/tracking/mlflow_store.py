@@ -1,9 +1,9 @@
-"""MLflow behind the tracking interfaces: with mlflow_spool.py, the only modules of the package that import mlflow.
+"""MLflow behind the tracking interfaces: with spool.py, the only modules of the package that import mlflow.
 
 `MlflowTracker` is one MLflow run for a trajectory file (a parent with one child run per seed when `num_runs > 1`:
 the parent holds the artifacts of the whole file, each child its own loss curve, and every child carries the
 parent's params and tags so runs of different files, seeds and devices line up in the compare view). Once
-training starts, a store outage costs it one warning line: what the store misses is kept (mlflow_spool.py) and
+training starts, a store outage costs it one warning line: what the store misses is kept (spool.py) and
 sent at the end of the run or by `flannel-repro sync` (`sync`). Each run is tagged with its host and pid, so a
 later command that opens the store closes, as KILLED, the runs of processes that died without closing them
 (`close_dead_runs`). `MlflowAuditStore` is what `verify` reads the audited run from and logs its audit run to.
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from flannel_repro.core.credentials import basic_auth, has_password, redacted, scrub, without_user
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import pid_alive
 from flannel_repro.core.store_uri import sqlite_path
@@ -51,6 +52,9 @@ HTTP_RETRY_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    # MLflow prints "View run ... at URL" with the URI as given, a password included; this module prints the run's
+    # URL itself, redacted
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 _BATCH_LIMIT = 1000  # MLflow's limit on metrics in one log_batch call
 _PARAMS_TAGS_LIMIT = 100  # ... and on params or tags
@@ -67,17 +71,22 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     if urlsplit(uri).scheme not in ("http", "https"):
         return
     fix = "start it, point tracking.uri or MLFLOW_TRACKING_URI at a running server, or set tracking.enabled: false"
+    # urllib takes no user part in a URL: the credentials go in a header, as MLflow's client sends them
+    request = urllib.request.Request(without_user(uri).rstrip("/") + "/health")
+    auth = basic_auth(uri)
+    if auth is not None:
+        request.add_unredirected_header("Authorization", auth)
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):  # up, behind authentication: MLflow's credentials settle the rest
             return
-        raise FlannelError(f"tracking server {uri} answered HTTP {e.code} to /health, so it is not an MLflow "
-                           f"server; {fix}") from None
-    except OSError as e:  # refused, unknown host, timed out (URLError is an OSError)
-        reason = getattr(e, "reason", None) or e
-        raise FlannelError(f"tracking server {uri} is not reachable ({reason}); {fix}") from None
+        raise FlannelError(f"tracking server {redacted(uri)} answered HTTP {e.code} to /health, so it is not an "
+                           f"MLflow server; {fix}") from None
+    except (OSError, ValueError) as e:  # refused, unknown host, timed out (URLError is an OSError); a bad port
+        reason = scrub(str(getattr(e, "reason", None) or e), uri)
+        raise FlannelError(f"tracking server {redacted(uri)} is not reachable ({reason}); {fix}") from None
 
 
 def _store_errors() -> tuple[type[Exception], ...]:
@@ -86,7 +95,8 @@ def _store_errors() -> tuple[type[Exception], ...]:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
-    return MlflowException, OSError, SQLAlchemyError
+    # ImportError: the store's database driver is not installed (mysql://, postgresql://, ...)
+    return MlflowException, OSError, SQLAlchemyError, ImportError
 
 
 def _client(uri: str):
@@ -156,15 +166,18 @@ def _store_lock(uri: str) -> Iterator[None]:
 
 
 def _store_error(uri: str, e: Exception) -> FlannelError:
+    if isinstance(e, ImportError):
+        return FlannelError(f"tracking store {redacted(uri)} needs the Python package {e.name or str(e)!r}, which is "
+                            "not installed; install it, or point tracking.uri or MLFLOW_TRACKING_URI at another store")
     lines = str(getattr(e, "message", e)).splitlines() or [type(e).__name__]
     why = next((x for x in lines if not x.startswith("(raised as a result of")), lines[0])  # SQLAlchemy's preamble
-    return FlannelError(f"tracking store {uri} cannot be used ({why}); fix tracking.uri or MLFLOW_TRACKING_URI, or "
-                        "set tracking.enabled: false")
+    return FlannelError(f"tracking store {redacted(uri)} cannot be used ({scrub(why, uri)}); fix tracking.uri or "
+                        "MLFLOW_TRACKING_URI, or set tracking.enabled: false")
 
 
 class MlflowTracker(Tracker):
     """One MLflow run for the file (a parent with a child per seed when `child_names` is given). Every call after the
-    run is created goes through an `Outbox` (mlflow_spool.py): once `tolerate_outages()` is called, a store outage
+    run is created goes through an `Outbox` (spool.py): once `tolerate_outages()` is called, a store outage
     is one warning line and the calls are kept in a spool under `spool` (`<project>/.flannel/tracking`)."""
 
     def __init__(
@@ -218,8 +231,8 @@ class MlflowTracker(Tracker):
                     raise
             exp = self.client.get_experiment_by_name(name)
         if exp.lifecycle_stage == "deleted":
-            raise FlannelError(f"MLflow experiment {name!r} is deleted in {self.uri}; restore it with `mlflow "
-                               "experiments restore` or choose another tracking.experiment")
+            raise FlannelError(f"MLflow experiment {name!r} is deleted in {redacted(self.uri)}; "
+                               "restore it with `mlflow experiments restore` or choose another tracking.experiment")
         if KIND_TAG not in exp.tags:
             self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
@@ -344,11 +357,23 @@ def sync(project: Path) -> list[str]:
     spools = pending_spools(project)
     for spool in spools:
         with locked_spool(spool) as (header, f):
-            client = _client(header["uri"])
+            client = _client(_with_password(header["uri"], spool))
             sent = deliver(spool, client, f)
             close_dead_runs(client, spool.parent)
         lines.append(f"sync: sent the {sent} calls of run {header['run']} kept in {spool} to {header['uri']}")
     return lines or [f"sync: nothing to send ({spool_folder(project)} holds no spool)"]
+
+
+def _with_password(uri: str, spool: Path) -> str:
+    """A spool keeps its store's URI without the password (credentials.redacted): the one of MLFLOW_TRACKING_URI
+    when that is the same store."""
+    if not has_password(uri):  # a kept URI's password is ***
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env and redacted(env) == uri:
+        return env
+    raise FlannelError(f"{spool}: its tracking store {uri} needs the password the spool does not keep; set "
+                       "MLFLOW_TRACKING_URI to that URI with its password, then run `flannel-repro sync` again")
 
 
 def _file_dataset(f: InputFile) -> dict[str, str]:
@@ -385,8 +410,8 @@ class MlflowAuditStore(AuditStore):
             try:
                 local = client.download_artifacts(owner, "digests.json", tmp)
             except StoreError:
-                raise FlannelError(f"MLflow run {owner} in {self.uri} has no digests.json artifact; give the id of a "
-                                   "run logged by `flannel-repro train`") from None
+                raise FlannelError(f"MLflow run {owner} in {redacted(self.uri)} has no digests.json artifact; give "
+                                   "the id of a run logged by `flannel-repro train`") from None
             return json.loads(Path(local).read_text(encoding="utf-8"))
 
     def find_train_run(self, trajectory_sha256: str) -> str | None:
@@ -452,7 +477,7 @@ def training_runs_url(uri: str, run_id: str) -> str:
     """The MLflow UI page of this run's experiment, on its training runs: on the tracking server itself, or where
     `mlflow ui --host 127.0.0.1` serves a local store (port 5000)."""
     experiment_id = _get_run(_client(uri), run_id, uri).info.experiment_id
-    base = uri.rstrip("/") if urlsplit(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    base = without_user(uri).rstrip("/") if urlsplit(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
 
 
@@ -462,7 +487,7 @@ def _get_run(client, run_id: str, uri: str):
     except StoreError as e:
         if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise FlannelError(f"MLflow run {run_id!r} not found in {uri}; check the run id and the tracking uri "
+        raise FlannelError(f"MLflow run {run_id!r} not found in {redacted(uri)}; check the run id and the tracking uri "
                            "(tracking.uri or MLFLOW_TRACKING_URI)") from None
 
 

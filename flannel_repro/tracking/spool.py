@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flannel_repro.core.credentials import redacted
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import write_json
 
@@ -62,9 +63,9 @@ class Outbox:
             except FlannelError as e:
                 if not self.tolerant or self.spool is None:
                     raise
-                print(f"flannel-repro train: warning: tracking store {self.uri} stopped answering ({_short(e)}); "
-                      f"training goes on and what it logs is kept in {self.spool}, sent when the run ends if the "
-                      "store answers again, else by `flannel-repro sync`", file=sys.stderr)
+                print(f"flannel-repro train: warning: tracking store {redacted(self.uri)} stopped answering "
+                      f"({_short(e)}); training goes on and what it logs is kept in {self.spool}, sent when the run "
+                      "ends if the store answers again, else by `flannel-repro sync`", file=sys.stderr)
         return self._keep(op, args)
 
     def keep_only(self) -> None:
@@ -85,7 +86,9 @@ class Outbox:
             if self._file is None:
                 raise FlannelError(f"{self.spool}: tracking spool is in use by another process")
             if self._file.tell() == 0:
-                self._file.write(json.dumps({"format": SPOOL_FORMAT, "uri": self.uri, "run": self.run_id}) + "\n")
+                # the URI without its password: `flannel-repro sync` takes it from the environment again
+                header = {"format": SPOOL_FORMAT, "uri": redacted(self.uri), "run": self.run_id}
+                self._file.write(json.dumps(header) + "\n")
         if op == "create_run":
             self._refs += 1
             args = {**args, "ref": f"pending-{self._refs}"}
@@ -129,8 +132,8 @@ class Outbox:
         finally:
             self._file.close()  # releases the lock
             self._file = None
-        print(f"flannel-repro train: tracking store {self.uri} answers again; sent the {sent} calls kept during "
-              "the outage", file=sys.stderr)
+        print(f"flannel-repro train: tracking store {redacted(self.uri)} answers again; sent the {sent} calls kept "
+              "during the outage", file=sys.stderr)
         return None
 
 
@@ -138,7 +141,7 @@ def deliver(spool: Path, client: Any, locked: Any) -> int:
     """Send the calls of `spool` not sent yet, in order, then remove it; `locked` is the spool, open and locked by
     the caller. Progress is saved after each call, so a delivery cut short resumes where it stopped."""
     progress_path = spool.with_suffix(".sent")
-    progress = json.loads(progress_path.read_text()) if progress_path.is_file() else {"sent": 0, "ids": {}}
+    progress = _progress(progress_path)
     with open(spool, encoding="utf-8") as f:
         lines = f.read().splitlines()[1:]
     for i, line in enumerate(lines):
@@ -146,12 +149,22 @@ def deliver(spool: Path, client: Any, locked: Any) -> int:
             continue
         try:
             doc = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             if i == len(lines) - 1:  # cut short by the end of its process: that call was never kept
                 break
-            raise FlannelError(f"{spool}: line {i + 2} is not a call the spool can send ({line[:60]!r}); remove "
-                               "that line and run `flannel-repro sync` again") from None
-        send(client, doc.pop("op"), doc, progress["ids"])
+            doc = None
+        why = _call_problem(doc)
+        if why is not None:
+            raise FlannelError(f"{spool}: line {i + 2} is not a call the spool can send ({why}: {line[:60]!r}); "
+                               "remove that line and run `flannel-repro sync` again")
+        try:
+            send(client, doc.pop("op"), doc, progress["ids"])
+        except FlannelError as e:
+            if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise FlannelError(f"{spool}: line {i + 2} names run {doc.get('run')!r}, which the tracking store does "
+                               "not hold (the spool was kept for another store, or the run was deleted); point "
+                               "MLFLOW_TRACKING_URI at the spool's store, or move the spool away") from None
         progress["sent"] = i + 1
         write_json(progress_path, progress)
     for path in (spool.with_suffix(".files"),):
@@ -159,6 +172,74 @@ def deliver(spool: Path, client: Any, locked: Any) -> int:
     progress_path.unlink(missing_ok=True)
     spool.unlink(missing_ok=True)
     return len(lines)
+
+
+def _progress(path: Path) -> dict[str, Any]:
+    """What a delivery cut short had sent: `{"sent": lines, "ids": {placeholder: run id}}`."""
+    if not path.is_file():
+        return {"sent": 0, "ids": {}}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # not JSON, or not UTF-8
+        doc = None
+    if not (isinstance(doc, dict) and _natural(doc.get("sent")) and isinstance(doc.get("ids"), dict)
+            and all(isinstance(v, str) for v in doc["ids"].values())):
+        raise FlannelError(f"{path}: not the progress record of a tracking spool; remove it and run `flannel-repro "
+                           "sync` again (the calls it had sent are sent again)")
+    return doc
+
+
+# What each kept call holds besides "op" and "run": the field, and what its value must be.
+_CALL_FIELDS: dict[str, dict[str, str]] = {
+    "log_batch": {},
+    "create_run": {"experiment_id": "text", "run_name": "text", "tags": "texts"},
+    "set_terminated": {"status": "text"},
+    "log_artifact": {"path": "text"},
+    "log_inputs": {"datasets": "datasets"},
+}
+
+
+def _call_problem(doc: Any) -> str | None:
+    """Why a spool line is not a call `send` can make, or None: checked before the store is called."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    op = doc.get("op")
+    if op not in _CALL_FIELDS:
+        return f"no known call in its \"op\" ({_cut(op)})"
+    if not isinstance(doc.get("run", ""), str):
+        return "its \"run\" is not a run id"
+    checks = {
+        "text": lambda v: isinstance(v, str),
+        "texts": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        "datasets": lambda v: isinstance(v, list) and all(isinstance(d, dict) and all(isinstance(x, str) for x in
+                                                                                     d.values()) for d in v),
+    }
+    for key, kind in _CALL_FIELDS[op].items():
+        if not checks[kind](doc.get(key)):
+            return f"its {key!r} is missing or malformed"
+    if op == "log_batch":
+        metrics = doc.get("metrics", [])
+        if not (isinstance(metrics, list) and all(
+                isinstance(m, list) and len(m) == 4 and isinstance(m[0], str) and _number(m[1]) and _natural(m[2])
+                and _natural(m[3]) for m in metrics)):
+            return "its metrics are not [key, value, ms, step] lists"
+        for key in ("params", "tags"):
+            if not checks["texts"](doc.get(key, {})):
+                return f"its {key} are not a map of strings"
+    return None
+
+
+def _natural(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _cut(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (list, dict)) else type(value).__name__
+    return text[:40]
 
 
 def pending_spools(project: Path) -> list[Path]:
@@ -174,10 +255,13 @@ def locked_spool(spool: Path) -> Iterator[tuple[dict[str, Any], Any]]:
     with f:
         try:
             header = json.loads(f.readline())
-            if header.get("format") != SPOOL_FORMAT:
-                raise ValueError
-        except ValueError:
-            raise FlannelError(f"{spool}: not a tracking spool of flannel-repro; move it away") from None
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            header = None
+        if not isinstance(header, dict) or header.get("format") != SPOOL_FORMAT:
+            raise FlannelError(f"{spool}: not a tracking spool of flannel-repro; move it away")
+        if not isinstance(header.get("uri"), str) or not isinstance(header.get("run"), str):
+            raise FlannelError(f"{spool}: the spool's first line does not name its tracking store and run (\"uri\", "
+                               "\"run\"); the spool is damaged: move it away")
         yield header, f
 
 

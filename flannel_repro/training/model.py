@@ -2,7 +2,7 @@
 
 `TokenDataset` gives the notebook's windows over the token stream; `initial_embedding` draws W_initial;
 `build_model` makes the GPT-2 with tied embeddings, dropouts 0 and bfloat16 weights; `set_determinism` and
-`pick_device` fix what "the same device" means for bit-for-bit replay. `train.py` puts them together.
+`pick_device` fix what "the same device" means for bit-for-bit replay. `loop.py` puts them together.
 """
 
 from __future__ import annotations

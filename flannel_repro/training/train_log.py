@@ -5,7 +5,7 @@ description (MLflow's note: seeds, steps, device, and the command that audits th
 norm, learning rate, the mean norms of the live and dead rows of W and the token motion (motion.py), step by step
 (`StepMetrics`, a `train()` observer). After the reports are written: the file's hashes, provenance, inputs,
 summary metrics, artifacts (params, digest manifest, the loss curve as CSV and PNG) and the final description.
-`tracked_run` opens and closes the run around all of it; train.py's `run_train_stage` uses it. Everything goes
+`tracked_run` opens and closes the run around all of it; stage.py's `run_train_stage` uses it. Everything goes
 through the `tracking.Tracker` interface.
 """
 
@@ -47,7 +47,7 @@ def tracked_run(params: Params, root: Path, *, resume: bool = False) -> Iterator
     """The tracking run of one `train` and its per-step metrics observer (none when tracking is off).
 
     Opened before any training (an unreachable server fails here, in seconds), with the params and tags logged;
-    from then on a store outage is one warning line and what the store misses is kept (mlflow_spool.py). Closed
+    from then on a store outage is one warning line and what the store misses is kept (tracking/spool.py). Closed
     FINISHED when the block ends, KILLED with the reason as a tag when a signal stops it, FAILED with the error
     when it raises. A resumed run is a new tracking run tagged `flannel.resumed_from` with the interrupted one."""
     masks = None

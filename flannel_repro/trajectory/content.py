@@ -90,8 +90,9 @@ def parse(text: str) -> list[Entry]:
             kind, sha = hashed.split(":")
             dims = json.loads(shape)
             ok = kind in ("steps", "bytes") and re.fullmatch("[0-9a-f]{64}", sha) is not None
-            ok = ok and isinstance(dims, list) and all(isinstance(d, int) and d >= 0 for d in dims)
-        except ValueError:
+            ok = ok and isinstance(dims, list) and len(dims) <= 8 and all(
+                isinstance(d, int) and 0 <= d < 2**64 for d in dims)  # as safetensors_header reads shapes
+        except (ValueError, RecursionError):  # a number of over 4,300 digits, a shape nested too deeply
             ok = False
         if not ok:
             raise ValueError(f"line {i} is not `<name> <dtype> <shape> <kind>:<sha256>`: {line[:80]!r}")

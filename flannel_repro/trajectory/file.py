@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from flannel_repro.core.config import Params, params_from_json
+from flannel_repro.core.config import Params, bounded_int, params_from_json
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import commit_file, temp_path_for, write_failure
 from flannel_repro.core.safetensors_header import dtype_name, header_bytes, read_checked_header
@@ -254,10 +254,11 @@ class Trajectory:
         provenance = {}
         for key in PROVENANCE:
             try:
-                provenance[key] = json.loads(self.metadata.get(key, "null"))
-            except json.JSONDecodeError:
-                raise FlannelError(f"{self.path}: the trajectory's recorded {key} is not JSON; the file is corrupt or "
-                                   "was edited: re-record it with `flannel-repro train`") from None
+                provenance[key] = json.loads(self.metadata.get(key, "null"), parse_int=bounded_int)
+            except (ValueError, RecursionError) as e:  # not JSON, an integer too long to convert, nested too deeply
+                why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:100]
+                raise FlannelError(f"{self.path}: the trajectory's recorded {key} is not JSON ({why}); the file is "
+                                   "corrupt or was edited: re-record it with `flannel-repro train`") from None
         check_provenance(provenance, str(self.path))
         self.shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
         self._entries = {k: v for k, v in header.items() if k != "__metadata__"}

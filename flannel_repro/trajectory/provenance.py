@@ -1,8 +1,9 @@
 """What made an artifact: library versions, the device fingerprint, and the code (git) and DVC experiment.
 
 The fingerprint is what "the same device" means for bit-for-bit replay: device type and model, CPU model, torch
-thread count, ATen CPU capability, CUDA/cuDNN versions and the determinism settings. It goes into the trajectory
-header, the tracking run and every verify report.
+thread count, ATen CPU capability, CUDA/cuDNN versions, the determinism settings, and the environment variables that
+make oneDNN, MKL, OpenMP or ATen pick other kernels (`kernel_env`: DNNL_MAX_CPU_ISA=AVX2 alone changes the bits).
+It goes into the trajectory header, the tracking run and every verify report.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables read by the CPU math libraries torch calls: they choose the kernels (an ISA limit, a CPU type,
+# a reproducibility mode, a reduction order), and so the bits. The thread counts are `torch_threads`; verbose and
+# logging switches change no number.
+KERNEL_ENV_PREFIXES = ("DNNL_", "ONEDNN_", "MKLDNN_", "MKL_", "KMP_", "OMP_", "GOMP_", "OPENBLAS_", "BLIS_", "ATEN_")
+KERNEL_ENV_NAMES = ("NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
+_NO_BITS = ("VERBOSE", "LOG", "NUM_THREADS", "THREAD_LIMIT", "DISPLAY_ENV", "WARNINGS", "CACHE")
+
+
+def kernel_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The kernel-selecting variables set in `env`, sorted: {} on a machine that sets none."""
+    return {k: v for k, v in sorted(env.items())
+            if (k.startswith(KERNEL_ENV_PREFIXES) or k in KERNEL_ENV_NAMES) and not any(w in k for w in _NO_BITS)}
+
+
 def fingerprint(device: torch.device) -> dict[str, Any]:
     fp: dict[str, Any] = {
         "device_type": device.type,
@@ -63,6 +78,9 @@ def fingerprint(device: torch.device) -> dict[str, Any]:
         "cudnn": None,
         "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         "tf32_matmul": None,
+        "kernel_env": kernel_env(os.environ),
+        "mkldnn_enabled": torch.backends.mkldnn.enabled,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.type == "cuda":
         fp["device_name"] = torch.cuda.get_device_name(device)
@@ -85,11 +103,17 @@ GUARD_KEYS = (
     "transformers",
     "cuda",
     "cudnn",
+    "kernel_env",
+    "mkldnn_enabled",
+    "float32_matmul_precision",
 )
+# Keys a fingerprint recorded before they were known lacks: not compared (that record cannot tell).
+_ADDED_LATER = {"kernel_env", "mkldnn_enabled", "float32_matmul_precision"}
 
 
 def fingerprint_mismatches(reference: dict[str, Any], here: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    return [(k, reference.get(k), here.get(k)) for k in GUARD_KEYS if reference.get(k) != here.get(k)]
+    return [(k, reference.get(k), here.get(k)) for k in GUARD_KEYS
+            if reference.get(k) != here.get(k) and not (k in _ADDED_LATER and k not in reference)]
 
 
 def git_tags(root: Path) -> dict[str, str]:
