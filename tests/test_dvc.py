@@ -157,10 +157,14 @@ def test_repro_locks_every_stage_and_links_outputs_from_the_cache(base):
     report = json.loads((base / params.audit.report).read_text())
     assert (report["verdict"], report["exit_code"]) == ("identical", 0)
     assert report["content_digest"] == report["rerun_content_digest"] == metrics["content_digest"]
-    plot = json.loads(dvc("plots", "show", "--json", cwd=base).stdout)["data"][paths.loss_curve][0]
-    points = plot["content"]["data"]["values"]
+    # `dvc plots show` draws the loss first, then the learning rate, from the train stage's per-step CSV.
+    plots = json.loads(dvc("plots", "show", "--json", cwd=base).stdout)["data"]
+    assert list(plots)[:2] == ["loss", "learning rate"]
+    points = plots["loss"][0]["content"]["data"]["values"]
     assert [int(p["step"]) for p in points] == list(range(1, 7))
     assert float(points[-1]["loss"]) == metrics["final_loss"]
+    rates = [float(p["learning_rate"]) for p in plots["learning rate"][0]["content"]["data"]["values"]]
+    assert len(rates) == 6 and rates == sorted(rates, reverse=True) and rates[0] > rates[-1] > 0  # linear decay
     # .dvc/config turns off the version check (and analytics): DVC never wrote its updater file.
     assert not (base / ".dvc/tmp/updater").exists()
 
@@ -247,8 +251,12 @@ def test_two_queued_experiments_run_on_two_workers(project):
     assert by_seed[44]["trajectory_sha256"] != by_seed[45]["trajectory_sha256"]
     assert all(isinstance(by_seed[s]["final_loss"], float) for s in (44, 45))
     with contextlib.closing(sqlite3.connect(project / "mlflow.db")) as db:
-        seeds = db.execute("SELECT value FROM params WHERE key = 'train.train_seed'").fetchall()
+        # the training runs' seeds (each audit run, nested under its run, carries the rerun's params too)
+        seeds = db.execute("SELECT p.value FROM params p JOIN tags t ON t.run_uuid = p.run_uuid WHERE "
+                           "p.key = 'train.train_seed' AND t.key = 'flannel.kind' AND t.value = 'train'").fetchall()
+        audited = db.execute("SELECT COUNT(*) FROM tags WHERE key = 'mlflow.parentRunId'").fetchone()[0]
     assert sorted(int(v) for (v,) in seeds) == [42, 44, 45]
+    assert audited == 3  # one audit under each of the three runs
 
 
 def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
@@ -365,11 +373,12 @@ def test_tables_show_the_values_a_user_compares(base):
         "flannel_repro/data/tokenizer_corpus.py", "flannel_repro/data/tokenizer.py", "flannel_repro/data/masks.py",
         "flannel_repro/recording", "flannel_repro/tracking", "flannel_repro/training", "flannel_repro/trajectory",
         "flannel_repro/audit"}
-    recipe = ["--drop", ".*", "--keep", r"Experiment|train\.train_seed|train\.steps|final_loss|dead_share|^steps_per_s"
-              r"|verdict|first_divergent_step|content$"]
+    # DVC matches each --keep pattern from the column name's start
+    recipe = ["--drop", ".*", "--keep", r"Experiment|train\.train_seed|train\.steps|final_loss|dead_share|steps_per_s"
+              r"|verdict|first_divergent_step|(audited_)?content$"]
     header = dvc("exp", "show", "--csv", *recipe, cwd=base).stdout.splitlines()[0].split(",")
-    assert sorted(header) == sorted(["audited_content", "content", "dead_share", "final_loss", "steps_per_s",
-                                     "verdict", "train.train_seed", "train.steps"])
+    assert sorted(header) == sorted(["Experiment", "audited_content", "content", "dead_share", "final_loss",
+                                     "steps_per_s", "verdict", "train.train_seed", "train.steps"])
 
 
 def test_a_run_left_unaudited_shows_no_verdict(project):
@@ -396,6 +405,21 @@ def test_a_run_left_unaudited_shows_no_verdict(project):
     assert (verdict["verdict"], verdict["audited_content"]) == ("identical", after["content"])
     audited = {d["path"]: d["md5"] for d in lock(project)["verify@rerun"]["deps"]}[params.paths.trajectory]
     assert audited == {o["path"]: o["md5"] for o in lock(project)["train"]["outs"]}[params.paths.trajectory]
+
+
+def test_a_plain_train_removes_the_old_verdict_but_leaves_dvc_lock_to_dvc(project, monkeypatch):
+    """`flannel-repro train` outside DVC replaces the trajectory, so the verdict about the old one goes, but dvc.lock
+    is DVC's file: it is left byte for byte, and `dvc status` says both stages changed."""
+    params = load_params(project / "params.yaml")
+    before = (project / "dvc.lock").read_bytes()
+    monkeypatch.chdir(project)
+    for name in ("DVC_STAGE", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", "-S", "train.train_seed=48"]) == 0
+    assert not (project / params.audit.report).exists() and not (project / params.audit.metrics).exists()
+    assert (project / "dvc.lock").read_bytes() == before
+    status = dvc("status", cwd=project).stdout
+    assert "train:" in status and "verify@rerun:" in status
 
 
 def test_audit_can_be_left_out_of_the_pipeline(project):

@@ -10,8 +10,10 @@ DVC metrics and loss curve, and logs the results.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,13 +95,27 @@ def drop_stale_verdicts(params: Params, root: Path) -> None:
             except OSError as e:
                 raise FlannelError(f"{path}: cannot remove the previous audit's verdict ({e.strerror}); remove it "
                                    "by hand, it is about the file this run replaced") from None
-    _drop_locked_audits(Path(root) / "dvc.lock")
+    if _run_by_dvc(Path(root)):
+        _drop_locked_audits(Path(root) / "dvc.lock")
+
+
+def _run_by_dvc(root: Path) -> bool:
+    """Whether this is the train stage of `dvc repro` or `dvc exp run` in `root` (DVC sets DVC_STAGE and DVC_ROOT
+    for a stage's command). A plain `flannel-repro train` leaves dvc.lock to DVC: `dvc status` then shows both
+    stages changed."""
+    stage, dvc_root = os.environ.get("DVC_STAGE", ""), os.environ.get("DVC_ROOT")
+    if stage.rsplit(":", 1)[-1] != "train" or not dvc_root:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(dvc_root).resolve() == root.resolve()
+    return False
 
 
 def _drop_locked_audits(lock: Path) -> None:
     """Remove dvc.lock's entries of the verify stage (`verify@rerun`): they record the audit of the file this run
     replaces. DVC writes the entry again when the verify stage reruns; with `audit.verify: []` there is none, and no
-    entry stays behind for files that are gone. DVC rereads dvc.lock before it records the train stage."""
+    entry stays behind for files that are gone. DVC (3.x, `Lockfile.dump_stages`) rereads dvc.lock before it records
+    the train stage, so the entry stays removed and the file is written again in DVC's own layout."""
     try:
         doc = yaml.safe_load(lock.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
