@@ -381,3 +381,37 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     copy = root / ".dvc/tmp/exps/tmpabc123"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri(TrackingConfig(), copy) == f"sqlite:///{root / 'mlflow.db'}"
+
+
+def test_a_copied_project_does_not_write_into_the_original_folder(tmp_path, tiny_data):
+    """mlflow.db keeps absolute artifact paths: a copy of a project that trained once would log every new run's
+    artifacts (and its audits' reports) into the original's mlruns/. train refuses it in one line before training,
+    naming the store, the folder it came from and both fixes; the original's files are untouched."""
+    import shutil
+
+    original = tmp_path / "original"
+    copy_tiny_data(tiny_data, original)
+    write_params(original, {"tracking": {"enabled": True, "uri": None}})
+    run_cli("train", cwd=original, check=True)
+    before = sorted(p.relative_to(original) for p in (original / "mlruns").rglob("*"))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+
+    proc = run_cli("train", "-S", "train.train_seed=43", cwd=copy)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line == (f"flannel-repro train: error: {copy / 'mlflow.db'}: MLflow experiment 'flannel' keeps its "
+                    f"artifacts in {original / 'mlruns'}, beside the store it was copied or moved from ({original}), "
+                    "and new runs would write there; point tracking.uri at that store "
+                    f"(sqlite:///{original}/mlflow.db), or move mlflow.db and mlruns/ of this project aside to start "
+                    "a new store here (docs/tracking.md#a-copied-or-moved-project)")
+    assert sorted(p.relative_to(original) for p in (original / "mlruns").rglob("*")) == before
+    assert sha256_file(copy / load_params(copy / "params.yaml").paths.trajectory) == sha256_file(
+        original / load_params(original / "params.yaml").paths.trajectory)  # the copy's trajectory is not replaced
+
+    # The first fix: a new store in the copy, whose artifacts stay in the copy.
+    shutil.move(copy / "mlflow.db", tmp_path / "old.db")
+    shutil.move(copy / "mlruns", tmp_path / "old-mlruns")
+    run_cli("train", "-S", "train.train_seed=43", cwd=copy, check=True)
+    assert sorted(p.relative_to(original) for p in (original / "mlruns").rglob("*")) == before
+    assert any((copy / "mlruns").rglob("params.yaml"))

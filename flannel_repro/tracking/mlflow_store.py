@@ -99,6 +99,31 @@ def _store_errors() -> tuple[type[Exception], ...]:
     return MlflowException, OSError, SQLAlchemyError, ImportError
 
 
+def check_artifact_home(experiment: str, artifact_location: str, uri: str) -> None:
+    """Refuse a SQLite store whose experiment keeps its artifacts in the `mlruns` folder beside another database: a
+    copied or moved project's mlflow.db holds the absolute artifact paths of the folder it was made in, and every new
+    run would write its artifacts there (MLflow stores them absolute and cannot change an experiment's location)."""
+    db = sqlite_path(uri)
+    parts = urlsplit(artifact_location)
+    if db is None or parts.scheme not in ("", "file"):
+        return  # a server's or a remote artifact store: where the user put it
+    from urllib.request import url2pathname
+
+    location = Path(url2pathname(parts.path))
+    home = Path(db).parent
+    if location.parent.name != "mlruns" and location.name != "mlruns":
+        return  # not the layout flannel-repro makes: a location the user chose
+    made_in = location.parent.parent if location.parent.name == "mlruns" else location.parent
+    with contextlib.suppress(OSError):
+        if made_in.resolve() == home.resolve():
+            return
+    raise FlannelError(
+        f"{db}: MLflow experiment {experiment!r} keeps its artifacts in {location}, beside the store it was copied "
+        f"or moved from ({made_in}), and new runs would write there; point tracking.uri at that store "
+        f"(sqlite:///{made_in / Path(db).name}), or move {Path(db).name} and mlruns/ of this project aside to start "
+        "a new store here (docs/tracking.md#a-copied-or-moved-project)")
+
+
 def _client(uri: str):
     """An MlflowClient for `uri`; an http server is probed first (and MLflow's retries bounded), a SQLite store is
     opened (and created) here."""
@@ -233,6 +258,7 @@ class MlflowTracker(Tracker):
         if exp.lifecycle_stage == "deleted":
             raise FlannelError(f"MLflow experiment {name!r} is deleted in {redacted(self.uri)}; "
                                "restore it with `mlflow experiments restore` or choose another tracking.experiment")
+        check_artifact_home(exp.name, exp.artifact_location, self.uri)
         if KIND_TAG not in exp.tags:
             self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
@@ -437,6 +463,8 @@ class MlflowAuditStore(AuditStore):
         client = _client(self.uri)
         close_dead_runs(client, None)
         audited = _get_run(client, audited_run_id, self.uri)
+        exp = client.get_experiment(audited.info.experiment_id)
+        check_artifact_home(exp.name, exp.artifact_location, self.uri)
         first = "none" if audit.first_divergent_step is None else str(audit.first_divergent_step)
         tags = {
             "mlflow.source.name": "flannel-repro verify",
