@@ -409,6 +409,12 @@ def test_a_copied_project_does_not_write_into_the_original_folder(tmp_path, tiny
     assert sha256_file(copy / load_params(copy / "params.yaml").paths.trajectory) == sha256_file(
         original / load_params(original / "params.yaml").paths.trajectory)  # the copy's trajectory is not replaced
 
+    # A moved project: the folder its store names is gone, and would be made again.
+    shutil.move(original, tmp_path / "moved")
+    assert run_cli("train", "-S", "train.train_seed=43", cwd=copy).returncode == 2
+    assert not original.exists()
+    shutil.move(tmp_path / "moved", original)
+
     # The first fix: a new store in the copy, whose artifacts stay in the copy.
     shutil.move(copy / "mlflow.db", tmp_path / "old.db")
     shutil.move(copy / "mlruns", tmp_path / "old-mlruns")

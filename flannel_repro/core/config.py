@@ -542,10 +542,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     try:
         return params_from_dict(doc, str(path))
     except InvalidValue as e:  # a value given with -S is fixed on the command line, not in params.yaml
-        given = next((o for o in reversed(overrides) if e.problem.startswith(f"{o.partition('=')[0].strip()} ")), None)
-        if given is None:
+        key = next((k for k in (o.partition("=")[0].strip() for o in reversed(overrides))
+                    if e.problem.startswith(f"{k} ")), None)
+        if key is None:
             raise
-        raise InvalidValue(f"-S {given}: {e.problem}; fix the value given with -S", e.problem) from None
+        # The value is not repeated: the problem shows it, bounded and with any password starred out.
+        advice = str(e).partition(e.problem)[2]
+        if advice in ("; fix it in params.yaml", " (in params.yaml)"):
+            advice = "; fix the value given with -S"
+        raise InvalidValue(f"-S {key}: {e.problem}{advice.replace(' in params.yaml', ' with -S')}", e.problem) from None
 
 
 def params_from_json(text: str, source: str) -> Params:

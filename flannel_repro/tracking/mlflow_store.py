@@ -100,9 +100,11 @@ def _store_errors() -> tuple[type[Exception], ...]:
 
 
 def check_artifact_home(experiment: str, artifact_location: str, uri: str) -> None:
-    """Refuse a SQLite store whose experiment keeps its artifacts in the `mlruns` folder beside another database: a
+    """Refuse a SQLite store whose experiment keeps its artifacts in the `mlruns` folder of another project: a
     copied or moved project's mlflow.db holds the absolute artifact paths of the folder it was made in, and every new
-    run would write its artifacts there (MLflow stores them absolute and cannot change an experiment's location)."""
+    run would write its artifacts there (MLflow stores them absolute and cannot change an experiment's location).
+    That folder is another project's when it holds a database of the same name (a copy) or is gone (a move); an
+    `mlruns` elsewhere (an experiment made by hand, MLflow's default `./mlruns` of wherever it ran) is left alone."""
     db = sqlite_path(uri)
     parts = urlsplit(artifact_location)
     if db is None or parts.scheme not in ("", "file"):
@@ -115,7 +117,7 @@ def check_artifact_home(experiment: str, artifact_location: str, uri: str) -> No
         return  # not the layout flannel-repro makes: a location the user chose
     made_in = location.parent.parent if location.parent.name == "mlruns" else location.parent
     with contextlib.suppress(OSError):
-        if made_in.resolve() == home.resolve():
+        if made_in.resolve() == home.resolve() or (made_in.is_dir() and not (made_in / Path(db).name).exists()):
             return
     raise FlannelError(
         f"{db}: MLflow experiment {experiment!r} keeps its artifacts in {location}, beside the store it was copied "
