@@ -27,7 +27,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flannel_repro.core.errors import FlannelError, Interrupted, OutputFailed, TrackingIncomplete, signal_name
+from flannel_repro.core.errors import (
+    ConfigError,
+    FlannelError,
+    Interrupted,
+    OutputFailed,
+    TrackingIncomplete,
+    signal_name,
+)
 from flannel_repro.core.runtime import configure
 
 if TYPE_CHECKING:  # the config and everything else is imported in main(), where Ctrl-C is one line
@@ -210,7 +217,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from flannel_repro.audit.notebook import notebook_reference
     from flannel_repro.audit.reference import load_reference
-    from flannel_repro.audit.verify import log_audit, verify
+    from flannel_repro.audit.verify import AuditLogged, log_audit, verify
     from flannel_repro.core.config import load_params
     from flannel_repro.core.paths_guard import Files, check_files, check_names, project_files
     from flannel_repro.trajectory.notebook import is_notebook_file
@@ -228,7 +235,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if ref.params is not None:  # None: a corrupt reference, given its verdict without a rerun
         reads |= {f"the reference's paths.{k}": p for k, p in ref.params.paths.under(root).inputs().items()}
     keeps = project_files(current, root, params_path) if current is not None else {}
-    check_files(Files(reads, {"--report": Path(args.report)} if args.report else {}, keeps))
+    writes = {opt: Path(path) for opt, path in (("--report", args.report), ("--metrics", args.metrics)) if path}
+    check_files(Files(reads, writes, keeps))
     report = verify(
         ref, root, current=current, full=args.full, strict=args.strict, repeat=args.repeat, threads=args.threads,
         progress=not args.quiet,
@@ -236,30 +244,41 @@ def cmd_verify(args: argparse.Namespace) -> int:
     # The verdict is written and shown first: a tracking store that fails afterwards cannot cost it.
     if args.report:
         _write_report(Path(args.report), report.to_json())
+    if args.metrics:
+        _write_report(Path(args.metrics), report.metrics())
     if args.json:
         _emit(report.lines(), "stderr")
         _emit(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:
         _emit(report.lines())
     try:
-        note = log_audit(report, current, root)
+        logged = log_audit(report, current, root)
     except Exception as e:  # noqa: BLE001 -- the verdict is given: whatever the store does cannot change its code
         why = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        note = f"the verdict could not be logged to tracking: {why}"
+        logged = AuditLogged(f"the verdict could not be logged to tracking: {why}")
+    if args.report and logged.audit_run_id is not None:  # the report names the run it was logged beside
+        _write_report(Path(args.report), report.to_json(audited_run_id=logged.audited_run_id,
+                                                        audit_run_id=logged.audit_run_id))
     with contextlib.suppress(OutputFailed):  # the verdict is out; a note that cannot be shown does not change it
-        _emit(f"note: {note}", "stderr" if args.json else "stdout")
+        _emit(f"note: {logged.note}", "stderr" if args.json else "stdout")
     return report.exit_code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from flannel_repro.audit.check import check
-    from flannel_repro.core.paths_guard import Files, check_files
+    from flannel_repro.core.paths_guard import Files, check_files, same_file
     from flannel_repro.trajectory.notebook import is_notebook_file
 
     path = Path(args.file) if args.file else None
+    project = None  # the project's own trajectory and metrics, when the file checked is that trajectory
     if path is None:
         params, root = _load(args)
-        path = root / params.paths.trajectory
+        path, project = params.paths.under(root).trajectory, params.paths.under(root)
+    elif Path(args.params).is_file():  # a file named: compared with the project's metrics if it is its trajectory
+        with contextlib.suppress(ConfigError):  # params.yaml only names what to compare with; the check goes on
+            params, root = _load(args)
+            if same_file(path, params.paths.under(root).trajectory):
+                project = params.paths.under(root)
     if args.threads < 1:
         raise FlannelError(f"--threads {args.threads}: give at least 1")
     report_path = {"--report": Path(args.report)} if args.report else {}
@@ -267,13 +286,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     if is_notebook_file(path):  # a file the notebook wrote: checked as far as it can be without digests
         from flannel_repro.audit.notebook import check_notebook
 
+        if args.expect:
+            raise FlannelError(f"--expect: {path} was written by the notebook, which records no content digest to "
+                               "compare; `flannel-repro adopt` it first")
         report = check_notebook(path)
+        project = None
     else:
         report = check(path, threads=args.threads)
+    if args.expect:
+        report.expected = (args.expect.strip().lower(), "--expect")
+    elif project is not None:
+        report.expected = _recorded_digest(project.metrics, params.paths.metrics)
     if args.report:
         _write_report(Path(args.report), report.to_json())
     _emit(json.dumps(report.to_json(), indent=2, sort_keys=True) if args.json else report.lines())
     return report.exit_code
+
+
+def _recorded_digest(metrics: Path, name: str) -> tuple[str, str] | None:
+    """The content digest the run's metrics/train.json records, to compare the checked file with, if it has one."""
+    try:
+        digest = json.loads(metrics.read_text(encoding="utf-8")).get("content_digest")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # no metrics beside the file (a received file, a run not finished): nothing to compare with
+    return (digest, name) if isinstance(digest, str) and digest else None
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -513,6 +549,8 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the verdict as JSON on stdout (the report goes to stderr)")
     p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH (e.g. reports/verify.json)")
+    p.add_argument("--metrics", metavar="PATH", help="also write the verdict in a few values, for DVC's tables, to "
+                   "PATH (e.g. metrics/audit.json)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_verify)
     help_text = ("check a trajectory's integrity without a rerun: every slice against its digest, the header "
@@ -523,6 +561,8 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_threads, default=2, metavar="N", help="hashing threads (default 2)")
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.add_argument("--report", metavar="PATH", help="also write the JSON verdict to PATH")
+    p.add_argument("--expect", metavar="DIGEST", help="the content digest the file must have (exit 1 if intact but "
+                   "another); by default the project's trajectory is compared with its metrics/train.json")
     p.set_defaults(func=cmd_check, overrides=[])
     help_text = "compare two trajectories step by step (exit 0 identical, 1 different, 2 bad input)"
     p = sub.add_parser("diff", help=help_text, description=help_text)
@@ -545,10 +585,13 @@ def _audit_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flannel_repro import __version__
+
     parser = argparse.ArgumentParser(
         prog="flannel-repro",
         description="Reproduce the Flannel 7 training trajectory bit for bit, and audit it.",
     )
+    parser.add_argument("--version", action="version", version=f"flannel-repro {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "corpus": (cmd_corpus, "write the model corpus (generated, or the user's own text file)"),

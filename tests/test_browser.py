@@ -23,7 +23,6 @@ from flannel_repro.training.stage import run_train_stage, write_reports
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 INSTALL = "no Chromium here: install it with `apt-get install -y chromium chromium-driver` (Debian; .ci/run does)"
-RUNS = ("flannel7-seed42-cpu", "flannel7-seed43-cpu")
 DRIFT_TITLE = "Token drift: mean ||W_t - W_initial|| of live and dead tokens"  # dvc.yaml
 
 
@@ -71,23 +70,36 @@ def page_text(driver) -> str:
 
 
 def test_mlflow_opens_on_the_training_runs_with_loss_and_drift_charts(browser, tmp_path, tiny_data):
+    from mlflow.tracking import MlflowClient
     from selenium.webdriver.common.by import By
 
-    # Two tiny runs (seeds 42 and 43) in a project's SQLite store, then `mlflow server` over that store.
+    # Two tiny runs (seeds 42 and 43) in a project's SQLite store, seed 42's audited, then `mlflow server` over it.
     project = tmp_path / "project"
     copy_tiny_data(tiny_data, project)
+    run_ids = []
     for seed in (42, 43):
         write_params(project, {"train": {"train_seed": seed}, "tracking": {"enabled": True, "uri": "sqlite:///mlflow.db"}})
-        _, run_id = run_train_stage(load_params(project / "params.yaml"), project, progress=False)
+        run_ids.append(run_train_stage(load_params(project / "params.yaml"), project, progress=False)[1])
+        if seed == 42:
+            audit = subprocess.run([sys.executable, "-m", "flannel_repro", "verify"], cwd=project,
+                                   capture_output=True, text=True, timeout=600)
+            assert audit.returncode == 0, audit.stdout + audit.stderr
+    run_id = run_ids[-1]
     with mlflow_server(tmp_path, f"sqlite:///{project / 'mlflow.db'}") as uri:
+        client = MlflowClient(uri)
+        runs = tuple(client.get_run(i).info.run_name for i in run_ids)
+        # Each name says what differs: the seed, the steps, the device, a short digest of the recorded numbers.
+        assert [name.rsplit("-", 1)[0] for name in runs] == ["flannel7-seed42-6steps-cpu", "flannel7-seed43-6steps-cpu"]
+        [audit_run] = client.search_runs(["1"], f"tags.`mlflow.parentRunId` = '{run_ids[0]}'")
         # The page `flannel-repro train` prints: the experiment, on its training runs (not the GenAI overview).
         browser.get(training_runs_url(uri, run_id))
-        wait_for(browser, "both runs", lambda: all(name in page_text(browser) for name in RUNS))
+        wait_for(browser, "both runs", lambda: all(name in page_text(browser) for name in runs))
         assert "/#/experiments/1/runs" in browser.current_url
         mode = browser.find_element(By.CSS_SELECTOR, "input[name=runs-view-mode][value=TABLE]")
         assert mode.get_attribute("checked"), "the runs table is the view shown"
         text = page_text(browser)
         assert "Model training" in text and "Token Usage" not in text and "Usage" not in text.split()
+        assert audit_run.info.run_name not in text, "the audit is nested under its run, not a sibling in the table"
         browser.save_screenshot(str(tmp_path / "mlflow_runs.png"))
 
         # The chart view: loss and drift of live and of dead tokens, one curve per run.
@@ -95,11 +107,21 @@ def test_mlflow_opens_on_the_training_runs_with_loss_and_drift_charts(browser, t
         search = wait_for(browser, "the chart search box", lambda: browser.find_elements(
             By.CSS_SELECTOR, "input[placeholder='Search metric charts']"))[0]
         search.send_keys("^(loss|drift)")  # a regular expression over the metric names
-        legends = [f"{run} ({chart})" for chart in ("loss", "drift_live", "drift_dead") for run in RUNS]
+        legends = [f"{run} ({chart})" for chart in ("loss", "drift_live", "drift_dead") for run in runs]
         wait_for(browser, "the loss and drift charts of both runs",
                  lambda: all(legend in page_text(browser) for legend in legends))
         assert "Model metrics (3)" in page_text(browser).replace("\n", " ")  # those three charts, no other
         browser.save_screenshot(str(tmp_path / "mlflow_charts.png"))
+
+        # The audited run's page shows its verdict as a tag; the audit's page names the run it audited as parent.
+        browser.get(f"{uri}/#/experiments/1/runs/{run_ids[0]}")
+        wait_for(browser, "the verdict tag", lambda: "flannel.verdict" in page_text(browser)
+                 and "identical" in page_text(browser))
+        browser.save_screenshot(str(tmp_path / "mlflow_audited_run.png"))
+        browser.get(f"{uri}/#/experiments/1/runs/{audit_run.info.run_id}")
+        wait_for(browser, "the audit's parent run", lambda: "Parent run" in page_text(browser)
+                 and runs[0] in page_text(browser))
+        browser.save_screenshot(str(tmp_path / "mlflow_audit_run.png"))
 
 
 def vega_bundle(out: Path) -> None:

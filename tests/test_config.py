@@ -94,3 +94,20 @@ def test_flat_names_match_dvc_set_keys():
     flat = Params().flat()
     assert flat["train.learning_rate"] == 1e-3 and flat["model.hidden_dim"] == 64
     assert len(flat) == sum(len(dataclasses.fields(getattr(Params(), f.name))) for f in dataclasses.fields(Params))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.steps=x", "-S train.steps: train.steps must be int, got 'x' (str); fix the value given with -S"),
+    ("model.n_head=3", "-S model.n_head: model.n_head = 3 does not divide model.hidden_dim = 64; choose an n_head that "
+                       "divides hidden_dim with -S"),
+    ("tracking.uri=https://alice:S3cretPW@127.0.0.1:1",
+     "-S tracking.uri: tracking.uri = 'https://alice:***@127.0.0.1:1' holds a password, which would be recorded in "
+     "every trajectory and tracking run; remove it and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+     "instead (docs/security.md)"),
+])
+def test_a_bad_value_given_with_S_is_blamed_on_S_not_params_yaml(override, message):
+    """The value came from the command line: the line names the -S key and says to fix it there, keeps a specific
+    advice, and never repeats the raw value (a password in it stays starred out)."""
+    with pytest.raises(ConfigError) as e:
+        load_params(REPO / "params.yaml", [override])
+    assert str(e.value) == message

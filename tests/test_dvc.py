@@ -126,13 +126,14 @@ def test_repro_locks_every_stage_and_links_outputs_from_the_cache(base):
         "tokenizer", "model.vocab_size", "paths.tokenizer_corpus", "paths.tokenizer"}
     assert set(stages["masks"]["params"]["params.yaml"]) == {
         "model.vocab_size", "paths.corpus", "paths.tokenizer", "paths.masks"}
-    assert set(stages["train"]["params"]["params.yaml"]) == {"model", "train", "record", "paths", "tracking"}
+    assert set(stages["train"]["params"]["params.yaml"]) == {"model", "train", "record", "paths", "tracking",
+                                                             "audit.report", "audit.metrics"}
 
     params = load_params(base / "params.yaml")
     paths = params.paths
     outs = {o["path"]: o["md5"] for stage in stages.values() for o in stage.get("outs", [])}
     assert set(outs) == {paths.corpus, paths.tokenizer_corpus, paths.tokenizer, paths.masks, paths.trajectory,
-                         paths.metrics, paths.loss_curve, params.audit.report}
+                         paths.metrics, paths.loss_curve, params.audit.report, params.audit.metrics}
     for path, digest in outs.items():
         assert md5(base / path) == digest
     # The workspace trajectory is the cached file itself (a link), not a second copy of it.
@@ -140,20 +141,30 @@ def test_repro_locks_every_stage_and_links_outputs_from_the_cache(base):
     assert os.path.samefile(base / paths.trajectory, base / ".dvc/cache/files/md5" / digest[:2] / digest[2:])
 
     # Metrics, the loss curve and the verdict are committed by git, not cached, and DVC reads them.
-    assert git("ls-files", "metrics", "reports", cwd=base).split() == [paths.metrics, paths.loss_curve,
-                                                                       params.audit.report]
+    assert sorted(git("ls-files", "metrics", "reports", cwd=base).split()) == sorted([
+        paths.metrics, paths.loss_curve, params.audit.metrics, params.audit.report])
     metrics = json.loads((base / paths.metrics).read_text())
     assert metrics["trajectory_sha256"] == sha256_file(base / paths.trajectory)
     shown = json.loads(dvc("metrics", "show", "--json", cwd=base).stdout)
     assert shown[""]["data"][paths.metrics]["data"] == metrics
-    # The audit ran as part of the pipeline: `dvc metrics show` lists its verdict beside the training metrics.
-    verdict = shown[""]["data"][params.audit.report]["data"]
-    assert (verdict["verdict"], verdict["exit_code"]) == ("identical", 0)
-    assert verdict["content_digest"] == verdict["rerun_content_digest"] == metrics["content_digest"]
-    plot = json.loads(dvc("plots", "show", "--json", cwd=base).stdout)["data"][paths.loss_curve][0]
-    points = plot["content"]["data"]["values"]
+    # The audit ran as part of the pipeline: `dvc metrics show` lists its verdict beside the training metrics, in a
+    # few values; the full report is a file beside them, not a metric.
+    assert set(shown[""]["data"]) == {paths.metrics, params.audit.metrics}
+    verdict = shown[""]["data"][params.audit.metrics]["data"]
+    assert verdict == {"verdict": "identical", "steps_checked": 7, "audited_content": metrics["content"],
+                       "rerun_steps_per_s": verdict["rerun_steps_per_s"]}  # no divergent or corrupt step: none shown
+    assert metrics["content"] == metrics["content_digest"][:12]
+    report = json.loads((base / params.audit.report).read_text())
+    assert (report["verdict"], report["exit_code"]) == ("identical", 0)
+    assert report["content_digest"] == report["rerun_content_digest"] == metrics["content_digest"]
+    # `dvc plots show` draws the loss first, then the learning rate, from the train stage's per-step CSV.
+    plots = json.loads(dvc("plots", "show", "--json", cwd=base).stdout)["data"]
+    assert list(plots)[:2] == ["loss", "learning rate"]
+    points = plots["loss"][0]["content"]["data"]["values"]
     assert [int(p["step"]) for p in points] == list(range(1, 7))
     assert float(points[-1]["loss"]) == metrics["final_loss"]
+    rates = [float(p["learning_rate"]) for p in plots["learning rate"][0]["content"]["data"]["values"]]
+    assert len(rates) == 6 and rates == sorted(rates, reverse=True) and rates[0] > rates[-1] > 0  # linear decay
     # .dvc/config turns off the version check (and analytics): DVC never wrote its updater file.
     assert not (base / ".dvc/tmp/updater").exists()
 
@@ -240,8 +251,12 @@ def test_two_queued_experiments_run_on_two_workers(project):
     assert by_seed[44]["trajectory_sha256"] != by_seed[45]["trajectory_sha256"]
     assert all(isinstance(by_seed[s]["final_loss"], float) for s in (44, 45))
     with contextlib.closing(sqlite3.connect(project / "mlflow.db")) as db:
-        seeds = db.execute("SELECT value FROM params WHERE key = 'train.train_seed'").fetchall()
+        # the training runs' seeds (each audit run, nested under its run, carries the rerun's params too)
+        seeds = db.execute("SELECT p.value FROM params p JOIN tags t ON t.run_uuid = p.run_uuid WHERE "
+                           "p.key = 'train.train_seed' AND t.key = 'flannel.kind' AND t.value = 'train'").fetchall()
+        audited = db.execute("SELECT COUNT(*) FROM tags WHERE key = 'mlflow.parentRunId'").fetchone()[0]
     assert sorted(int(v) for (v,) in seeds) == [42, 44, 45]
+    assert audited == 3  # one audit under each of the three runs
 
 
 def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
@@ -309,6 +324,102 @@ def test_push_pull_round_trip_is_bit_identical(project, tmp_path):
     dvc("pull", cwd=project)
     assert sha256_file(project / paths.trajectory) == digest
     assert "Data and pipelines are up to date." in dvc("status", "dvc.yaml", cwd=project).stdout
+
+
+def test_exp_run_set_changes_only_that_value_in_params_yaml(tmp_path):
+    """The repository's own params.yaml (its comments, lists and empty values) through DVC's round trip: after `dvc
+    exp run -S`, `git diff params.yaml` shows the changed value and nothing else."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    # A one-line stage that reads every section, so that any -S key is a param of the pipeline.
+    sections = list(yaml.safe_load((REPO / "params.yaml").read_text()))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"read": {
+        "cmd": "python -c \"open('out.txt', 'w').write('read')\"", "params": sections,
+        "outs": [{"out.txt": {"cache": False}}]}}}))
+    git("init", "-q", cwd=root)
+    dvc("init", "-q", cwd=root)
+    git("add", "-A", cwd=root)
+    git("-c", "user.name=Flannel Test", "-c", "user.email=test@flannel.invalid", "commit", "-qm", "params", cwd=root)
+    original = (root / "params.yaml").read_text()
+    changes = {  # -S value -> (the lines it replaces, the lines it writes, comments aside)
+        "train.steps=7": (["  steps: 500"], ["  steps: 7"]),
+        "audit.verify=[]": (["  verify:", "  - rerun"], ["  verify: []"]),
+        "corpus.build=[]": (["  build:", "  - synthetic"], ["  build: []"]),
+        "train.num_threads=2": (["  num_threads:"], ["  num_threads: 2"]),
+        "tracking.uri=http://127.0.0.1:5000": (["  uri:"], ["  uri: http://127.0.0.1:5000"]),
+    }
+    for change, (removed, added) in changes.items():
+        dvc("exp", "run", "-S", change, cwd=root)
+        diff = git("diff", "-U0", "params.yaml", cwd=root).splitlines()
+        minus = [x[1:] for x in diff if x.startswith("-") and not x.startswith("---")]
+        plus = [x[1:] for x in diff if x.startswith("+") and not x.startswith("+++")]
+        assert ([x.partition("  #")[0].rstrip() for x in minus], [x.partition(" #")[0].rstrip() for x in plus]) == (
+            removed, added), (change, diff)
+        assert [x.partition("#")[2] for x in plus] == [x.partition("#")[2] for x in minus[:len(plus)]]  # kept
+        assert load_params(root / "params.yaml") == load_params(REPO / "params.yaml", [change])
+        git("checkout", "-q", "params.yaml", cwd=root)
+        assert (root / "params.yaml").read_text() == original
+
+
+def test_tables_show_the_values_a_user_compares(base):
+    """`dvc exp show`: the dependency columns are the stages' code folders and data files, not one per module; the
+    documented --drop/--keep recipe (docs/pipeline.md) leaves the experiment, its seed and steps, final loss, dead
+    share, steps/s, verdict and content digests."""
+    data = json.loads(dvc("exp", "show", "--json", cwd=base).stdout)[0]["data"]
+    assert len(data["deps"]) <= 17, sorted(data["deps"])
+    assert {p for p in data["deps"] if p.startswith("flannel_repro/")} == {
+        "flannel_repro/__init__.py", "flannel_repro/cli.py", "flannel_repro/core", "flannel_repro/data/corpus.py",
+        "flannel_repro/data/tokenizer_corpus.py", "flannel_repro/data/tokenizer.py", "flannel_repro/data/masks.py",
+        "flannel_repro/recording", "flannel_repro/tracking", "flannel_repro/training", "flannel_repro/trajectory",
+        "flannel_repro/audit"}
+    # DVC matches each --keep pattern from the column name's start
+    recipe = ["--drop", ".*", "--keep", r"Experiment|train\.train_seed|train\.steps|final_loss|dead_share|steps_per_s"
+              r"|verdict|first_divergent_step|(audited_)?content$"]
+    header = dvc("exp", "show", "--csv", *recipe, cwd=base).stdout.splitlines()[0].split(",")
+    assert sorted(header) == sorted(["Experiment", "audited_content", "content", "dead_share", "final_loss",
+                                     "steps_per_s", "verdict", "train.train_seed", "train.steps"])
+
+
+def test_a_run_left_unaudited_shows_no_verdict(project):
+    """`dvc exp run -S 'audit.verify=[]'` with a new seed: the previous audit's files and its dvc.lock entry go with
+    the trajectory they were about, so no table shows "identical" beside a run nobody audited; putting the audit
+    back audits the new run alone."""
+    params = load_params(project / "params.yaml")
+    before = json.loads((project / params.paths.metrics).read_text())
+    proc = dvc("exp", "run", "-S", "audit.verify=[]", "-S", "train.train_seed=47", cwd=project)
+    assert ran(proc) == ["train"]
+    after = json.loads((project / params.paths.metrics).read_text())
+    assert after["content_digest"] != before["content_digest"]
+    assert not (project / params.audit.report).exists() and not (project / params.audit.metrics).exists()
+    assert not [name for name in lock(project) if name.startswith("verify")]
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)[""]["data"]
+    assert set(shown) == {params.paths.metrics}
+    [row] = [r for r in experiments(project) if r["params"]["train"]["train_seed"] == 47]
+    assert "verdict" not in json.dumps(row["metrics"])
+    assert dvc("status", cwd=project).stdout.strip() == "Data and pipelines are up to date."
+
+    proc = dvc("exp", "run", "-S", "audit.verify=[rerun]", cwd=project)
+    assert ran(proc) == ["verify@rerun"]  # the training is not redone
+    verdict = json.loads((project / params.audit.metrics).read_text())
+    assert (verdict["verdict"], verdict["audited_content"]) == ("identical", after["content"])
+    audited = {d["path"]: d["md5"] for d in lock(project)["verify@rerun"]["deps"]}[params.paths.trajectory]
+    assert audited == {o["path"]: o["md5"] for o in lock(project)["train"]["outs"]}[params.paths.trajectory]
+
+
+def test_a_plain_train_removes_the_old_verdict_but_leaves_dvc_lock_to_dvc(project, monkeypatch):
+    """`flannel-repro train` outside DVC replaces the trajectory, so the verdict about the old one goes, but dvc.lock
+    is DVC's file: it is left byte for byte, and `dvc status` says both stages changed."""
+    params = load_params(project / "params.yaml")
+    before = (project / "dvc.lock").read_bytes()
+    monkeypatch.chdir(project)
+    for name in ("DVC_STAGE", "DVC_ROOT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", "-S", "train.train_seed=48"]) == 0
+    assert not (project / params.audit.report).exists() and not (project / params.audit.metrics).exists()
+    assert (project / "dvc.lock").read_bytes() == before
+    status = dvc("status", cwd=project).stdout
+    assert "train:" in status and "verify@rerun:" in status
 
 
 def test_audit_can_be_left_out_of_the_pipeline(project):

@@ -276,7 +276,7 @@ def test_two_runs_into_different_outputs_at_once_match_solo_runs(tiny_project, t
     assert sorted(r.data.params["train.train_seed"] for r in runs) == ["1", "2"]
     for r in runs:
         assert r.info.status == "FINISHED"
-        assert r.data.tags["trajectory.sha256"] == solo[int(r.data.params["train.train_seed"])]
+        assert r.data.tags["sha256"] == solo[int(r.data.params["train.train_seed"])]
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")] == list(range(1, 7))
 
 

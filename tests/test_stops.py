@@ -189,7 +189,7 @@ def test_a_signal_during_the_commit_waits_for_it_and_says_the_output_was_replace
     assert metrics["trajectory_sha256"] == reference  # and the reports written with it
     assert _temps(out.parent) == [] and not checkpoint_root(project, TRAJ).exists()
     [run] = _runs(project).values()  # the run's results were not logged: it ends KILLED, saying why
-    assert run.info.status == "KILLED" and "trajectory.sha256" not in run.data.tags
+    assert run.info.status == "KILLED" and "sha256" not in run.data.tags
     assert run.data.tags["flannel.error"] == f"Interrupted: {_messages(stderr)[0].split(': ', 1)[1]}"
 
 

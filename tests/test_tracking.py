@@ -21,6 +21,7 @@ from flannel_repro.core.fsutil import sha256_file
 from flannel_repro.core.store_uri import tracking_uri
 from flannel_repro.data.masks import load_masks
 from flannel_repro.recording.motion import MOTION_NAMES
+from flannel_repro.tracking.base import AuditRun
 from flannel_repro.tracking.mlflow_store import MlflowAuditStore, training_runs_url
 from flannel_repro.training.stage import run_train_stage
 from flannel_repro.trajectory.file import load_trajectory, manifest
@@ -70,7 +71,9 @@ def tracked(request, tmp_path_factory, tiny_data) -> Tracked:
     root = tmp_path_factory.mktemp(f"tracked_{request.param}")
     if request.param == "sqlite":
         git_project(root, tiny_data, {})
-        proc = run_cli("train", "-q", cwd=root, env={"MLFLOW_TRACKING_URI": ""}, check=True)
+        # System metrics sampled every half second, so the tiny run has some (MLflow's default is 10 s).
+        env = {"MLFLOW_TRACKING_URI": "", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}
+        proc = run_cli("train", "-q", cwd=root, env=env, check=True)
         view, line = proc.stdout.strip().splitlines()[-2:]
         uri = f"sqlite:///{root.resolve() / 'mlflow.db'}"
         assert line.startswith("mlflow: run ") and line.endswith(f" in experiment 'flannel' at {uri}")
@@ -84,13 +87,25 @@ def tracked(request, tmp_path_factory, tiny_data) -> Tracked:
     return Tracked(root, load_params(root / "params.yaml"), uri, run_id, MlflowClient(uri))
 
 
-def test_run_has_every_resolved_param_and_a_readable_name(tracked):
+def test_run_has_every_resolved_param_as_written_and_a_name_that_says_what_it_recorded(tracked):
     run = tracked.run
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "flannel7-seed42-cpu"
+    # The seed, the steps, the device and the short content digest of the numbers it recorded.
+    digest = run.data.tags["digest"]
+    assert run.info.run_name == f"flannel7-seed42-{STEPS}steps-cpu-{digest[:12]}"
     assert tracked.client.get_experiment(run.info.experiment_id).name == "flannel"
-    assert run.data.params == {k: str(v) for k, v in tracked.params.flat().items()}
-    assert run.data.params["train.learning_rate"] == "0.001" and run.data.params["model.hidden_dim"] == "16"
+    params = run.data.params
+    assert {k: v for k, v in params.items() if not k.startswith("tokens.")} == {
+        k: v if isinstance(v, str) else json.dumps(list(v) if isinstance(v, tuple) else v)
+        for k, v in tracked.params.flat().items()}
+    assert params["train.learning_rate"] == "0.001" and params["model.hidden_dim"] == "16"
+    # As params.yaml writes them, not as Python prints them: ('synthetic',), None, True, ().
+    assert (params["corpus.build"], params["audit.verify"], params["record.W"], params["record.momentum"]) == (
+        '["synthetic"]', '["rerun"]', "true", "false")
+    uri = params["tracking.uri"]
+    assert uri == ("null" if tracked.uri.startswith("sqlite") else tracked.uri)
+    found = tracked.client.search_runs([run.info.experiment_id], """params.`audit.verify` = '["rerun"]'""")
+    assert tracked.run_id in {r.info.run_id for r in found}
 
 
 def test_loss_history_is_the_trajectory_losses_exactly(tracked):
@@ -112,14 +127,32 @@ def test_loss_history_is_the_trajectory_losses_exactly(tracked):
     assert want[STEPS] != want[0]  # the rows moved: the norms are the trained W's, not W_initial's
 
 
-def test_the_dead_set_is_logged_as_metrics(tracked):
-    """n_live, n_dead, the dead share and its single bytes / merges, as the masks file records them."""
+def test_the_dead_set_is_logged_once_as_params_not_as_step_charts(tracked):
+    """n_live, n_dead, the dead share and its single bytes / merges, as the masks file records them: constants of
+    the run's data, so params (one value in the run's table), not metrics (a one-point chart each)."""
     masks = load_masks(tracked.root / tracked.params.paths.masks, tracked.params.model.vocab_size)
-    logged = tracked.run.data.metrics
-    assert (logged["n_live"], logged["n_dead"]) == (masks.n_live, masks.n_dead)
-    assert logged["dead_share"] == round(masks.n_dead / tracked.params.model.vocab_size, 4)
-    assert (logged["n_dead_bytes"], logged["n_dead_merges"]) == (masks.n_dead_bytes, masks.n_dead_merges)
+    logged = tracked.run.data.params
+    assert (logged["tokens.n_live"], logged["tokens.n_dead"]) == (str(masks.n_live), str(masks.n_dead))
+    assert float(logged["tokens.dead_share"]) == round(masks.n_dead / tracked.params.model.vocab_size, 4)
+    assert (logged["tokens.n_dead_bytes"], logged["tokens.n_dead_merges"]) == (
+        str(masks.n_dead_bytes), str(masks.n_dead_merges))
     assert masks.n_dead_bytes is not None and masks.n_dead_bytes + masks.n_dead_merges == masks.n_dead
+    metrics = tracked.run.data.metrics
+    assert not {"n_live", "n_dead", "dead_share", "n_dead_bytes", "n_dead_merges"} & set(metrics)
+    # The summary metrics of metrics/train.json stay metrics, each one value at the last step.
+    summary = json.loads((tracked.root / tracked.params.paths.metrics).read_text())
+    for name in ("final_loss", "runtime_s", "steps_per_s"):
+        [point] = tracked.client.get_metric_history(tracked.run_id, name)
+        assert (point.step, point.value) == (STEPS, summary[name])
+
+
+def test_system_metrics_are_logged_beside_the_training_metrics(tracked):
+    """MLflow's system metrics (psutil): CPU and memory, sampled on their own thread while the run trained."""
+    if not tracked.uri.startswith("sqlite"):
+        pytest.skip("the sampling interval is set for the CLI run only")
+    metrics = tracked.run.data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    assert 0 < metrics["system/system_memory_usage_megabytes"]
 
 
 def test_token_motion_is_logged_at_every_step_as_in_the_csv(tracked):
@@ -139,7 +172,7 @@ def test_experiment_opens_on_training_runs_and_the_run_says_what_it_is(tracked):
     assert note.startswith(f"Flannel 7 training: seed 42; {STEPS} steps, init seed 42; on cpu: ")
     assert ", 1 torch threads." in note.splitlines()[0]
     assert f"- trajectory: `{path}`, sha256 `{sha256_file(tracked.root / path)}`" in note
-    digest = tracked.run.data.tags["trajectory.content_digest"]
+    digest = tracked.run.data.tags["digest"]
     assert f"- content digest of its numbers: `{digest}`" in note
     assert f"- audit it: `flannel-repro verify {path}` or `flannel-repro verify --run-id {tracked.run_id}`" in note
     base = tracked.uri if tracked.uri.startswith("http") else "http://127.0.0.1:5000"
@@ -150,19 +183,23 @@ def test_experiment_opens_on_training_runs_and_the_run_says_what_it_is(tracked):
 def test_tags_name_the_file_hash_the_commit_and_the_device(tracked):
     tags = tracked.run.data.tags
     path = tracked.root / tracked.params.paths.trajectory
-    assert tags["trajectory.sha256"] == sha256_file(path)
+    assert tags["sha256"] == sha256_file(path)  # short tag names: a runs table column shows them whole
     assert tags["trajectory.path"] == tracked.params.paths.trajectory
     # The content digest, a column to compare runs' numbers by: the file's header and metrics/train.json hold it too.
     metrics = json.loads((tracked.root / tracked.params.paths.metrics).read_text())
     with load_trajectory(path) as traj:
-        assert tags["trajectory.content_digest"] == traj.metadata["content_digest"] == metrics["content_digest"]
-    assert tags["git.commit"] == git(tracked.root, "rev-parse", "HEAD") == tags["mlflow.source.git.commit"]
-    assert (tags["git.branch"], tags["git.dirty"]) == ("main", "false")
+        assert tags["digest"] == traj.metadata["content_digest"] == metrics["content_digest"]
+    # The commit and branch once, as MLflow's own source tags (the UI shows them); no copy under another name.
+    assert tags["mlflow.source.git.commit"] == git(tracked.root, "rev-parse", "HEAD")
+    assert (tags["mlflow.source.git.branch"], tags["git.dirty"]) == ("main", "false")
+    assert not {"git.commit", "git.branch", "trajectory.sha256", "trajectory.content_digest"} & set(tags)
     assert "dvc.exp_name" not in tags  # not run by `dvc exp`
 
     with load_trajectory(path) as traj:
         fp = traj.meta_json("fingerprint")
-    assert json.loads(tags["fingerprint"]) == fp
+    # The fingerprint once, a tag per key (digests.json holds it whole).
+    assert {k: v for k, v in tags.items() if k.startswith("fingerprint")} == {
+        f"fingerprint.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in fp.items()}
     assert tags["fingerprint.device_type"] == "cpu" and tags["fingerprint.torch_threads"] == "1"
     # The README's filter for comparing devices finds the run.
     found = tracked.client.search_runs([tracked.run.info.experiment_id], "tags.fingerprint.device_type = 'cpu'")
@@ -198,22 +235,31 @@ def test_artifacts_let_an_audit_work_from_the_run_id_alone(tracked, tmp_path):
     assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
 
 
-def test_audit_is_logged_beside_the_run(tracked, tmp_path):
+def test_audit_is_nested_under_the_run_with_its_duration_and_the_run_shows_its_verdict(tracked, tmp_path):
     report = tmp_path / "verify.json"
     report.write_text('{"verdict": "diverged"}\n')
-    audit_id = MlflowAuditStore(tracked.uri).log_audit_run(
-        tracked.run_id, verdict="diverged", first_divergent_step=3,
-        fingerprint={"device_type": "cpu", "torch_threads": 2}, report=report,
-    )
+    started = 1_700_000_000.25
+    audit_id = MlflowAuditStore(tracked.uri).log_audit_run(tracked.run_id, AuditRun(
+        verdict="diverged", first_divergent_step=3, fingerprint={"device_type": "cpu", "torch_threads": 2},
+        params={"train.steps": 6, "audit.verify": ("rerun",), "train.num_threads": None}, started_at=started,
+        runtime_s=113.5, steps_checked=4, steps_per_s=0.0352, report=report))
     audit = tracked.client.get_run(audit_id)
     assert audit.info.experiment_id == tracked.run.info.experiment_id and audit.info.status == "FINISHED"
-    assert audit.info.run_name == "audit-flannel7-seed42-cpu"
+    assert audit.info.run_name == f"audit-{tracked.run.info.run_name}"
     tags = audit.data.tags
+    assert tags["mlflow.parentRunId"] == tracked.run_id  # the UI nests it under the audited run
     assert (tags["flannel.audit_of"], tags["flannel.verdict"], tags["flannel.first_divergent_step"]) == (
         tracked.run_id, "diverged", "3")
     assert (tags["fingerprint.device_type"], tags["fingerprint.torch_threads"]) == ("cpu", "2")
-    assert audit.data.metrics["first_divergent_step"] == 3
+    # The rerun's own duration, not the few milliseconds of logging it.
+    assert (audit.info.start_time, audit.info.end_time) == (1_700_000_000_250, 1_700_000_113_750)
+    assert audit.data.metrics == {"first_divergent_step": 3, "steps_checked": 4, "steps_per_s": 0.0352,
+                                  "rerun_s": 113.5, "identical": 0.0}
+    assert audit.data.params == {"train.steps": "6", "audit.verify": '["rerun"]', "train.num_threads": "null"}
     assert [a.path for a in tracked.client.list_artifacts(audit_id)] == ["verify.json"]
+    # The audited run carries its latest verdict, and which audit run gave it.
+    audited = tracked.run.data.tags
+    assert (audited["flannel.verdict"], audited["flannel.audit_run"]) == ("diverged", audit_id)
 
 
 def test_unreachable_server_fails_fast_before_training(tiny_project):
@@ -279,17 +325,18 @@ def test_several_runs_are_a_parent_with_a_child_per_seed(tiny_project):
     uri = f"sqlite:///{tiny_project.resolve() / 'runs.db'}"
     client = MlflowClient(uri)
     parent = client.get_run(parent_id)
-    assert parent.info.run_name == "flannel7-seeds42-43-cpu" and parent.info.status == "FINISHED"
+    short = parent.data.tags["digest"][:12]
+    assert parent.info.run_name == f"flannel7-seeds42-43-{STEPS}steps-cpu-{short}" and parent.info.status == "FINISHED"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
                                   order_by=["params.`run.seed` ASC"])
-    assert [c.info.run_name for c in children] == ["flannel7-seed42-cpu", "flannel7-seed43-cpu"]
+    assert [c.info.run_name for c in children] == [f"flannel7-seed{s}-{STEPS}steps-cpu-{short}" for s in (42, 43)]
     with load_trajectory(tiny_project / params.paths.trajectory) as traj:
         losses = traj["losses_f32"]  # (runs, steps+1)
         want = manifest(traj)
     for r, child in enumerate(children):
         assert child.info.status == "FINISHED"
         assert child.data.params == {**parent.data.params, "run.index": str(r), "run.seed": str(42 + r)}
-        assert child.data.tags["trajectory.sha256"] == parent.data.tags["trajectory.sha256"]
+        assert child.data.tags["sha256"] == parent.data.tags["sha256"]
         history = sorted(client.get_metric_history(child.info.run_id, "loss"), key=lambda m: m.step)
         assert [m.value for m in history] == [float(x) for x in losses[r, 1:]]
         drift = client.get_metric_history(child.info.run_id, "drift_live")
@@ -334,3 +381,43 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
     copy = root / ".dvc/tmp/exps/tmpabc123"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri(TrackingConfig(), copy) == f"sqlite:///{root / 'mlflow.db'}"
+
+
+def test_a_copied_project_does_not_write_into_the_original_folder(tmp_path, tiny_data):
+    """mlflow.db keeps absolute artifact paths: a copy of a project that trained once would log every new run's
+    artifacts (and its audits' reports) into the original's mlruns/. train refuses it in one line before training,
+    naming the store, the folder it came from and both fixes; the original's files are untouched."""
+    import shutil
+
+    original = tmp_path / "original"
+    copy_tiny_data(tiny_data, original)
+    write_params(original, {"tracking": {"enabled": True, "uri": None}})
+    run_cli("train", cwd=original, check=True)
+    before = sorted(p.relative_to(original) for p in (original / "mlruns").rglob("*"))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+
+    proc = run_cli("train", "-S", "train.train_seed=43", cwd=copy)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line == (f"flannel-repro train: error: {copy / 'mlflow.db'}: MLflow experiment 'flannel' keeps its "
+                    f"artifacts in {original / 'mlruns'}, beside the store it was copied or moved from ({original}), "
+                    "and new runs would write there; point tracking.uri at that store "
+                    f"(sqlite:///{original}/mlflow.db), or move mlflow.db and mlruns/ of this project aside to start "
+                    "a new store here (docs/tracking.md#a-copied-or-moved-project)")
+    assert sorted(p.relative_to(original) for p in (original / "mlruns").rglob("*")) == before
+    assert sha256_file(copy / load_params(copy / "params.yaml").paths.trajectory) == sha256_file(
+        original / load_params(original / "params.yaml").paths.trajectory)  # the copy's trajectory is not replaced
+
+    # A moved project: the folder its store names is gone, and would be made again.
+    shutil.move(original, tmp_path / "moved")
+    assert run_cli("train", "-S", "train.train_seed=43", cwd=copy).returncode == 2
+    assert not original.exists()
+    shutil.move(tmp_path / "moved", original)
+
+    # The first fix: a new store in the copy, whose artifacts stay in the copy.
+    shutil.move(copy / "mlflow.db", tmp_path / "old.db")
+    shutil.move(copy / "mlruns", tmp_path / "old-mlruns")
+    run_cli("train", "-S", "train.train_seed=43", cwd=copy, check=True)
+    assert sorted(p.relative_to(original) for p in (original / "mlruns").rglob("*")) == before
+    assert any((copy / "mlruns").rglob("params.yaml"))

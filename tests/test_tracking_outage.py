@@ -121,7 +121,7 @@ def test_server_killed_mid_run_then_sync_delivers_everything(tiny_project, serve
     client = MlflowClient(server.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["trajectory.sha256"] == sha
+    assert run.data.tags["sha256"] == sha
     assert _loss_history(client, run_id) == _losses(out)  # all 120 steps, the file's float32 values exactly
     assert {a.path for a in client.list_artifacts(run_id)} == {"params.yaml", "digests.json", "loss_curve.png",
                                                               "metrics", "trace"}
@@ -157,7 +157,7 @@ def test_a_store_back_before_the_end_gets_everything_at_the_end(tiny_project, se
                      r"calls kept during the outage$", "\n".join(err), re.M)
     client = MlflowClient(server.uri)
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["trajectory.sha256"] == result.sha256
+    assert run.info.status == "FINISHED" and run.data.tags["sha256"] == result.sha256
     assert _loss_history(client, run_id) == _losses(result.trajectory)
     assert not (tiny_project / ".flannel/tracking" / f"{run_id}.jsonl").exists()
 

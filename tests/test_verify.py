@@ -215,22 +215,24 @@ def test_run_id_reference_is_audited_and_the_verdict_logged_beside_the_run(tiny_
     assert (ref.trajectory, ref.run_id, ref.source) == (None, run_id, f"MLflow run {run_id}")
     report = verify(ref, tiny_project, current=params)
     assert report.identical and report.reruns[0].steps_checked == 7
-    line = log_audit(report, params, tiny_project)
+    logged = log_audit(report, params, tiny_project)
+    line = logged.note
     assert line.startswith("logged to tracking as audit run ") and line.endswith(f" of run {run_id}")
+    assert (logged.audited_run_id, logged.audit_run_id) == (run_id, line.split()[6])
 
     client = MlflowClient(audit_store(params, tiny_project).uri)
     audit = client.get_run(line.split()[6])
-    assert audit.data.tags["flannel.audit_of"] == run_id
+    assert audit.data.tags["flannel.audit_of"] == audit.data.tags["mlflow.parentRunId"] == run_id
     assert audit.data.tags["flannel.verdict"] == "identical"
     assert audit.data.tags["flannel.first_divergent_step"] == "none"
 
     # A file alone is linked to the run that wrote it, found by the file's sha256.
     by_file = verify(load_reference(None, None, params, tiny_project), tiny_project, current=params)
     assert by_file.identical and by_file.reference.run_id is None
-    line = log_audit(by_file, params, tiny_project)
+    line = log_audit(by_file, params, tiny_project).note
     assert line.endswith(f" of run {run_id}"), line
     assert client.get_run(line.split()[6]).data.tags["flannel.audit_of"] == run_id
-    assert log_audit(verify(file_reference(flipped), tiny_project, current=params), params, tiny_project) == (
+    assert log_audit(verify(file_reference(flipped), tiny_project, current=params), params, tiny_project).note == (
         "the verdict is not logged to tracking: no train run in the store wrote this file; name the audited run "
         "with --run-id ID")
 
@@ -252,4 +254,4 @@ def test_run_id_reference_is_audited_and_the_verdict_logged_beside_the_run(tiny_
 def test_tracking_disabled_logs_nothing(project, flipped):
     report = verify(file_reference(flipped), project)
     params = load_params(project / "params.yaml")
-    assert log_audit(report, params, project).startswith("tracking is disabled (tracking.enabled: false")
+    assert log_audit(report, params, project).note.startswith("tracking is disabled (tracking.enabled: false")

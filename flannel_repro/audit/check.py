@@ -348,14 +348,20 @@ class CheckReport:
     bytes_hashed: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    expected: tuple[str, str] | None = None  # (content digest, where it comes from: --expect or metrics/train.json)
 
     @property
     def intact(self) -> bool:
         return not self.problems
 
     @property
+    def as_expected(self) -> bool:
+        """Whether the file's content digest is the one it was expected to have (True when none was given)."""
+        return self.expected is None or self.expected[0] == self.content_digest
+
+    @property
     def exit_code(self) -> int:
-        return 0 if self.intact else 1
+        return 0 if self.intact and self.as_expected else 1
 
     def lines(self) -> list[str]:
         rate = f", {self.bytes_hashed / self.seconds / 1e9:.2f} GB/s" if self.seconds > 0 and self.bytes_hashed else ""
@@ -363,8 +369,17 @@ class CheckReport:
                f"{self.n_slices} per-step slices)"]
         out += [f"note: {n}" for n in self.notes]
         if self.intact:
-            out.append(f"content digest: {self.content_digest} (the run's own is content_digest in its "
-                       "metrics/train.json and the MLflow tag trajectory.content_digest)")
+            if self.expected is None:
+                out.append(f"content digest: {self.content_digest} (compare it with the run's: `--expect DIGEST`, "
+                           "content_digest in its metrics/train.json or the MLflow tag `digest`)")
+            elif self.as_expected:
+                out.append(f"content digest: {self.content_digest}, as {self.expected[1]} says")
+            else:
+                out.append(f"content digest: {self.content_digest}, but {self.expected[1]} says {self.expected[0]}: "
+                           "an intact file of another run (or of the same params and other numbers)")
+                out.append(f"verdict: intact but not the expected run (exit 1): its numbers are not those "
+                           f"{self.expected[1]} describes")
+                return out
             out.append("verdict: intact (exit 0): every slice matches its digest, every key its content record, the "
                        "header its data and the scalars the params")
             return out
@@ -381,6 +396,9 @@ class CheckReport:
             "exit_code": self.exit_code,
             "file": str(self.path),
             "content_digest": self.content_digest,
+            "expected_content_digest": self.expected[0] if self.expected else None,
+            "expected_from": self.expected[1] if self.expected else None,
+            "as_expected": self.as_expected,
             "first_corrupt_key": first.key if first else None,
             "first_corrupt_run": first.run if first else None,
             "first_corrupt_step": first.step if first else None,

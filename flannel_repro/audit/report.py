@@ -13,6 +13,7 @@ from flannel_repro.audit.reference import Reference
 from flannel_repro.audit.stepcheck import Divergence
 from flannel_repro.core.config import Params
 from flannel_repro.tracing.origin import StepOrigin
+from flannel_repro.trajectory.content import short_digest
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Rerun:
     reference_check_s: float = 0.0  # of runtime_s, reading and hashing the reference's own bytes
     content_digest: str | None = None  # of what the rerun would record; None when it stopped early
     record_differences: list[str] = field(default_factory=list)  # keys whose content record lines differ
+    started_at: float = 0.0  # wall-clock start of the rerun, seconds since the epoch (its tracking run's start)
 
 
 @dataclass
@@ -100,7 +102,9 @@ class VerifyReport:
         not_checked.append("the trajectory file's own bytes (give the file too, or run `flannel-repro check FILE`)")
         return checked, not_checked
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, audited_run_id: str | None = None, audit_run_id: str | None = None) -> dict[str, Any]:
+        """The full report; `audited_run_id`, `audit_run_id`: the train run the verdict was logged beside and the
+        audit run that holds it, once `log_audit` has found them."""
         first, bad = self.first, self.corruption
         checked, not_checked = self.checked()
         ran = self.reruns[0] if self.reruns else None
@@ -109,7 +113,8 @@ class VerifyReport:
             "identical": self.identical,
             "exit_code": self.exit_code,
             "reference": self.reference.source,
-            "audited_run_id": self.reference.run_id,
+            "audited_run_id": audited_run_id or self.reference.run_id,
+            "audit_run_id": audit_run_id,
             "first_corrupt_key": bad[0].key if bad else None,
             "first_corrupt_run": bad[0].run if bad else None,
             "first_corrupt_step": bad[0].step if bad else None,
@@ -145,6 +150,21 @@ class VerifyReport:
             "origin": self.origin.to_json() if self.origin is not None else None,
         }
         return _finite(doc)
+
+    def metrics(self) -> dict[str, Any]:
+        """The verdict in the few values a DVC table compares (audit.metrics): `content` is the short content digest
+        of the numbers it audited (`audited_content`), to be read beside metrics/train.json's `content`."""
+        ran = self.reruns[0] if self.reruns else None
+        first = self.first
+        bad = self.corruption
+        return _finite({
+            "verdict": self.verdict,
+            "first_divergent_step": first.step if first else None,
+            "first_corrupt_step": bad[0].step if bad else None,
+            "steps_checked": ran.steps_checked if ran else 0,
+            "rerun_steps_per_s": round(ran.steps_checked / ran.runtime_s, 4) if ran and ran.runtime_s > 0 else None,
+            "audited_content": short_digest((self.reference.manifest or {}).get("content_digest")),
+        })
 
     def lines(self) -> list[str]:
         """The short human report."""

@@ -90,7 +90,7 @@ def verify(
     reruns = []
     for i in range(repeat):
         check = StepCheck(ref, masks, stop=not full)
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         try:  # the first rerun traces the steps the reference traced (tracing changes no number)
             train(params, root, observers=[check], write=False, progress=progress, traces=tracing if i == 0 else None)
             check.finish()
@@ -104,7 +104,8 @@ def verify(
         if ref.inspection is not None:  # a reference file written to during the rerun: no verdict on moved bytes
             ref.inspection.confirm_unchanged()
         reruns.append(Rerun(identical, check.steps_checked, time.perf_counter() - start, check.divergences,
-                            check.problems, check.reference_s, check.content_digest, check.record_differences))
+                            check.problems, check.reference_s, check.content_digest, check.record_differences,
+                            started_at))
     if ref.record is None:
         notes.append("the reference has no content record: keys without per-step digests were not compared")
     report = VerifyReport(ref, params, differences, mismatches, input_mismatches, here, reruns, notes)
@@ -161,34 +162,52 @@ def _input_mismatches(ref: Reference, root: Path) -> list[tuple[str, str, str | 
     return out
 
 
-def log_audit(report: VerifyReport, current: Params | None, root: Path) -> str:
-    """Log the verdict to the tracking store as an audit run linked to the audited run (tag `flannel.audit_of`);
-    returns a line saying what happened. A no-op when tracking is disabled or the audited run is not known."""
+@dataclasses.dataclass(frozen=True)
+class AuditLogged:
+    """What `log_audit` did: a line for the user, and the runs it found and made (None when it logged nothing)."""
+
+    note: str
+    audited_run_id: str | None = None
+    audit_run_id: str | None = None
+
+
+def log_audit(report: VerifyReport, current: Params | None, root: Path) -> AuditLogged:
+    """Log the verdict to the tracking store as an audit run nested under the audited run (MLflow's parent run),
+    with the rerun's params, duration, steps checked, steps/s and verdict; the audited run is tagged with its
+    latest verdict. A no-op when tracking is disabled or the audited run is not known."""
     if current is None or not current.tracking.enabled:
-        return "tracking is disabled (tracking.enabled: false in params.yaml); the verdict is not logged"
+        return AuditLogged("tracking is disabled (tracking.enabled: false in params.yaml); the verdict is not logged")
     import tempfile
 
     from flannel_repro.core.credentials import redacted
     from flannel_repro.core.fsutil import write_json
+    from flannel_repro.tracking.base import AuditRun
 
     store = audit_store(current, root)
     if not store.exists():
-        return f"no tracking store at {redacted(store.uri)} yet; the verdict is not logged"
+        return AuditLogged(f"no tracking store at {redacted(store.uri)} yet; the verdict is not logged")
     run_id = report.reference.run_id
     traj = report.reference.trajectory
     if run_id is None and traj is not None:  # a file: find the run that wrote it by the file's sha256
         run_id = store.find_train_run(sha256_file(traj.path))
     if run_id is None:
-        return ("the verdict is not logged to tracking: no train run in the store wrote this file; name the audited "
-                "run with --run-id ID")
+        return AuditLogged("the verdict is not logged to tracking: no train run in the store wrote this file; name "
+                           "the audited run with --run-id ID")
 
-    first = report.first
+    first, ran, summary = report.first, report.reruns[0] if report.reruns else None, report.metrics()
     with tempfile.TemporaryDirectory(prefix="flannel-verify-") as tmp:
         doc = Path(tmp) / "verify.json"
-        write_json(doc, report.to_json())
-        audit_id = store.log_audit_run(
-            run_id, verdict=report.to_json()["verdict"],
-            first_divergent_step=first.step if first else None, fingerprint=report.fingerprint, report=doc,
-            tags=report.origin.tags() if report.origin is not None else None,
-        )
-    return f"logged to tracking as audit run {audit_id} of run {run_id}"
+        write_json(doc, report.to_json(audited_run_id=run_id))
+        audit_id = store.log_audit_run(run_id, AuditRun(
+            verdict=summary["verdict"],
+            first_divergent_step=first.step if first else None,
+            fingerprint=report.fingerprint,
+            params=report.params.flat() if report.params is not None else {},
+            started_at=ran.started_at if ran else time.time(),
+            runtime_s=sum(r.runtime_s for r in report.reruns),
+            steps_checked=ran.steps_checked if ran else 0,
+            steps_per_s=summary["rerun_steps_per_s"],
+            report=doc,
+            tags=report.origin.tags() if report.origin is not None else {},
+        ))
+    return AuditLogged(f"logged to tracking as audit run {audit_id} of run {run_id}", run_id, audit_id)

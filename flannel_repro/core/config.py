@@ -452,6 +452,7 @@ class TrackingConfig(_Section):
     uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
     experiment: str = "flannel"  # MLflow experiment name
     upload_trajectory: bool = False  # also upload the trajectory file as an artifact (DVC versions it already)
+    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, disk, network; psutil) every 10 s
 
     def _check(self) -> None:
         if not self.experiment:
@@ -473,13 +474,15 @@ class AuditConfig(_Section):
     # dvc.yaml runs the verify stage once per entry: [rerun] reruns the training after `train` and checks it bit for
     # bit (one more training run); [] leaves the audit out of `dvc repro` (e.g. for a seed sweep)
     verify: tuple[str, ...] = ("rerun",)
-    report: str = "reports/verify.json"  # the verify stage's verdict, a DVC metric
+    report: str = "reports/verify.json"  # the verify stage's full report
+    metrics: str = "metrics/audit.json"  # the verdict in a few values, a DVC metric (`dvc metrics show`)
 
     def _check(self) -> None:
         if self.verify not in ((), ("rerun",)):
             self._fail("verify", "must be [rerun] (dvc repro audits the trajectory) or [] (it does not)")
-        if not self.report:
-            self._fail("report", "is empty: give a file path relative to the project root")
+        for key in ("report", "metrics"):
+            if not getattr(self, key):
+                self._fail(key, "is empty: give a file path relative to the project root")
 
 
 @dataclass(frozen=True)
@@ -593,7 +596,18 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         doc = apply_overrides(doc, overrides)
-    return params_from_dict(doc, str(path))
+    try:
+        return params_from_dict(doc, str(path))
+    except InvalidValue as e:  # a value given with -S is fixed on the command line, not in params.yaml
+        key = next((k for k in (o.partition("=")[0].strip() for o in reversed(overrides))
+                    if e.problem.startswith(f"{k} ")), None)
+        if key is None:
+            raise
+        # The value is not repeated: the problem shows it, bounded and with any password starred out.
+        advice = str(e).partition(e.problem)[2]
+        if advice in ("; fix it in params.yaml", " (in params.yaml)"):
+            advice = "; fix the value given with -S"
+        raise InvalidValue(f"-S {key}: {e.problem}{advice.replace(' in params.yaml', ' with -S')}", e.problem) from None
 
 
 def params_from_json(text: str, source: str) -> Params:

@@ -10,10 +10,16 @@ decided in training/train_log.py.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# The two tags that identify what a train run wrote, short enough for a runs table column: the file's sha256 and the
+# content digest of its numbers (trajectory/content.py).
+SHA256_TAG = "sha256"
+DIGEST_TAG = "digest"
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,29 @@ class InputFile:
     name: str  # "corpus", "tokenizer", "masks"
     path: Path
     sha256: str
+
+
+@dataclass(frozen=True)
+class AuditRun:
+    """One verify result, as its audit run records it."""
+
+    verdict: str  # "identical", "diverged" or "corrupt"
+    first_divergent_step: int | None
+    fingerprint: Mapping[str, Any]  # the machine the rerun ran on
+    params: Mapping[str, Any]  # the rerun's params, flattened (`train.steps`, ...)
+    started_at: float  # wall clock, seconds since the epoch
+    runtime_s: float  # of the rerun(s)
+    steps_checked: int
+    steps_per_s: float | None
+    report: Path | None = None  # verify.json, logged as an artifact
+    tags: Mapping[str, str] = field(default_factory=dict)  # the origin op of a divergence (tracing/origin.py)
+
+
+def param_text(value: Any) -> str:
+    """A param value as params.yaml users write it: `[]`, `["rerun"]`, `null`, `true`, `0.001`; a string as is."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 class Tracker(abc.ABC):
@@ -61,6 +90,10 @@ class Tracker(abc.ABC):
 
     @abc.abstractmethod
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    @abc.abstractmethod
+    def set_name(self, name: str, children: Mapping[int, str] | None = None) -> None:
+        """Rename the file's run (and each seed's child run) once the run is known by what it recorded."""
 
     @abc.abstractmethod
     def set_note(self, text: str, run: int | None = None) -> None:
@@ -105,6 +138,9 @@ class NullTracker(Tracker):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         pass
 
+    def set_name(self, name: str, children: Mapping[int, str] | None = None) -> None:
+        pass
+
     def set_note(self, text: str, run: int | None = None) -> None:
         pass
 
@@ -136,15 +172,6 @@ class AuditStore(abc.ABC):
         """The newest finished train run that wrote a file with this sha256, if any."""
 
     @abc.abstractmethod
-    def log_audit_run(
-        self,
-        audited_run_id: str,
-        *,
-        verdict: str,
-        first_divergent_step: int | None,
-        fingerprint: Mapping[str, Any],
-        report: Path | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> str:
-        """Log a verify result as its own run linked to the audited run, with `tags` (the origin op of a
-        divergence); returns its id."""
+    def log_audit_run(self, audited_run_id: str, audit: AuditRun) -> str:
+        """Log a verify result as its own run nested under the audited run, and tag the audited run with the
+        verdict; returns the audit run's id."""

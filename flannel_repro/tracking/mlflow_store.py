@@ -12,7 +12,7 @@ any store failure is one FlannelError line. A `sqlite:///` store (the default, `
 created under a lock, with its artifacts beside it. The experiment is tagged as model training
 (`mlflow.experimentKind`); `training_runs_url` is the UI page that shows it on its training runs.
 
-    tracker = MlflowTracker(tracking_uri(params.tracking, root), "flannel", "flannel7-seed42-cpu")
+    tracker = MlflowTracker(tracking_uri(params.tracking, root), "flannel", "flannel7-seed42-500steps-cpu")
 """
 
 from __future__ import annotations
@@ -36,11 +36,15 @@ from flannel_repro.core.credentials import basic_auth, has_password, redacted, s
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import pid_alive
 from flannel_repro.core.store_uri import sqlite_path
-from flannel_repro.tracking.base import AuditStore, InputFile, Tracker
+from flannel_repro.tracking.base import SHA256_TAG, AuditRun, AuditStore, InputFile, Tracker, param_text
 from flannel_repro.tracking.spool import PARENT_TAG, Outbox, deliver, locked_spool, pending_spools, spool_folder
 from flannel_repro.trajectory.provenance import fingerprint_tags
 
 FLUSH_EVERY = 50  # steps of metrics per MLflow call: ~22 s of the default run, so the UI's charts stay live
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+SYSTEM_METRICS_STOP_S = 5.0  # the most a run's end waits for the system metrics thread (a hung store)
+RUN_NAME_TAG = "mlflow.runName"  # setting it renames the run
+VERDICT_TAG = "flannel.verdict"
 PROBE_TIMEOUT_S = 3.0
 # MLflow's HTTP client retries a failed call 7 times with a backoff of up to 2 minutes, and waits 120 s for an answer:
 # about 4 minutes per call against a dead server. Unless the user set them, a failed call here costs seconds.
@@ -93,6 +97,33 @@ def _store_errors() -> tuple[type[Exception], ...]:
 
     # ImportError: the store's database driver is not installed (mysql://, postgresql://, ...)
     return MlflowException, OSError, SQLAlchemyError, ImportError
+
+
+def check_artifact_home(experiment: str, artifact_location: str, uri: str) -> None:
+    """Refuse a SQLite store whose experiment keeps its artifacts in the `mlruns` folder of another project: a
+    copied or moved project's mlflow.db holds the absolute artifact paths of the folder it was made in, and every new
+    run would write its artifacts there (MLflow stores them absolute and cannot change an experiment's location).
+    That folder is another project's when it holds a database of the same name (a copy) or is gone (a move); an
+    `mlruns` elsewhere (an experiment made by hand, MLflow's default `./mlruns` of wherever it ran) is left alone."""
+    db = sqlite_path(uri)
+    parts = urlsplit(artifact_location)
+    if db is None or parts.scheme not in ("", "file"):
+        return  # a server's or a remote artifact store: where the user put it
+    from urllib.request import url2pathname
+
+    location = Path(url2pathname(parts.path))
+    home = Path(db).parent
+    if location.parent.name != "mlruns" and location.name != "mlruns":
+        return  # not the layout flannel-repro makes: a location the user chose
+    made_in = location.parent.parent if location.parent.name == "mlruns" else location.parent
+    with contextlib.suppress(OSError):
+        if made_in.resolve() == home.resolve() or (made_in.is_dir() and not (made_in / Path(db).name).exists()):
+            return
+    raise FlannelError(
+        f"{db}: MLflow experiment {experiment!r} keeps its artifacts in {location}, beside the store it was copied "
+        f"or moved from ({made_in}), and new runs would write there; point tracking.uri at that store "
+        f"(sqlite:///{made_in / Path(db).name}), or move {Path(db).name} and mlruns/ of this project aside to start "
+        "a new store here (docs/tracking.md#a-copied-or-moved-project)")
 
 
 def _client(uri: str):
@@ -184,10 +215,12 @@ class MlflowTracker(Tracker):
         child_names: Mapping[int, str] | None = None,
         flush_every: int = FLUSH_EVERY,
         spool: Path | None = None,
+        system_metrics: bool = False,
     ) -> None:
         self.uri = uri
         with _store_lock(uri):  # two runs creating a fresh SQLite store at once would race its schema migration
             self._open(uri, experiment, run_name, spool)
+        self._system = _start_system_metrics(uri, self.run_id) if system_metrics else None
         self.child_names = dict(child_names or {})
         self.flush_every = flush_every
         self._params: dict[str, str] = {}
@@ -227,14 +260,17 @@ class MlflowTracker(Tracker):
         if exp.lifecycle_stage == "deleted":
             raise FlannelError(f"MLflow experiment {name!r} is deleted in {redacted(self.uri)}; "
                                "restore it with `mlflow experiments restore` or choose another tracking.experiment")
+        check_artifact_home(exp.name, exp.artifact_location, self.uri)
         if KIND_TAG not in exp.tags:
             self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
         return exp.experiment_id
 
     def tolerate_outages(self) -> None:
         self.outbox.tolerant = True
-        # Each failed attempt would otherwise print urllib3's "Retrying ..." warning: the outbox says it in one line.
+        # Each failed attempt would otherwise print urllib3's "Retrying ..." warning: the outbox says it in one line
+        # (and the system metrics thread, which then stops, its own).
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
 
     def stop_waiting(self) -> None:
         self.outbox.keep_only()
@@ -247,11 +283,17 @@ class MlflowTracker(Tracker):
             for i in range(0, len(items), _PARAMS_TAGS_LIMIT):
                 self.outbox.call("log_batch", run=run_id, **{kind: dict(items[i : i + _PARAMS_TAGS_LIMIT])})
 
+    def set_name(self, name: str, children: Mapping[int, str] | None = None) -> None:
+        self._log_batch(self.run_id, tags={RUN_NAME_TAG: name})
+        for run, child_name in (children or {}).items():
+            if run in self._children:
+                self._log_batch(self._children[run], tags={RUN_NAME_TAG: child_name})
+
     def set_note(self, text: str, run: int | None = None) -> None:
         self._log_batch(self._children.get(run, self.run_id), tags={NOTE_TAG: text[:_TAG_LIMIT]})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        params = {k: str(v) for k, v in params.items()}
+        params = {k: param_text(v) for k, v in params.items()}
         self._params.update(params)
         for run_id in self._runs():
             self._log_batch(run_id, params=params)
@@ -305,6 +347,8 @@ class MlflowTracker(Tracker):
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         self.flush()
+        _stop_system_metrics(self._system)
+        self._system = None
         open_runs = [self.run_id] if self._current == self.run_id else [self._current, self.run_id]
         for run_id in open_runs:
             if error is not None:
@@ -399,50 +443,64 @@ class MlflowAuditStore(AuditStore):
             return json.loads(Path(local).read_text(encoding="utf-8"))
 
     def find_train_run(self, trajectory_sha256: str) -> str | None:
-        """The newest finished train run that wrote a file with this sha256 (its `trajectory.sha256` tag), if any."""
+        """The newest finished train run that wrote a file with this sha256 (its `sha256` tag, or the
+        `trajectory.sha256` of a run logged by flannel-repro 0.2), if any."""
         client = _client(self.uri)
         experiments = [e.experiment_id for e in client.search_experiments()]
         if not experiments:
             return None
-        runs = client.search_runs(
-            experiments, filter_string=f"tags.`trajectory.sha256` = '{trajectory_sha256}' and status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1,
-        )
-        return runs[0].info.run_id if runs else None
+        for tag in (SHA256_TAG, "trajectory.sha256"):
+            runs = client.search_runs(
+                experiments, filter_string=f"tags.`{tag}` = '{trajectory_sha256}' and status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"], max_results=1,
+            )
+            if runs:
+                return runs[0].info.run_id
+        return None
 
-    def log_audit_run(
-        self,
-        audited_run_id: str,
-        *,
-        verdict: str,
-        first_divergent_step: int | None,
-        fingerprint: Mapping[str, Any],
-        report: Path | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> str:
-        """Log a verify result as its own run in the audited run's experiment, tagged `flannel.audit_of`; returns
-        its id."""
+    def log_audit_run(self, audited_run_id: str, audit: AuditRun) -> str:
+        """Log a verify result as a run nested under the audited run (`mlflow.parentRunId`), from the rerun's start
+        to its end, with the rerun's params and its steps checked, steps/s and verdict; tag the audited run with its
+        latest verdict. Returns the audit run's id."""
         client = _client(self.uri)
         close_dead_runs(client, None)
         audited = _get_run(client, audited_run_id, self.uri)
+        exp = client.get_experiment(audited.info.experiment_id)
+        check_artifact_home(exp.name, exp.artifact_location, self.uri)
+        first = "none" if audit.first_divergent_step is None else str(audit.first_divergent_step)
         tags = {
             "mlflow.source.name": "flannel-repro verify",
             "mlflow.source.type": "LOCAL",
+            PARENT_TAG: audited_run_id,
             "flannel.kind": "audit",
             "flannel.audit_of": audited_run_id,
-            "flannel.verdict": verdict,
-            "flannel.first_divergent_step": "none" if first_divergent_step is None else str(first_divergent_step),
-            **fingerprint_tags(fingerprint),
-            **(tags or {}),  # the origin op of a divergence (tracing/origin.py)
+            VERDICT_TAG: audit.verdict,
+            "flannel.first_divergent_step": first,
+            **fingerprint_tags(audit.fingerprint),
+            **audit.tags,  # the origin op of a divergence (tracing/origin.py)
         }
-        run_id = client.create_run(
-            audited.info.experiment_id, run_name=f"audit-{audited.info.run_name}", tags=tags
-        ).info.run_id
-        if first_divergent_step is not None:
-            client.log_metric(run_id, "first_divergent_step", first_divergent_step, step=0)
-        if report is not None:
-            client.log_artifact(run_id, str(report))
-        client.set_terminated(run_id, "FINISHED")
+        start_ms = int(audit.started_at * 1000)
+        end_ms = start_ms + int(audit.runtime_s * 1000)
+        run_id = client.create_run(audited.info.experiment_id, start_time=start_ms,
+                                   run_name=f"audit-{audited.info.run_name}", tags=tags).info.run_id
+        from mlflow.entities import Metric, Param
+
+        metrics = {"steps_checked": audit.steps_checked, "rerun_s": round(audit.runtime_s, 3),
+                   "identical": float(audit.verdict == "identical")}
+        if audit.steps_per_s is not None:
+            metrics["steps_per_s"] = audit.steps_per_s
+        if audit.first_divergent_step is not None:
+            metrics["first_divergent_step"] = audit.first_divergent_step
+        params = [Param(k, param_text(v)) for k, v in audit.params.items()]
+        for i in range(0, len(params), _PARAMS_TAGS_LIMIT):
+            client.log_batch(run_id, params=params[i : i + _PARAMS_TAGS_LIMIT])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), end_ms, 0) for k, v in metrics.items()])
+        if audit.report is not None:
+            client.log_artifact(run_id, str(audit.report))
+        client.set_terminated(run_id, "FINISHED", end_time=end_ms)
+        # The audited run shows its latest verdict (and where it comes from) in its own row and page.
+        for key, value in ((VERDICT_TAG, audit.verdict), ("flannel.audit_run", run_id)):
+            client.set_tag(audited_run_id, key, value)
         return run_id
 
 
@@ -475,3 +533,26 @@ def _no_progress_bar() -> Iterator[None]:
             os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
         else:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = old
+
+
+def _start_system_metrics(uri: str, run_id: str) -> Any:
+    """MLflow's system metrics (CPU, memory, disk, network and, where there is one, GPU, through psutil) for the
+    run, sampled every SYSTEM_METRICS_INTERVAL_S on their own thread, as `system/...` metrics."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no INFO line at each start and stop
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def _stop_system_metrics(monitor: Any) -> None:
+    """Stop the system metrics thread and send its last samples; a store that hangs costs at most
+    SYSTEM_METRICS_STOP_S (the thread is a daemon, left to end with the process)."""
+    if monitor is None:
+        return
+    import threading
+
+    stopping = threading.Thread(target=monitor.finish, name="flannel-system-metrics-stop", daemon=True)
+    stopping.start()
+    stopping.join(SYSTEM_METRICS_STOP_S)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flannel_repro.trajectory.content import short_digest
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -34,6 +36,7 @@ class TrainResult:
             "steps_per_s": round(self.steps_per_s, 4),
             "trajectory_sha256": self.sha256,
             "content_digest": self.content_digest,
+            "content": short_digest(self.content_digest),  # the same, in a table column (verify's audited_content)
             "n_live": self.n_live,
             "n_dead": self.n_dead,
             "dead_share": round(self.n_dead / (self.n_live + self.n_dead), 4),

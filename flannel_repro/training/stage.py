@@ -10,10 +10,15 @@ DVC metrics and loss curve, and logs the results.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from flannel_repro.core.config import Params
 from flannel_repro.core.errors import FlannelError, TrackingIncomplete
@@ -60,8 +65,10 @@ def run_train_stage(
 
 def write_reports(params: Params, result: TrainResult, root: Path) -> None:
     """metrics/train.json (DVC metrics) and the per-step CSV (DVC plots): loss, gradient norm, learning rate and
-    the token motion and the under-training indicators of live and dead tokens."""
+    the token motion and the under-training indicators of live and dead tokens. The previous audit's verdict is
+    removed: it was about another file."""
     paths = params.paths.under(root)
+    drop_stale_verdicts(params, root)
     write_json(paths.metrics, result.metrics())
     with atomic_output(paths.loss_curve) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -73,3 +80,56 @@ def write_reports(params: Params, result: TrainResult, root: Path) -> None:
                     w.writerow([run, step, repr(losses[step]), repr(result.grad_norms[run][step]),
                                 repr(result.learning_rates[run][step]),
                                 *(repr(result.motion[name][run][step]) for name in curves)])
+
+
+
+def drop_stale_verdicts(params: Params, root: Path) -> None:
+    """Remove the verdict files of the audit of the trajectory this run replaces (audit.report, audit.metrics), so
+    that no verdict is shown beside a run it did not audit (`dvc exp run -S 'audit.verify=[]'` leaves the verify
+    stage out). Only a file that reads as a verdict (a JSON object with a `verdict`) is removed."""
+    for rel in (params.audit.report, params.audit.metrics):
+        path = Path(root) / rel
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # absent, or not a verdict: not ours to remove
+        if isinstance(doc, dict) and "verdict" in doc:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                raise FlannelError(f"{path}: cannot remove the previous audit's verdict ({e.strerror}); remove it "
+                                   "by hand, it is about the file this run replaced") from None
+    if _run_by_dvc(Path(root)):
+        _drop_locked_audits(Path(root) / "dvc.lock")
+
+
+def _run_by_dvc(root: Path) -> bool:
+    """Whether this is the train stage of `dvc repro` or `dvc exp run` in `root` (DVC sets DVC_STAGE and DVC_ROOT
+    for a stage's command). A plain `flannel-repro train` leaves dvc.lock to DVC: `dvc status` then shows both
+    stages changed."""
+    stage, dvc_root = os.environ.get("DVC_STAGE", ""), os.environ.get("DVC_ROOT")
+    if stage.rsplit(":", 1)[-1] != "train" or not dvc_root:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(dvc_root).resolve() == root.resolve()
+    return False
+
+
+def _drop_locked_audits(lock: Path) -> None:
+    """Remove dvc.lock's entries of the verify stage (`verify@rerun`): they record the audit of the file this run
+    replaces. DVC writes the entry again when the verify stage reruns; with `audit.verify: []` there is none, and no
+    entry stays behind for files that are gone. DVC (3.x, `Lockfile.dump_stages`) rereads dvc.lock before it records
+    the train stage, so the entry stays removed and the file is written again in DVC's own layout."""
+    try:
+        doc = yaml.safe_load(lock.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # no pipeline here (a plain `flannel-repro train`), or not ours to fix
+    stages = doc.get("stages") if isinstance(doc, dict) else None
+    if not isinstance(stages, dict):
+        return
+    stale = [name for name in stages if name == "verify" or name.startswith("verify@")]
+    if stale:
+        for name in stale:
+            del stages[name]
+        with atomic_output(lock) as tmp:
+            tmp.write_text(yaml.safe_dump(doc, sort_keys=False, width=1000), encoding="utf-8")

@@ -29,13 +29,17 @@ from flannel_repro.core.plots import loss_curve_png
 from flannel_repro.data.masks import Masks, load_masks
 from flannel_repro.recording.motion import set_means, token_sets
 from flannel_repro.recording.records import StepRecord
-from flannel_repro.tracking.base import InputFile, NullTracker, Tracker
+from flannel_repro.tracking.base import DIGEST_TAG, SHA256_TAG, InputFile, NullTracker, Tracker
 from flannel_repro.training.model import pick_device
+from flannel_repro.trajectory.content import short_digest
 from flannel_repro.trajectory.file import load_trajectory, manifest
 from flannel_repro.trajectory.provenance import dvc_tags, fingerprint_tags, git_tags
 
 if TYPE_CHECKING:
     from flannel_repro.training.result import TrainResult
+
+SUMMARY_METRICS = ("final_loss", "runtime_s", "steps_per_s")  # metrics/train.json's, logged at the last step
+TOKEN_COUNTS = ("n_live", "n_dead", "dead_share", "n_dead_bytes", "n_dead_merges")  # ... logged as tokens.* params
 
 
 @contextlib.contextmanager
@@ -92,15 +96,27 @@ class StepMetrics:
         self.tracker.stop_waiting()
 
 
-def run_names(params: Params, device_type: str) -> tuple[str, dict[int, str] | None]:
-    """`flannel7-seed42-cpu` for one run; with num_runs > 1 the parent is `flannel7-seeds42-44-cpu` and each child
-    is named for its own seed. A label mode other than the notebook's is appended."""
+def run_names(params: Params, device_type: str, exp_name: str | None = None,
+              content_digest: str | None = None) -> tuple[str, dict[int, str] | None]:
+    """`flannel7-seed42-500steps-cpu` for one run, renamed `flannel7-seed42-500steps-cpu-3f2a9c1b04de` once the
+    content digest of its numbers is known; under `dvc exp run` the DVC experiment's name replaces `flannel7`. With
+    num_runs > 1 the parent is `flannel7-seeds42-44-...` and each child is named for its own seed. A label mode
+    other than the notebook's is appended to the device. Two runs share a name only if they recorded the same
+    numbers (in the same DVC experiment)."""
     t = params.train
-    suffix = device_type if t.label_mode == "notebook" else f"{device_type}-{t.label_mode}"
+    base = exp_name or "flannel7"
+    suffix = f"{t.steps}steps-{device_type}" + ("" if t.label_mode == "notebook" else f"-{t.label_mode}")
+    if content_digest:
+        suffix += f"-{short_digest(content_digest)}"
     if t.num_runs == 1:
-        return f"flannel7-seed{t.train_seed}-{suffix}", None
-    children = {r: f"flannel7-seed{t.train_seed + r}-{suffix}" for r in range(t.num_runs)}
-    return f"flannel7-seeds{t.train_seed}-{t.train_seed + t.num_runs - 1}-{suffix}", children
+        return f"{base}-seed{t.train_seed}-{suffix}", None
+    children = {r: f"{base}-seed{t.train_seed + r}-{suffix}" for r in range(t.num_runs)}
+    return f"{base}-seeds{t.train_seed}-{t.train_seed + t.num_runs - 1}-{suffix}", children
+
+
+def dvc_exp_name() -> str | None:
+    """The DVC experiment this process runs in: `dvc exp run` (queued or not) sets DVC_EXP_NAME."""
+    return os.environ.get("DVC_EXP_NAME") or None
 
 
 def open_tracker(params: Params, root: Path, device_type: str) -> Tracker:
@@ -112,14 +128,15 @@ def open_tracker(params: Params, root: Path, device_type: str) -> Tracker:
     from flannel_repro.tracking.mlflow_store import MlflowTracker
     from flannel_repro.tracking.spool import spool_folder
 
-    name, children = run_names(params, device_type)
+    name, children = run_names(params, device_type, dvc_exp_name())
     spool = spool_folder(project_root(Path(root)))
-    return MlflowTracker(tracking_uri(cfg, root), cfg.experiment, name, children, spool=spool)
+    return MlflowTracker(tracking_uri(cfg, root), cfg.experiment, name, children, spool=spool,
+                         system_metrics=cfg.system_metrics)
 
 
 def log_run_start(tracker: Tracker, params: Params, root: Path, device_type: str) -> None:
-    """Before training: every resolved param, where the trajectory goes, the code (git), the DVC experiment, and a
-    first description."""
+    """Before training: every resolved param (as params.yaml writes it: `[]`, `null`, `true`), where the trajectory
+    goes, the code (git), the DVC experiment, and a first description."""
     tracker.log_params(params.flat())
     tracker.set_tags({"trajectory.path": params.paths.trajectory, **git_tags(Path(root)), **dvc_tags(os.environ)})
     if tracker.run_id is not None:
@@ -146,7 +163,12 @@ def run_note(params: Params, run_id: str, device: str, run: int | None = None,
         lines.append(f"- trajectory: `{path}`, sha256 `{result.sha256}`")
         if result.content_digest:  # equal for two runs if and only if they recorded the same numbers
             lines.append(f"- content digest of its numbers: `{result.content_digest}`")
-    lines.append(f"- audit it: `flannel-repro verify {path}` or `flannel-repro verify --run-id {run_id}`")
+    exp = dvc_exp_name()
+    if exp is None:
+        lines.append(f"- audit it: `flannel-repro verify {path}` or `flannel-repro verify --run-id {run_id}`")
+    else:  # the workspace's file is another experiment's once the next one runs
+        lines.append(f"- audit it: `dvc exp apply {exp}` (its params and trajectory into the workspace), then "
+                     f"`flannel-repro verify {path}`; or `flannel-repro verify --run-id {run_id}` from anywhere")
     return "\n".join(lines)
 
 
@@ -159,21 +181,25 @@ def log_train_result(tracker: Tracker, params: Params, root: Path, result: Train
         doc = manifest(traj)
     inputs = [InputFile(name, path, doc["inputs"][f"{name}_sha256"]) for name, path in paths.inputs().items()]
     _describe_finished(tracker, params, result)
+    tracker.set_name(*run_names(params, result.fingerprint["device_type"], dvc_exp_name(), result.content_digest))
     tracker.set_tags({
-        "trajectory.sha256": result.sha256,
-        "trajectory.content_digest": result.content_digest,  # equal iff the recorded numbers are bit-identical
+        SHA256_TAG: result.sha256,
+        DIGEST_TAG: result.content_digest,  # equal iff the recorded numbers are bit-identical
         **fingerprint_tags(result.fingerprint),
         **{f"version.{k}": v for k, v in doc["versions"].items()},
         **{f"inputs.{f.name}.sha256": f.sha256 for f in inputs},
     })
     tracker.log_inputs(inputs)
-    summary = {k: v for k, v in result.metrics().items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    # The dead set is a constant of the run's data: params, not one-point charts. The rest is the run's summary.
+    found = result.metrics()
+    tracker.log_params({f"tokens.{k}": found[k] for k in TOKEN_COUNTS})
+    summary = {k: found[k] for k in SUMMARY_METRICS if isinstance(found[k], (int, float)) and math.isfinite(found[k])}
     tracker.log_metrics(summary, step=params.train.steps)
     with tempfile.TemporaryDirectory(prefix="flannel-tracking-") as tmp:
         staged = Path(tmp)
         (staged / "params.yaml").write_text(yaml.safe_dump(params.to_dict(), sort_keys=False), encoding="utf-8")
         (staged / "digests.json").write_text(json.dumps(doc, sort_keys=True), encoding="utf-8")
-        name, _ = run_names(params, result.fingerprint["device_type"])
+        name, _ = run_names(params, result.fingerprint["device_type"], dvc_exp_name(), result.content_digest)
         loss_curve_png(result.losses, params.train.train_seed, staged / "loss_curve.png", title=name)
         for name in ("params.yaml", "digests.json", "loss_curve.png"):
             tracker.log_artifact(staged / name)

@@ -30,6 +30,12 @@ from dataclasses import dataclass
 CONTENT_FORMAT = "flannel-content/1"
 DIGEST_PREFIX = "digest_"
 PENDING = "-" * 64  # a hex digest not known yet: the header is written before training, filled in at commit
+SHORT_DIGEST = 12  # hex digits of a content digest in a table column or a run name (48 bits)
+
+
+def short_digest(digest: str | None) -> str | None:
+    """The first SHORT_DIGEST hex digits of a content digest, as DVC tables and MLflow run names show it."""
+    return digest[:SHORT_DIGEST] if digest else None
 
 
 @dataclass(frozen=True)

@@ -261,6 +261,18 @@ class Trajectory:
         self._f = safe_open(str(self.path), framework="pt")
         self._maps: dict[tuple[str, bool], np.memmap] = {}  # (name, scattered) -> its map
 
+    def __repr__(self) -> str:
+        """`Trajectory('tensors/Flannel/1.20h_flannel_7.safetensors', 1 run x 500 steps, W (1, 501, 10000, 64) BF16,
+        ..., content 3f2a9c1b04de)`: the path, the shape of the run and each per-step tensor, the content digest."""
+        per_step = [k for k in self.keys() if len(self.shapes[k]) == 4]  # (runs, steps+1, V, H) each
+        what = [f"{k} {self.shapes[k]} {self._entries[k]['dtype']}" for k in per_step]
+        if per_step:
+            runs, steps = self.shapes[per_step[0]][:2]
+            what.insert(0, f"{runs} run{'s' if runs != 1 else ''} x {steps - 1} steps")
+        digest = (self.metadata.get("content_digest") or "none")[:12]
+        closed = ", closed" if self._f is None else ""
+        return f"Trajectory({str(self.path)!r}, {', '.join(what)}, content {digest}{closed})"
+
     def __enter__(self) -> Trajectory:
         return self
 
@@ -375,8 +387,19 @@ class Trajectory:
 
 
 def load_trajectory(path: str | os.PathLike) -> Trajectory | PackedTrajectory:
-    """The trajectory at `path`, in either form: a safetensors file or a packed one (packed_reader.py, by its magic
-    bytes), with the same reading API."""
+    """Open a trajectory for reading, lazily, in either form: a safetensors file written by `flannel-repro train` or
+    a packed one (packed_reader.py, told by its magic bytes), with the same reading API. The header is read and
+    checked (its format, provenance and layout); the tensors stay in the file until asked for. Use it as a context
+    manager, which closes the file at the end:
+
+        with load_trajectory("tensors/Flannel/1.20h_flannel_7.safetensors") as traj:
+            traj.step("W", 250)              # (V, H) bf16, W after step 250 of run 0
+            traj.token_rows("W", 42)         # (recorded steps, H): token 42's path, without reading the rest
+            traj["losses_f32"]               # (runs, steps+1) float32, NaN at t = 0
+            traj.params.train.learning_rate  # the params the run recorded
+
+    A file that is not a flannel-repro trajectory, or whose header is corrupt, raises FlannelError naming the file.
+    `flannel-repro check` verifies its data too."""
     if is_packed(Path(path)):
         return PackedTrajectory(Path(path))
     return Trajectory(Path(path))

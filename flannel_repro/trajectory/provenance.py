@@ -120,31 +120,30 @@ def fingerprint_mismatches(reference: dict[str, Any], here: dict[str, Any]) -> l
 
 
 def git_tags(root: Path) -> dict[str, str]:
-    """Commit, branch and dirty flag of the code that ran (also as MLflow's own source tags, shown in the UI)."""
+    """Commit and branch of the code that ran, as MLflow's own source tags (shown in the UI), and its dirty flag;
+    `git.error` says why there is no commit."""
     try:
         import git
     except ImportError as e:  # gitpython refuses to import when no git executable is installed
-        return {"git.commit": f"unknown ({e})"}
+        return {"git.error": f"commit unknown ({e})"}
     try:
         repo = git.Repo(root, search_parent_directories=True)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        return {"git.commit": "not a git repository"}
+        return {"git.error": "not a git repository"}
     with repo:
         try:
             commit = repo.head.commit.hexsha
         except ValueError:
-            return {"git.commit": "no commits yet"}
+            return {"git.error": "no commits yet"}
         try:
             branch = repo.active_branch.name
         except TypeError:
             branch = "(detached HEAD)"
         dirty = repo.is_dirty()
     return {
-        "git.commit": commit,
-        "git.branch": branch,
-        "git.dirty": str(dirty).lower(),
         "mlflow.source.git.commit": commit,
         "mlflow.source.git.branch": branch,
+        "git.dirty": str(dirty).lower(),
     }
 
 
@@ -155,10 +154,9 @@ def dvc_tags(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def fingerprint_tags(fp: Mapping[str, Any]) -> dict[str, str]:
-    """`fingerprint.<key>` per key (so the UI can filter on `tags.fingerprint.device_type`), plus the JSON."""
-    tags = {f"fingerprint.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in fp.items()}
-    tags["fingerprint"] = json.dumps(dict(fp), sort_keys=True)
-    return tags
+    """`fingerprint.<key>` per key, once (the UI filters on `tags.fingerprint.device_type`; digests.json holds the
+    whole fingerprint as JSON)."""
+    return {f"fingerprint.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in fp.items()}
 
 
 # Header metadata (and digest-manifest fields) holding JSON objects; for some, objects of strings.
