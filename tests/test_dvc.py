@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
 DVC = str(VENV_BIN / "dvc")
 TRACKED = ["flannel_repro", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore", "pyproject.toml", ".gitignore"]
-STAGES = {"corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train", "verify@rerun"}
+STAGES = {"corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train", "exposure",
+          "verify@rerun"}
 QUEUE_TIMEOUT_S = 600
 
 
@@ -102,7 +103,7 @@ def base(tmp_path_factory) -> Path:
     git("add", "-A", cwd=root)
     git("commit", "-qm", "tiny pipeline", cwd=root)
     assert ran(dvc("repro", cwd=root)) == ["corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks",
-                                          "train", "verify@rerun"]
+                                          "train", "exposure", "verify@rerun"]
     git("add", "-A", cwd=root)
     git("commit", "-qm", "reproduce", cwd=root)
     return root
@@ -133,7 +134,8 @@ def test_repro_locks_every_stage_and_links_outputs_from_the_cache(base):
     paths = params.paths
     outs = {o["path"]: o["md5"] for stage in stages.values() for o in stage.get("outs", [])}
     assert set(outs) == {paths.corpus, paths.tokenizer_corpus, paths.tokenizer, paths.masks, paths.trajectory,
-                         paths.metrics, paths.loss_curve, params.audit.report, params.audit.metrics}
+                         paths.trace, paths.exposure, paths.metrics, paths.loss_curve, params.audit.report,
+                         params.audit.metrics}
     for path, digest in outs.items():
         assert md5(base / path) == digest
     # The workspace trajectory is the cached file itself (a link), not a second copy of it.
@@ -187,7 +189,7 @@ def test_train_param_change_reruns_train_and_its_audit_only(project):
     old = json.loads((project / "metrics/train.json").read_text())
     set_params(project, train={"learning_rate": 0.002})
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["train", "verify@rerun"]
+    assert ran(proc) == ["train", "exposure", "verify@rerun"]
     for stage in ("corpus@synthetic", "tokenizer_corpus@synthetic", "tokenizer@bpe", "masks"):
         assert f"Stage '{stage}' didn't change, skipping" in proc.stdout
     assert lock(project)["train"]["params"]["params.yaml"]["train"]["learning_rate"] == 0.002
@@ -200,7 +202,7 @@ def test_model_corpus_change_keeps_the_tokenizer(project):
     before = md5(project / tokenizer)
     set_params(project, corpus={"n_words": 3500})
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["corpus@synthetic", "masks", "train", "verify@rerun"]
+    assert ran(proc) == ["corpus@synthetic", "masks", "train", "exposure", "verify@rerun"]
     assert "Stage 'tokenizer@bpe' didn't change, skipping" in proc.stdout
     assert md5(project / tokenizer) == before
 
@@ -210,7 +212,7 @@ def test_tokenizer_corpus_change_reruns_tokenizer_masks_and_train(project):
     before = {k: md5(project / getattr(paths, k)) for k in ("corpus", "tokenizer", "masks")}
     set_params(project, tokenizer_corpus={"seed": 8})
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train", "verify@rerun"]
+    assert ran(proc) == ["tokenizer_corpus@synthetic", "tokenizer@bpe", "masks", "train", "exposure", "verify@rerun"]
     assert lock(project)["tokenizer_corpus@synthetic"]["params"]["params.yaml"]["tokenizer_corpus"]["seed"] == 8
     after = {k: md5(project / getattr(paths, k)) for k in ("corpus", "tokenizer", "masks")}
     assert after["corpus"] == before["corpus"]
@@ -231,7 +233,7 @@ def test_two_queued_experiments_run_on_two_workers(project):
     # Queued experiments run in copies under .dvc/tmp/exps/; their tracking runs must land in the same store as
     # the workspace run (mlflow.db at the project root).
     set_params(project, tracking={"enabled": True, "uri": None})
-    assert ran(dvc("repro", cwd=project)) == ["train", "verify@rerun"]
+    assert ran(dvc("repro", cwd=project)) == ["train", "exposure", "verify@rerun"]
     for seed in (44, 45):
         dvc("exp", "run", "--queue", "-S", f"train.train_seed={seed}", cwd=project)
     dvc("queue", "start", "-j", "2", cwd=project)
@@ -270,8 +272,9 @@ def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
                paths={"corpus": "data/my_corpus.txt", "tokenizer": "data/my_tokenizer.json"})
 
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["masks", "train", "verify@rerun"]
-    assert dvc("stage", "list", "--name-only", cwd=project).stdout.split() == ["masks", "train", "verify@rerun"]
+    assert ran(proc) == ["masks", "train", "exposure", "verify@rerun"]
+    listed = dvc("stage", "list", "--name-only", cwd=project).stdout.split()
+    assert listed == ["masks", "train", "exposure", "verify@rerun"]
     stages = lock(project)
     added = {p: yaml.safe_load((project / f"{p}.dvc").read_text())["outs"][0]["md5"]
              for p in ("data/my_corpus.txt", "data/my_tokenizer.json")}
@@ -287,7 +290,7 @@ def test_own_corpus_and_tokenizer_replace_the_generated_ones(project, capsys):
     (project / "data/my_corpus.txt").write_text(text + "\nOne more paragraph of the user's own text.\n")
     dvc("add", "data/my_corpus.txt", cwd=project)
     status = json.loads(dvc("status", "--json", "dvc.yaml", cwd=project).stdout)
-    assert set(status) == {"masks", "train", "verify@rerun"}
+    assert set(status) == {"masks", "train", "exposure", "verify@rerun"}
     assert {"changed deps": {"data/my_corpus.txt": "modified"}} in status["masks"]
 
     # Generating a corpus over the user's own file is refused, naming the key to set.
@@ -307,7 +310,7 @@ def test_own_corpus_can_train_the_tokenizer_too(project):
     dvc("add", "data/my_corpus.txt", cwd=project)
     set_params(project, corpus={"build": []}, tokenizer_corpus={"build": []},
                paths={"corpus": "data/my_corpus.txt", "tokenizer_corpus": "data/my_corpus.txt"})
-    assert ran(dvc("repro", cwd=project)) == ["tokenizer@bpe", "masks", "train", "verify@rerun"]
+    assert ran(dvc("repro", cwd=project)) == ["tokenizer@bpe", "masks", "train", "exposure", "verify@rerun"]
     paths = load_params(project / "params.yaml").paths
     assert (project / paths.tokenizer).read_text() == train_bpe(text, 300, 2).to_str(pretty=True)
     assert "data/my_corpus.txt" in {d["path"] for d in lock(project)["tokenizer@bpe"]["deps"]}
