@@ -218,7 +218,7 @@ def test_inputs_are_the_files_with_their_full_sha256(tracked):
 def test_artifacts_let_an_audit_work_from_the_run_id_alone(tracked, tmp_path):
     client, run_id, root, params = tracked.client, tracked.run_id, tracked.root, tracked.params
     assert {a.path for a in client.list_artifacts(run_id)} == {"params.yaml", "digests.json", "loss_curve.png",
-                                                              "metrics"}  # not the trajectory: DVC versions it
+                                                              "metrics", "trace"}  # not the trajectory: DVC has it
     assert {a.path for a in client.list_artifacts(run_id, "metrics")} == {"metrics/train.json",
                                                                           "metrics/train_loss.csv"}
 
