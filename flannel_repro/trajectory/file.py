@@ -301,8 +301,11 @@ class Trajectory:
         return tuple(range(self.n_steps + 1))
 
     def index_of(self, t: int) -> int:
-        """The index of training step `t` in the per-step (V, H) tensors; FlannelError if it was not recorded."""
+        """The index of training step `t` in the per-step (V, H) tensors; FlannelError if it was not recorded. A
+        negative `t` counts recorded steps from the end, as a Python index does (-1: the last recorded step)."""
         steps = self.recorded_steps
+        if -len(steps) <= t < 0:
+            return len(steps) + t
         i = bisect.bisect_left(steps, t)
         if i < len(steps) and steps[i] == t:
             return i
