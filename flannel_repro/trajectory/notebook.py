@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -72,7 +73,14 @@ def is_notebook(raw: RawHeader) -> bool:
 def is_notebook_file(path: Path) -> bool:
     """Whether `path` is a notebook file (False for a packed trajectory; FlannelError if it is no safetensors file
     at all)."""
-    return not is_packed(Path(path)) and is_notebook(read_raw_header(Path(path)))
+    path = Path(path)
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        regular = False
+    if not regular:  # a FIFO would block the header's read; the command's own checks name what it is
+        return False
+    return not is_packed(path) and is_notebook(read_raw_header(path))
 
 
 def schema_problems(raw: RawHeader) -> list[tuple[str, str]]:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -75,8 +76,11 @@ class PackedCorrupt(FlannelError):
 
 
 def is_packed(path: Path) -> bool:
-    """Does the file at `path` start with the packed form's magic? (False for anything unreadable.)"""
+    """Does the file at `path` start with the packed form's magic? (False for anything unreadable, and for what is
+    not a regular file: opening a FIFO would block; the caller's checks name what it is.)"""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
     except OSError:
