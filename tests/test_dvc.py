@@ -370,12 +370,12 @@ def test_tables_show_the_values_a_user_compares(base):
     documented --drop/--keep recipe (docs/pipeline.md) leaves the experiment, its seed and steps, final loss, dead
     share, steps/s, verdict and content digests."""
     data = json.loads(dvc("exp", "show", "--json", cwd=base).stdout)[0]["data"]
-    assert len(data["deps"]) <= 17, sorted(data["deps"])
+    assert len(data["deps"]) <= 19, sorted(data["deps"])
     assert {p for p in data["deps"] if p.startswith("flannel_repro/")} == {
         "flannel_repro/__init__.py", "flannel_repro/cli.py", "flannel_repro/core", "flannel_repro/data/corpus.py",
         "flannel_repro/data/tokenizer_corpus.py", "flannel_repro/data/tokenizer.py", "flannel_repro/data/masks.py",
         "flannel_repro/recording", "flannel_repro/tracking", "flannel_repro/training", "flannel_repro/trajectory",
-        "flannel_repro/audit"}
+        "flannel_repro/audit", "flannel_repro/tracing", "flannel_repro/analysis"}
     # DVC matches each --keep pattern from the column name's start
     recipe = ["--drop", ".*", "--keep", r"Experiment|train\.train_seed|train\.steps|final_loss|dead_share|steps_per_s"
               r"|verdict|first_divergent_step|(audited_)?content$"]
@@ -391,7 +391,7 @@ def test_a_run_left_unaudited_shows_no_verdict(project):
     params = load_params(project / "params.yaml")
     before = json.loads((project / params.paths.metrics).read_text())
     proc = dvc("exp", "run", "-S", "audit.verify=[]", "-S", "train.train_seed=47", cwd=project)
-    assert ran(proc) == ["train"]
+    assert ran(proc) == ["train", "exposure"]
     after = json.loads((project / params.paths.metrics).read_text())
     assert after["content_digest"] != before["content_digest"]
     assert not (project / params.audit.report).exists() and not (project / params.audit.metrics).exists()
@@ -429,6 +429,6 @@ def test_audit_can_be_left_out_of_the_pipeline(project):
     """audit.verify: [] (a seed sweep) drops the verify stage: no extra training run, and a clean status."""
     set_params(project, audit={"verify": []}, train={"train_seed": 46})
     proc = dvc("repro", cwd=project)
-    assert ran(proc) == ["train"]
+    assert ran(proc) == ["train", "exposure"]
     assert "verify" not in dvc("stage", "list", "--name-only", cwd=project).stdout
     assert dvc("status", cwd=project).stdout.strip() == "Data and pipelines are up to date."

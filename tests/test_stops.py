@@ -34,11 +34,18 @@ PARAMS = {"train": {"steps": STEPS, "checkpoint_every": 20, "log_every": 1},
           "tracking": {"enabled": True, "uri": "sqlite:///runs.db"}}
 
 
+def _foreground() -> None:
+    """In the child: SIGINT and SIGHUP at their defaults, as in a foreground shell (the tests may themselves run
+    under `nohup`, whose ignored SIGHUP the train would otherwise inherit and keep)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _start(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """`flannel-repro train ARGS` as a user runs it (SIGINT at its default, as in a foreground shell)."""
+    """`flannel-repro train ARGS` as a user runs it from a terminal."""
     return subprocess.Popen([sys.executable, "-m", "flannel_repro", "train", *args], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_foreground)
 
 
 def _signal_at_step(proc: subprocess.Popen, step: int, signum: int) -> list[str]:

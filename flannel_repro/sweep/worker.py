@@ -11,8 +11,9 @@ a scratch workspace, so nothing here needs Ray:
    retry after a kill -9 continues from the last checkpoint the killed attempt left in this workspace (a retry on
    another node, without the workspace, starts from step 0); the killed attempt's tracking run is closed KILLED
    when the new one opens (mlflow_store.close_dead_runs);
-4. `dvc exp save` (the trajectory goes into the cache, the experiment commit names the params, metrics and lock),
-   then `dvc exp push` to the project's git remote (and the outputs to the DVC remote, when there is one).
+4. `flannel-repro exposure` (the stage after train), then `dvc exp save` of both stages (the trajectory goes into
+   the cache, the experiment commit names the params, metrics and lock), then `dvc exp push` to the project's git
+   remote (and the outputs to the DVC remote, when there is one).
 
 A train that exits 2 (a bad value) is a failed point, reported and not retried; a train killed by a signal is a lost
 worker (`WorkerLost`), which Ray retries (cluster.py). The child process dies with this one (PR_SET_PDEATHSIG), so a
@@ -93,6 +94,8 @@ def run_point(task: PointTask, node: str) -> PointResult:
     if not trained_already(ws):  # an attempt stopped after its train ended and before the record was made
         train(ws, task, resume=resumed)
     recorded = time.monotonic()
+    # The stages after train that the point's experiment holds too (the audit is left to --audit)
+    run([sys.executable, "-m", "flannel_repro", "exposure"], ws, "count the point's exposure")
     params = load_params(ws / "params.yaml")
     metrics = json.loads((ws / params.paths.metrics).read_text(encoding="utf-8"))
     fingerprint = _fingerprint(ws / params.paths.trajectory)
@@ -197,7 +200,8 @@ def save_and_push(ws: Path, task: PointTask, node: str, fingerprint: str | None,
     keeps (metrics, loss curve), named because `dvc exp save` leaves out files git does not track yet."""
     message = json.dumps({"flannel.sweep": task.name, "node": node, "fingerprint": fingerprint})
     include = [a for path in reports for a in ("--include-untracked", path)]
-    dvc(["exp", "save", "--quiet", "--force", "--name", task.name, "--message", message, *include, "train"], ws)
+    dvc(["exp", "save", "--quiet", "--force", "--name", task.name, "--message", message, *include, "train",
+         "exposure"], ws)
     cache = ["--no-cache"] if task.dvc_remote is None else ["--remote", "sweep"]
     dvc(["exp", "push", "--quiet", "--force", *cache, task.git_url, task.name], ws)
 
