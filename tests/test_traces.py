@@ -225,3 +225,21 @@ def test_the_audit_run_carries_the_origin_op_and_the_train_run_the_trace(project
     assert tags["flannel.origin_op"] == "aten::native_layer_norm_backward.default"
     assert tags["flannel.origin_module"] == "transformer.ln_f"
     assert (tags["flannel.origin_phase"], tags["flannel.origin_step"]) == ("backward", "1")
+
+
+def test_a_batch_of_one_is_traced(project):
+    """Batch 1: the loss's gather reads a one-element view of the labels whose stride is the sequence length, which
+    torch calls contiguous; its bytes are its one element, and the step is traced as any other."""
+    import struct
+
+    import torch
+
+    from flannel_repro.tracing.ops import tensor_bytes
+
+    view = torch.tensor([[7, 8, 9, 10], [11, 12, 13, 14]])[:1, 2]
+    assert view.stride() == (4,) and view.is_contiguous()
+    assert bytes(tensor_bytes(view)) == struct.pack("<q", 9)
+    path = record(project, "one", threads=1, train={"num_threads": 1, "batch_size": 1, "steps": 2},
+                  model={"max_seq_len": 16})
+    trace = read_trace(project / "one.trace.jsonl")
+    assert path.exists() and list(trace.steps) == [(0, 1)] and len(trace.steps[0, 1]) > 100

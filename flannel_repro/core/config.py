@@ -30,6 +30,8 @@ from flannel_repro.core.fsutil import file_kind
 
 LABEL_MODES = ("notebook", "next_token")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+RECORD_FORMATS = ("safetensors", "packed")
+PACKED_SUFFIX = ".flpack"  # the packed form's file name ending (trajectory/packed.py)
 MAX_THREADS = 4096  # torch takes a thread count as a C int; no machine this runs on has more cores
 
 
@@ -354,6 +356,9 @@ class RecordConfig(_Section):
     # "log" (Pythia's: 0, 1, 2, 4, ..., 512, then every 1,000) or a list from 0; the last step is always recorded by
     # the first two. Training runs every step, and the loss, gradient norm, rate and batch are kept for every step.
     steps: str | int | tuple[int, ...] = "every"
+    # The trajectory file's form: "safetensors" (the notebook's own, `load_file` reads it) or "packed" (the same
+    # numbers in about a third of the bytes, written while training; paths.trajectory then ends in .flpack)
+    format: str = "safetensors"
 
     def schedule(self, n_steps: int) -> tuple[int, ...]:
         """The recorded steps of a run of `n_steps` optimizer steps, increasing, from 0."""
@@ -382,6 +387,11 @@ class RecordConfig(_Section):
 
     def _check(self) -> None:
         self._check_steps()
+        if self.format not in RECORD_FORMATS:
+            self._fail("format", f"is not one of {', '.join(RECORD_FORMATS)}")
+        if self.format == "packed" and self.steps != "every":
+            self._fail("format", "needs record.steps: every (the packed form records every step); set it, or keep "
+                       "record.format: safetensors (a schedule already keeps the file small: docs/analysis.md)")
         if any(t < 1 for t in self.trace_steps):
             self._fail("trace_steps", "must list optimizer steps from 1 (step 0 is W_initial, no op runs)")
         if self.logits:
@@ -502,6 +512,13 @@ class Params:
         if isinstance(last, tuple) and last[-1] > steps:
             problem = (f"record.steps lists step {last[-1]}, past the last step train.steps = {steps}; drop it or "
                        "raise train.steps")
+            raise InvalidValue(f"params: {problem} (in params.yaml)", problem)
+        packed, named = self.record.format == "packed", self.paths.trajectory.endswith(PACKED_SUFFIX)
+        if packed != named:
+            fix = (f"name it with {PACKED_SUFFIX}, e.g. tensors/Flannel/1.20h_flannel_7{PACKED_SUFFIX}" if packed else
+                   f"set record.format: packed, or name it .safetensors")
+            problem = (f"record.format is {self.record.format} but paths.trajectory is {self.paths.trajectory!r}; "
+                       f"{fix}")
             raise InvalidValue(f"params: {problem} (in params.yaml)", problem)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -43,6 +43,7 @@ from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import TMP_PREFIX, pid_alive, write_failure, write_json
 from flannel_repro.core.safetensors_header import read_header
 from flannel_repro.trajectory.file import TrajectoryWriter, digest
+from flannel_repro.trajectory.packed_writer import frames_companion
 
 MARKER = "resume.json"
 MARKER_FORMAT = "flannel-resume/1"
@@ -198,9 +199,10 @@ class Checkpoints:
             (self.dir / MARKER).unlink(missing_ok=True)
             for d in self.dir.glob("run-*"):
                 shutil.rmtree(d, ignore_errors=True)
+        kept = {keep, frames_companion(self.out_path, keep)} if keep is not None else set()
         for temp in self.out_path.parent.glob(f"{TMP_PREFIX}{self.out_path.name}.*"):
             pid = owner_pid(temp)
-            if temp != keep and (pid is None or pid == os.getpid() or not pid_alive(pid)):
+            if temp not in kept and (pid is None or pid == os.getpid() or not pid_alive(pid)):
                 temp.unlink(missing_ok=True)
 
     def finish(self) -> None:

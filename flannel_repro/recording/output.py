@@ -54,6 +54,7 @@ from flannel_repro.recording.recorder import FileSink
 from flannel_repro.recording.ring import RING_SLOTS, RecordingRing
 from flannel_repro.recording.stopping import StopSignals
 from flannel_repro.trajectory.file import FORMAT, TORCH_DTYPES, TensorSpec, TrajectoryWriter
+from flannel_repro.trajectory.packed_writer import PackedWriter
 from flannel_repro.trajectory.layout import SCALARS, SCHEDULE_KEY, scalar_values, trajectory_layout
 from flannel_repro.trajectory.provenance import versions
 
@@ -267,7 +268,7 @@ def _open(out: RecordedOutput, root: Path, fp, input_digests, resume: bool) -> N
         if marker is not None:
             _check_partial(marker.temp, specs, metadata, out.path)
         checkpoints.clear(keep=marker.temp if marker else None)
-        writer = TrajectoryWriter(out.path, specs, metadata, resume_from=marker.temp if marker else None)
+        writer = _writer(params, out.path, specs, metadata, marker)
         if marker is not None and marker.step > 0:
             check_checkpoint(marker, writer, params.record.schedule(params.train.steps))
     except BaseException:
@@ -277,6 +278,20 @@ def _open(out: RecordedOutput, root: Path, fp, input_digests, resume: bool) -> N
         raise
     out.writer, out.checkpoints, out.marker = writer, checkpoints, marker
     out.observers = [FileSink(writer, params)]
+
+
+def _writer(params: Params, path: Path, specs: dict[str, TensorSpec], metadata: dict[str, str],
+            marker: Marker | None) -> TrajectoryWriter:
+    """The writer of record.format: a safetensors file, or the packed form (packed_writer.py), which on a resume
+    keeps the frames up to the step the checkpoint holds (all of the runs before a run that starts afresh)."""
+    temp = marker.temp if marker else None
+    if params.record.format != "packed":
+        return TrajectoryWriter(path, specs, metadata, resume_from=temp)
+    keep = None
+    if marker is not None:
+        keep = (marker.run, marker.step) if marker.step > 0 else (
+            (marker.run - 1, params.train.steps) if marker.run > 0 else None)
+    return PackedWriter(path, specs, metadata, resume_from=temp, resume_at=keep)
 
 
 def _resume_point(checkpoints: Checkpoints, params: Params, resume: bool) -> Marker | None:

@@ -95,6 +95,8 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     flat = t.contiguous().reshape(-1)
+    if flat.numel() and flat.stride() != (1,):  # a one-element view keeps its stride (16 for a row of a batch of 1)
+        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
     return memoryview(flat.view(torch.uint8).numpy())

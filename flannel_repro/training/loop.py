@@ -181,6 +181,8 @@ def _result(out: RecordedOutput, masks: Masks, collect: _Collect, curves: dict[s
         grad_norms=collect.grad_norms,
         learning_rates=collect.lrs,
         motion=curves,
+        file_bytes=out.path.stat().st_size if out.committed else None,
+        safetensors_bytes=out.writer.size if out.writer is not None else None,
     )
 
 

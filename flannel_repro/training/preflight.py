@@ -28,7 +28,7 @@ def check_before_training(params: Params, root: Path, write: bool, resume: bool 
     cfg = params.train
     if write:
         check_files(stage_files("train", params, root))
-        size = sum(s.nbytes for s in trajectory_layout(params).values())  # every tensor; the header adds little
+        size = trajectory_bytes(params)
         folder, fix = params.paths.under(root).trajectory.parent, "record fewer steps (train.steps) or less (record.*)"
         limit, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
         if limit != resource.RLIM_INFINITY and size > limit:
@@ -46,6 +46,23 @@ def check_before_training(params: Params, root: Path, write: bool, resume: bool 
         raise FlannelError(f"params: train.steps = {cfg.steps:,} x train.num_runs = {cfg.num_runs} keeps about "
                            f"{need / 2**30:.1f} GiB of per-step records in memory, more than the "
                            f"{available / 2**30:.1f} GiB available; record fewer steps")
+
+
+# The packed form (record.format: packed) is budgeted at half the safetensors form's per-step bytes: measured 3.03x
+# smaller on the default run (docs/packed.md), so the estimate leaves room for data that compresses worse. Its
+# frames grow as it trains (nothing can be reserved ahead): a disk that fills anyway ends the run in one line, with
+# the partial file kept for `train --resume`.
+PACKED_BUDGET = 2
+
+
+def trajectory_bytes(params: Params) -> int:
+    """The bytes the trajectory needs on disk: every tensor for safetensors (the header adds little); for the packed
+    form, the per-step tensors at PACKED_BUDGET times smaller and the rest as it is."""
+    layout = trajectory_layout(params)
+    if params.record.format != "packed":
+        return sum(s.nbytes for s in layout.values())
+    per_step = {n for n, s in layout.items() if f"digest_{n}" in layout}
+    return sum(s.nbytes // (PACKED_BUDGET if n in per_step else 1) for n, s in layout.items())
 
 
 def available_memory() -> int | None:

@@ -28,6 +28,8 @@ class TrainResult:
     learning_rates: list[list[float]] = field(repr=False)
     # motion.MOTION_NAMES and indicators.INDICATOR_NAMES -> (runs, steps+1)
     motion: dict[str, list[list[float]]] = field(repr=False)
+    file_bytes: int | None = None  # the trajectory file's size on disk
+    safetensors_bytes: int | None = None  # the size of its safetensors form (the same for both forms)
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -37,6 +39,9 @@ class TrainResult:
             "trajectory_sha256": self.sha256,
             "content_digest": self.content_digest,
             "content": short_digest(self.content_digest),  # the same, in a table column (verify's audited_content)
+            "trajectory_bytes": self.file_bytes,
+            # the safetensors form's size over the file's: 1.0 for safetensors, about 3 packed (record.format)
+            "trajectory_ratio": round(self.safetensors_bytes / self.file_bytes, 3) if self.file_bytes else None,
             "n_live": self.n_live,
             "n_dead": self.n_dead,
             "dead_share": round(self.n_dead / (self.n_live + self.n_dead), 4),

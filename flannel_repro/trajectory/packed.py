@@ -156,6 +156,57 @@ class _FrameWriter:
         self.pool.shutdown()
 
 
+class FrameStream:
+    """The frames of one trajectory in the packed file's order, appended to an open file: every per-step tensor one
+    (run, step) at a time (`add_step`, the per-step keys by name), then the head, the other keys and the index
+    (`finish`). `pack` feeds it from a safetensors file; the trajectory writer of `record.format: packed`
+    (packed_writer.py) feeds it from training, so the two give the same bytes."""
+
+    def __init__(self, f: BinaryIO, entries: dict[str, dict[str, Any]], key_every: int = KEY_EVERY,
+                 rows_per_chunk: int = ROWS_PER_CHUNK, level: int = LEVEL, threads: int = 2) -> None:
+        self.key_every, self.rows_per_chunk = key_every, rows_per_chunk
+        self.entries = entries  # name -> {"dtype", "shape", "data_offsets"}, as the safetensors header has them
+        steps = content.step_keyed(entries)
+        self.codecs = {n: codec_for(n, e["dtype"], tuple(e["shape"]), steps) for n, e in entries.items()}
+        self.per_step = sorted(n for n, c in self.codecs.items() if c != "bytes")
+        self.bounds = {n: _chunks(entries[n]["shape"][2], rows_per_chunk, self.codecs[n]) for n in self.per_step}
+        self.frames: dict[str, list[int]] = {n: [] for n in entries}
+        self.previous: dict[str, np.ndarray] = {}  # a delta key's words at the step before the next one
+        self.w = _FrameWriter(f, level, threads)
+
+    def add_step(self, run: int, step: int, slices: dict[str, np.ndarray]) -> None:
+        """Append the frames of every per-step key at (run, step); `slices[name]` is its (V, H) uint16 words."""
+        for name in self.per_step:
+            words = slices[name]
+            delta = self.codecs[name] == "xor-planes" and step % self.key_every != 0
+            source = np.bitwise_xor(words, self.previous[name]) if delta else words
+            raws = [to_planes(np.ascontiguousarray(source[a:b]).reshape(-1)) for a, b in self.bounds[name]]
+            kind = DELTA if delta else KEY
+            for chunk, payload in enumerate(self.w.compress_all(raws)):
+                self.frames[name].append(self.w.append(kind, name, run, step, chunk, payload, len(raws[chunk])))
+            if self.codecs[name] == "xor-planes":
+                self.previous[name] = words
+
+    def finish(self, head: bytes, data: dict[str, bytes], source_size: int) -> None:
+        """Append the head (the safetensors file's first bytes), every other key's bytes (in data order) and the
+        index, then fill in the fixed header."""
+        w = self.w
+        head_off = w.append(HEAD, "", 0, 0, 0, w.compress_all([head])[0], len(head))
+        order = sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
+        for name in order:
+            if self.codecs[name] == "bytes":
+                raw = data[name]
+                self.frames[name].append(w.append(BYTES, name, 0, 0, 0, w.compress_all([raw])[0], len(raw)))
+        keys = [_key_json(KeyInfo(n, self.entries[n]["dtype"], tuple(self.entries[n]["shape"]),
+                                  tuple(self.entries[n]["data_offsets"]), self.codecs[n], tuple(self.frames[n])))
+                for n in order]
+        index = {"format": INDEX_FORMAT, "source": {"size": source_size}, "head": head_off, "keys": keys}
+        _finish(w, index, self.key_every, self.rows_per_chunk)
+
+    def close(self) -> None:
+        self.w.close()
+
+
 @dataclass(frozen=True)
 class PackResult:
     source_bytes: int
@@ -185,63 +236,60 @@ def pack(src: Path, out: Path, key_every: int = KEY_EVERY, rows_per_chunk: int =
     if SCHEDULE_KEY in entries:  # the packed reader indexes steps by position, not by the schedule's training steps
         raise FlannelError(f"{src}: recorded with a record.steps schedule, which the packed form does not carry yet; "
                            "keep the safetensors file (a scheduled file is already small: docs/analysis.md)")
-    steps = content.step_keyed(entries)
     tmp = temp_path_for(out)
-    whole = hashlib.sha256(raw.head)
-    per_key: dict[str, tuple[int, int]] = {}
     try:
         with open(src, "rb") as s, open(tmp, "r+b") as f:
-            w = _FrameWriter(f, level, threads)
+            fd, size = s.fileno(), os.fstat(s.fileno()).st_size
+            whole = _file_sha256(fd)
+            stream = FrameStream(f, entries, key_every, rows_per_chunk, level, threads)
             try:
-                head_off = w.append(HEAD, "", 0, 0, 0, w.compress_all([raw.head])[0], len(raw.head))
-                keys = []
-                # in data order, so the source's bytes are hashed in file order as they are read
-                for name in sorted(entries, key=lambda k: entries[k]["data_offsets"][0]):
-                    e = entries[name]
-                    shape, dtype = tuple(e["shape"]), e["dtype"]
-                    codec = codec_for(name, dtype, shape, steps)
-                    lo, hi = e["data_offsets"]
-                    start = w.pos
-                    s.seek(raw.data_start + lo)
-                    if codec == "bytes":
-                        data = s.read(hi - lo)
-                        whole.update(data)
-                        frames = (w.append(BYTES, name, 0, 0, 0, w.compress_all([data])[0], len(data)),)
-                    else:
-                        frames = tuple(_pack_steps(w, s, whole, name, shape, codec, key_every, rows_per_chunk))
-                    keys.append(KeyInfo(name, dtype, shape, (lo, hi), codec, frames))
-                    per_key[name] = (hi - lo, w.pos - start)
-                size = os.fstat(s.fileno()).st_size
-                index = {"format": INDEX_FORMAT, "source": {"size": size, "sha256": whole.hexdigest()},
-                         "head": head_off, "keys": [_key_json(k) for k in keys]}
-                _finish(w, index, key_every, rows_per_chunk)
+                if stream.per_step:
+                    runs, steps1, v, h = entries[stream.per_step[0]]["shape"]
+                    for run in range(runs):
+                        for step in range(steps1):
+                            stream.add_step(run, step, {
+                                n: np.frombuffer(_read_span(fd, raw.data_start, entries[n], (run * steps1 + step),
+                                                            v * h * 2), dtype="<u2").reshape(v, h)
+                                for n in stream.per_step})
+                data = {n: _read_span(fd, raw.data_start, e, 0, e["data_offsets"][1] - e["data_offsets"][0])
+                        for n, e in entries.items() if stream.codecs[n] == "bytes"}
+                stream.finish(raw.head, data, size)
             finally:
-                w.close()
+                stream.close()
         commit_file(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return PackResult(size, out.stat().st_size, whole.hexdigest(), per_key)
+    per_key = {n: (e["data_offsets"][1] - e["data_offsets"][0], _frames_bytes(out, stream.frames[n]))
+               for n, e in entries.items()}
+    return PackResult(size, out.stat().st_size, whole, per_key)
 
 
-def _pack_steps(w: _FrameWriter, s: BinaryIO, whole, name: str, shape: tuple[int, ...], codec: str,
-                key_every: int, rows_per_chunk: int) -> Iterator[int]:
-    """The frames of a per-step (R, S+1, V, H) bf16 tensor, read from `s` one slice at a time."""
-    runs, steps1, v, h = shape
-    bounds = _chunks(v, rows_per_chunk, codec)
-    for run in range(runs):
-        previous = None
-        for step in range(steps1):
-            data = s.read(v * h * 2)
-            whole.update(data)
-            words = np.frombuffer(data, dtype="<u2").reshape(v, h)
-            delta = codec == "xor-planes" and step % key_every != 0
-            kind = DELTA if delta else KEY
-            source = np.bitwise_xor(words, previous) if delta else words
-            raws = [to_planes(np.ascontiguousarray(source[a:b]).reshape(-1)) for a, b in bounds]
-            for chunk, payload in enumerate(w.compress_all(raws)):
-                yield w.append(kind, name, run, step, chunk, payload, len(raws[chunk]))
-            previous = words
+def _read_span(fd: int, data_start: int, entry: dict[str, Any], index: int, n: int) -> bytes:
+    """The `index`-th run of `n` bytes of a key's data (a whole (V, H) slice, or the whole key at index 0)."""
+    at = data_start + entry["data_offsets"][0] + index * n
+    out = os.pread(fd, n, at)
+    if len(out) != n:
+        raise FlannelError(f"data ends at byte {at + len(out):,}, inside a tensor: the file is truncated")
+    return out
+
+
+def _file_sha256(fd: int) -> str:
+    h, at = hashlib.sha256(), 0
+    while chunk := os.pread(fd, 1 << 22, at):
+        h.update(chunk)
+        at += len(chunk)
+    return h.hexdigest()
+
+
+def _frames_bytes(path: Path, frames: list[int]) -> int:
+    """Bytes of a key's frames (records, names and payloads), read back from their records."""
+    total = 0
+    with open(path, "rb") as f:
+        for at in frames:
+            rec = _FRAME.unpack(os.pread(f.fileno(), _FRAME.size, at))
+            total += _FRAME.size + rec[3] + rec[8]
+    return total
 
 
 def _chunks(v: int, rows_per_chunk: int, codec: str) -> list[tuple[int, int]]:
@@ -326,7 +374,6 @@ class PackedFile:
             if index.get("format") != INDEX_FORMAT:
                 raise ValueError(f"format {index.get('format')!r}")
             self.source_size = int(index["source"]["size"])
-            self.source_sha256 = str(index["source"]["sha256"])
             self.keys = {k["name"]: KeyInfo(k["name"], k["dtype"], tuple(k["shape"]), tuple(k["data_offsets"]),
                                             k["codec"], tuple(k["frames"])) for k in index["keys"]}
             self._head_at = int(index["head"])
@@ -340,46 +387,74 @@ class PackedFile:
                                                        f"{k.codec!r}; its shape needs {want}")
 
     def _diagnose(self, why: str) -> None:
-        """The index cannot be reached (`why`): walk the frames from the first, in the order `pack` writes them
-        (the head, then every key in data order, per-step keys by run, step and chunk), and name the first frame
-        that is missing, out of place or truncated. Always raises PackedCorrupt."""
-        frames = scan(self._f, self.size)
-        at, rec = next(frames, (_FIXED.size, None))
-        if rec is None or rec[1] != HEAD:
-            raise PackedCorrupt(self.path, "header", f"{why}, and the file's first frame is not its header")
+        """The index cannot be reached (`why`): walk the frames from the first, in the order they are written (every
+        per-step key by run, step, name and chunk; then the head, the other keys in data order), and name the first
+        frame that is missing, out of place or truncated. Always raises PackedCorrupt."""
+        frames = list(scan(self._f, self.size))
+        heads = [at for at, rec in frames if rec is not None and rec[1] == HEAD]
+        if not heads:  # the head is written after the per-step frames: the file ends before it
+            self._ends_early(frames, why)
         try:
-            header = json.loads(self._decode(self._frame_at(at, HEAD, "", 0, 0, 0, "header"), "header", None, None)[8:])
+            raw = self._decode(self._frame_at(heads[0], HEAD, "", 0, 0, 0, "header"), "header", None, None)
+            header = json.loads(raw[8:])
             entries = {k: v for k, v in header.items() if k != "__metadata__"}
             order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
             steps = content.step_keyed(entries)
+            codecs = {n: codec_for(n, entries[n]["dtype"], tuple(entries[n]["shape"]), steps) for n in order}
         except (ValueError, KeyError, TypeError, AttributeError):
             raise PackedCorrupt(self.path, "header", f"{why}, and the packed safetensors header is unreadable"
                                 ) from None
-        for name in order:
-            shape, dtype = tuple(entries[name]["shape"]), entries[name]["dtype"]
-            codec = codec_for(name, dtype, shape, steps)
-            if codec == "bytes":
-                wanted = [(BYTES, 0, 0, 0)]
-            else:
-                n_chunks = len(_chunks(shape[2], self.rows_per_chunk, codec))
-                wanted = ((DELTA if codec == "xor-planes" and s % self.key_every else KEY, r, s, c)
-                          for r in range(shape[0]) for s in range(shape[1]) for c in range(n_chunks))
-            for kind, run, step, chunk in wanted:
-                at, rec = next(frames, (self.size, None))
-                where = (run, step) if kind in (KEY, DELTA) else (None, None)
-                what = f"the {_KIND_NAMES[kind]}" + (f" (chunk {chunk})" if kind in (KEY, DELTA) else "")
-                if rec is None:
-                    whole_record = self._pread(at, 4) == _TAG
-                    lost = ("missing: the file ends before it" if at >= self.size else
-                            "truncated: the file ends inside it" if whole_record else "overwritten")
-                    raise PackedCorrupt(self.path, name, f"{what} is {lost} (byte {at:,} of {self.size:,}; {why})",
-                                        *where)
-                got = (rec[1], self._pread(at + _FRAME.size, rec[3]).decode("utf-8", "replace"), *rec[4:7])
-                if got != (kind, name, run, step, chunk):
-                    held = f"{got[1] or _KIND_NAMES.get(got[0], '?')} run {got[2]}, step {got[3]}, chunk {got[4]}"
-                    raise PackedCorrupt(self.path, name, f"{what} is missing or out of place: the file holds {held} "
-                                                         f"where it belongs ({why})", *where)
+        per_step = sorted(n for n in order if codecs[n] != "bytes")
+        wanted: list[tuple[str, int, int, int, int]] = []
+        if per_step:
+            runs, steps1, v = entries[per_step[0]]["shape"][:3]
+            for r in range(runs):
+                for s in range(steps1):
+                    for n in per_step:
+                        kind = DELTA if codecs[n] == "xor-planes" and s % self.key_every else KEY
+                        wanted += [(n, kind, r, s, c) for c in range(len(_chunks(v, self.rows_per_chunk, codecs[n])))]
+        wanted.append(("header", HEAD, 0, 0, 0))
+        wanted += [(n, BYTES, 0, 0, 0) for n in order if codecs[n] == "bytes"]
+        walk = iter(frames)
+        for name, kind, run, step, chunk in wanted:
+            at, rec = next(walk, (self.size, None))
+            where = (run, step) if kind in (KEY, DELTA) else (None, None)
+            what = f"the {_KIND_NAMES[kind]}" + (f" (chunk {chunk})" if kind in (KEY, DELTA) else "")
+            if rec is None:
+                whole_record = self._pread(at, 4) == _TAG
+                lost = ("missing: the file ends before it" if at >= self.size else
+                        "truncated: the file ends inside it" if whole_record else "overwritten")
+                raise PackedCorrupt(self.path, name, f"{what} is {lost} (byte {at:,} of {self.size:,}; {why})",
+                                    *where)
+            got = (rec[1], self._pread(at + _FRAME.size, rec[3]).decode("utf-8", "replace"), *rec[4:7])
+            if got != (kind, "" if kind == HEAD else name, run, step, chunk):
+                raise PackedCorrupt(self.path, name, f"{what} is missing or out of place: the file holds "
+                                                     f"{self._held(rec, at)} where it belongs ({why})", *where)
         raise PackedCorrupt(self.path, "index", f"{why}; every frame before it is in place")
+
+    def _ends_early(self, frames: list[tuple[int, tuple | None]], why: str) -> None:
+        """The walk found no head: name the frame the file breaks off in (its record says which key, run and step),
+        or the last whole one."""
+        at, rec = frames[-1] if frames else (_FIXED.size, None)
+        raw = self._pread(at, _FRAME.size)
+        if rec is None and len(raw) == _FRAME.size and raw[:4] == _TAG:
+            _, kind, _, nlen, run, step, chunk, *_ = _FRAME.unpack(raw)
+            name = self._pread(at + _FRAME.size, nlen).decode("utf-8", "replace")
+            if kind in (KEY, DELTA):
+                raise PackedCorrupt(self.path, name, f"the {_KIND_NAMES[kind]} (chunk {chunk}) is truncated: the file "
+                                                     f"ends inside it (byte {at:,} of {self.size:,}; {why})", run, step)
+        last = next(((a, r) for a, r in reversed(frames) if r is not None), None)
+        after = f" after {self._held(last[1], last[0])}" if last is not None else ""
+        lost = "the file ends" if rec is None and len(raw) < 4 else "the frames break off"
+        raise PackedCorrupt(self.path, "header", f"{why}, and {lost} at byte {at:,}{after}, before the header frame")
+
+    def _held(self, rec: tuple, at: int | None = None) -> str:
+        """What a frame record holds, e.g. `W run 0, step 26, chunk 0`."""
+        name = self._pread(at + _FRAME.size, rec[3]).decode("utf-8", "replace") if at is not None else ""
+        kind = _KIND_NAMES.get(rec[1], "?")
+        if rec[1] in (KEY, DELTA):
+            return f"{name or kind} run {rec[4]}, step {rec[5]}, chunk {rec[6]}"
+        return f"{name} ({kind})" if name else f"the {kind}"
 
     def _pread(self, at: int, n: int) -> bytes:
         return os.pread(self._f.fileno(), n, at)
@@ -503,18 +578,21 @@ def scan(f: BinaryIO, size: int) -> Iterator[tuple[int, tuple | None]]:
         at = end
 
 
-def unpack(src: Path, out: Path) -> str:
+def unpack(src: Path, out: Path, check_digests: bool = True) -> str:
     """Write the safetensors file that `src` packs to `out` (a temporary name, renamed into place); returns its
-    sha256, which must be the one the packed file recorded of its source."""
+    sha256. Every decoded (V, H) slice must hash to the digest the run recorded of it (digest_<name>), and the
+    file must have the size the index records: a packed file never unpacks to other numbers. (`check` unpacks with
+    check_digests=False, then checks the copy as a safetensors file, so that a slice that was already wrong in the
+    file that was packed gets the safetensors check's own verdict.)"""
     src, out = Path(src), Path(out)
     with PackedFile(src) as pf:
         tmp = temp_path_for(out)
         try:
             with open(tmp, "r+b") as f:
-                sha = write_safetensors(pf, f)
-            if sha != pf.source_sha256:
-                raise PackedCorrupt(src, "file", f"unpacks to bytes of sha256 {sha[:12]}, not the "
-                                                 f"{pf.source_sha256[:12]} it was packed from")
+                sha, size = write_safetensors(pf, f, check_digests)
+            if size != pf.source_size:
+                raise PackedCorrupt(src, "file", f"unpacks to {size:,} bytes, not the {pf.source_size:,} of the "
+                                                 "safetensors file it holds")
             commit_file(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -534,30 +612,35 @@ def kept_copy(src: Path, folder: Path) -> Path:
     """`src` unpacked into `folder` (which the caller removes); a full disk is one line naming TMPDIR."""
     out = folder / f"{Path(src).stem}.safetensors"
     try:
-        unpack(src, out)
+        unpack(src, out, check_digests=False)
     except OSError as e:
         raise FlannelError(f"{src}: cannot unpack it into {folder} to check it ({e.strerror}); set TMPDIR to a "
                            "folder with room for the safetensors form") from None
     return out
 
 
-def write_safetensors(pf: PackedFile, f: BinaryIO) -> str:
-    """Decode every frame of `pf` into `f`, in the safetensors file's byte order; returns the sha256 written."""
+def write_safetensors(pf: PackedFile, f: BinaryIO, check_digests: bool = True) -> tuple[str, int]:
+    """Decode every frame of `pf` into `f`, in the safetensors file's byte order, checking each (V, H) slice against
+    its recorded digest; returns the sha256 and the size written."""
     whole = hashlib.sha256()
     head = pf.head()
     f.write(head)
     whole.update(head)
-    pos = 0
+    size, pos = len(head), 0
     for k in sorted(pf.keys.values(), key=lambda k: k.data_offsets[0]):
         if k.data_offsets[0] != pos:
             raise PackedCorrupt(pf.path, k.name, f"the index puts it at byte {k.data_offsets[0]} of the data, not "
                                                  f"{pos}")
+        if math.prod(k.shape) * ITEMSIZE.get(k.dtype, 0) != k.data_offsets[1] - k.data_offsets[0]:
+            raise PackedCorrupt(pf.path, k.name, "its data offsets do not match its dtype and shape")
         if k.codec == "bytes":
             data = pf.key_bytes(k.name)
             f.write(data)
             whole.update(data)
+            size += len(data)
         else:
-            runs, steps1, v, h = k.shape
+            runs, steps1 = k.shape[:2]
+            digests = _recorded_digests(pf, k) if check_digests else None
             n_chunks = len(pf.chunk_bounds(k.name))
             for run in range(runs):
                 previous: list[np.ndarray | None] = [None] * n_chunks
@@ -565,9 +648,23 @@ def write_safetensors(pf: PackedFile, f: BinaryIO) -> str:
                     for c in range(n_chunks):
                         previous[c] = pf.read_chunk(k.name, run, step, c, previous[c])
                     data = b"".join(p.tobytes() for p in previous)
+                    if digests is not None and hashlib.sha256(data).digest() != digests[run][step]:
+                        raise PackedCorrupt(pf.path, k.name, "decodes to numbers whose sha256 is not the digest the "
+                                                             f"run recorded (digest_{k.name})", run, step)
                     f.write(data)
                     whole.update(data)
+                    size += len(data)
         pos = k.data_offsets[1]
-        if len(pf.keys) and pos - k.data_offsets[0] != math.prod(k.shape) * ITEMSIZE.get(k.dtype, 0):
-            raise PackedCorrupt(pf.path, k.name, "its data offsets do not match its dtype and shape")
-    return whole.hexdigest()
+    return whole.hexdigest(), size
+
+
+def _recorded_digests(pf: PackedFile, k: KeyInfo) -> list[list[bytes]]:
+    """digest_<name> of a per-step key, [run][step] -> its 32 bytes."""
+    name = f"{content.DIGEST_PREFIX}{k.name}"
+    if name not in pf.keys:
+        raise PackedCorrupt(pf.path, k.name, f"has no {name} to check its slices against")
+    raw = pf.key_bytes(name)
+    runs, steps1 = k.shape[:2]
+    if len(raw) != runs * steps1 * 32:
+        raise PackedCorrupt(pf.path, name, f"holds {len(raw)} bytes, not {runs * steps1 * 32}")
+    return [[raw[(r * steps1 + t) * 32:(r * steps1 + t + 1) * 32] for t in range(steps1)] for r in range(runs)]
