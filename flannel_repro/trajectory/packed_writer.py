@@ -177,7 +177,7 @@ class PackedWriter(TrajectoryWriter):
         """Keep the frames of every (run, step) up to `resume_at` (None: none), checked; drop the rest."""
         s = self.stream
         order = [(n, c) for n in s.per_step for c in range(len(s.bounds[n]))]
-        runs, steps1 = (self.specs[s.per_step[0]].shape[:2]) if s.per_step else (0, 0)
+        steps1 = self.specs[s.per_step[0]].shape[1] if s.per_step else 0
         view = _FramesView(self.frames_path, self._frames, s)
         frames = packed.scan(self._frames, os.fstat(self._frames.fileno()).st_size)
         end = packed._FIXED.size
@@ -203,7 +203,6 @@ class PackedWriter(TrajectoryWriter):
         os.pwrite(self._frames.fileno(), bytes(packed._FIXED.size), 0)  # a run killed in commit() wrote it
         s.w.pos = end
         self._frames.seek(end)
-        del runs
 
 
 class _FramesView(packed.PackedFile):
