@@ -5,8 +5,8 @@ user and sys CPU, peak RSS (os.wait4). On one trajectory file:
 - size per key: safetensors bytes, packed bytes, zstd -3 on that key's raw bytes, ZipNN (if the `zipnn` package is
   installed) on them; and the whole file against zstd -3 on the raw file;
 - `flannel-repro pack` and `unpack` (the unpacked file's sha256 against the original's) and their throughput;
-- reads, packed against safetensors, page cache warm: W at one step (a key frame; the step before the next key
-  frame, the worst case; the middle of a span), a block of 10 steps, one token's path over every step.
+- reads, packed against safetensors, page cache warm: W at one step (a key frame; a typical step; the step with
+  the longest chain, the worst case), a block of 10 steps, one token's path over every step.
 
     python bench/packed.py tensors/Flannel/1.20h_flannel_7.safetensors [--repeat 3]
 """
@@ -75,13 +75,11 @@ def case(name: str, path: str, out: str) -> None:
         kind, _, what = name.partition(":")
         start = time.perf_counter()
         traj = load_trajectory(path)
-        k, key_every = traj.params.train.steps, int(out)
-        key = min(k // key_every, 2) * key_every  # a key frame (step 0 only in a run shorter than key_every)
-        worst = min(k, key_every - 1)  # the step before the first key frame after 0: key_every frames per chunk
+        k, (key, mid, worst) = traj.params.train.steps, read_steps(traj.params.train.steps, int(out))
         read = {
             "step_key": lambda: traj.step("W", key),
             "step_worst": lambda: traj.step("W", worst),
-            "step_mid": lambda: traj.step("W", worst // 2),
+            "step_mid": lambda: traj.step("W", mid),
             "block_10": lambda: traj.step_block("W", k // 2, k // 2 + 10),
             "token_path": lambda: traj.token_rows("W", 42),
         }[what]
@@ -90,8 +88,8 @@ def case(name: str, path: str, out: str) -> None:
         read()
         first, first_cpu = time.perf_counter() - opened, time.process_time() - cpu
         again = []
-        for _ in range(5):  # the same read again, with nothing decoded kept (the packed reader's last step)
-            getattr(traj, "_last", {}).clear()
+        for _ in range(5):  # the same read again, with nothing decoded kept (the packed reader's last chains)
+            getattr(traj, "clear_cache", lambda: None)()
             t0 = time.process_time()
             read()
             again.append(time.process_time() - t0)
@@ -99,6 +97,14 @@ def case(name: str, path: str, out: str) -> None:
         start = opened
     result["seconds"] = time.perf_counter() - start
     print(json.dumps(result))
+
+
+def read_steps(steps: int, key_every: int) -> tuple[int, int, int]:
+    """Steps of W to read: a key frame (1 frame per chunk), one of a typical chain (offset 19 in a span of 32: 4
+    frames) and the longest chain (offset key_every - 1: 1 + log2(key_every) frames), in the second span where the
+    run has one."""
+    base = key_every if steps >= 2 * key_every else 0
+    return (min(base, steps), min(base + min(19, key_every - 1), steps), min(base + key_every - 1, steps))
 
 
 def main() -> None:
@@ -112,7 +118,7 @@ def main() -> None:
         return
     # No torch here: a forked child's peak RSS starts at its parent's (Linux keeps the high-water mark over exec).
     from flannel_repro.core.safetensors_header import read_checked_header
-    from flannel_repro.trajectory.packed import KEY_EVERY
+    from flannel_repro.trajectory.packed import KEY_EVERY, chain
 
     src = Path(args.file)
     me = str(Path(__file__).resolve())
@@ -157,9 +163,10 @@ def main() -> None:
               "the whole process's wall, s")
         print(f"{'case':32}{'1st st':>9}{'1st pk':>9}{'pk/st':>7}{'cpu st':>9}{'cpu pk':>9}{'pk/st':>7}"
               f"{'open st':>9}{'open pk':>9}{'wall st':>8}{'wall pk':>8}")
-        for what, label in (("step_key", "one step (a key frame)"),
-                            ("step_mid", "one step (middle of a span)"),
-                            ("step_worst", "one step (the last of a span)"),
+        chains = [len(chain(t, KEY_EVERY)) for t in read_steps(steps, KEY_EVERY)]
+        for what, label in (("step_key", f"one step ({chains[0]} frame per chunk)"),
+                            ("step_mid", f"one step ({chains[1]} frames per chunk)"),
+                            ("step_worst", f"one step ({chains[2]} frames per chunk)"),
                             ("block_10", "a block of 10 steps"), ("token_path", "one token's path, all steps")):
             best = {}
             for form, path in (("st", src), ("pk", packed)):

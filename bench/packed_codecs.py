@@ -3,8 +3,9 @@
 On one safetensors trajectory, one core, each candidate's bytes for W and grad_W (all steps) and the ratio against
 their safetensors bytes:
 - zstd on the raw file (python-zstandard, levels 3 and 9), the general-purpose anchor;
-- per step: byte planes + zstd; W XOR the previous step, byte planes + zstd; with key frames every K steps and
-  frames of R rows (the packed form's own layout);
+- per step: byte planes + zstd; W XOR the previous step, byte planes + zstd; XOR the step the packed form's
+  version 2 refers to (the offset in the span with its lowest set bit cleared: at most 1 + log2(K) frames per
+  step read); with key frames every K steps and frames of R rows (the packed form's own layout);
 - blosc bitshuffle + zstd (numcodecs, what zarr v3 would store per chunk), on the slices and on the XOR deltas;
 - ZipNN (the `zipnn` package, byte grouping + entropy coding for bf16), on the slices and on the XOR deltas.
 A codec whose package is not installed is skipped, with a line saying so.
@@ -24,7 +25,7 @@ import torch
 import zstandard
 
 from flannel_repro.trajectory.file import load_trajectory
-from flannel_repro.trajectory.packed import to_planes
+from flannel_repro.trajectory.packed import reference, to_planes
 
 
 def cpu_name() -> str:
@@ -38,14 +39,14 @@ def slices(traj, name: str) -> list[np.ndarray]:
             for t in range(traj.n_steps + 1)]
 
 
-def framed(words: list[np.ndarray], key_every: int, rows: int, delta: bool, level: int, to_key: bool = False) -> int:
-    """Bytes of the packed layout: frames of `rows` rows, byte planes, XOR with the step before (`to_key`: with the
-    span's key frame) unless a key frame."""
+def framed(words: list[np.ndarray], key_every: int, rows: int, delta: bool, level: int, to: str = "prev") -> int:
+    """Bytes of the packed layout: frames of `rows` rows, byte planes, XOR with the step before (`to` "prev"), the
+    span's key frame ("key") or the packed form's reference step ("ref") unless a key frame."""
     c = zstandard.ZstdCompressor(level=level)
     total = 0
     for t, w in enumerate(words):
-        ref = words[t - t % key_every] if to_key else words[t - 1]
-        src = w ^ ref if delta and t % key_every else w
+        r = {"prev": t - 1, "key": t - t % key_every, "ref": reference(t, key_every)}[to]
+        src = w ^ words[r] if delta and t % key_every else w
         for a in range(0, w.shape[0], rows):
             total += len(c.compress(to_planes(np.ascontiguousarray(src[a : a + rows]).reshape(-1))))
     return total
@@ -97,8 +98,16 @@ def main() -> None:
     for name, words in data.items():
         for key_every in (5, 10, 25):
             start = time.perf_counter()
-            n = framed(words, key_every, 1024, True, 3, to_key=True)
+            n = framed(words, key_every, 1024, True, 3, to="key")
             row(f"xor key frame, planes, zstd -3, key {key_every}, 1024 rows", name, n, time.perf_counter() - start)
+        for key_every in (8, 16, 32, 64):
+            start = time.perf_counter()
+            n = framed(words, key_every, 1024, True, 3, to="ref")
+            row(f"xor ref step (v2), planes, zstd -3, key {key_every}, 1024 rows", name, n,
+                time.perf_counter() - start)
+        start = time.perf_counter()
+        n = framed(words, 32, 1024, True, 3)
+        row("xor prev, planes, zstd -3, key 32, 1024 rows", name, n, time.perf_counter() - start)
     try:
         from numcodecs import Blosc, blosc
     except ImportError:

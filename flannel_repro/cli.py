@@ -494,12 +494,12 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from flannel_repro.core.paths_guard import Files, check_files
-    from flannel_repro.trajectory.packed import PACKED_SUFFIX, pack
+    from flannel_repro.trajectory.packed import KEY_EVERY, PACKED_SUFFIX, pack
 
     src = Path(args.file)
     out = Path(args.out) if args.out else src.with_suffix(PACKED_SUFFIX)
     check_files(Files({"the trajectory": src}, {"the packed file": out}))
-    r = pack(src, out, key_every=args.key_every, threads=args.threads)
+    r = pack(src, out, key_every=args.key_every or KEY_EVERY, threads=args.threads)
     _emit(f"packed: {out} ({r.packed_bytes:,} bytes, {r.ratio:.2f}x smaller than the {r.source_bytes:,}-byte "
           f"safetensors file of sha256 {r.source_sha256[:12]}; `flannel-repro unpack` gives it back)")
     return 0
@@ -522,8 +522,9 @@ def _pack_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help=help_text, description=help_text)
     p.add_argument("file", help="trajectory file (safetensors) written by `flannel-repro train`")
     p.add_argument("out", nargs="?", help="packed file (default: FILE with the suffix .flpack)")
-    p.add_argument("--key-every", type=_count, default=25, metavar="K",
-                   help="a key frame every K steps: one step decodes at most K frames (default 25)")
+    p.add_argument("--key-every", type=_count, metavar="K",
+                   help="a key frame every K steps: one step decodes at most 1 + log2(K) frames per chunk "
+                        "(default 32)")
     p.add_argument("--threads", type=_threads, default=2, metavar="N", help="compression threads (default 2)")
     p.set_defaults(func=cmd_pack)
     help_text = "unpack a packed trajectory into the very safetensors file that was packed (same sha256)"

@@ -329,6 +329,34 @@ def test_push_pull_round_trip_is_bit_identical(project, tmp_path):
     assert "Data and pipelines are up to date." in dvc("status", "dvc.yaml", cwd=project).stdout
 
 
+def test_a_packed_trajectory_is_an_output_that_pushes_and_pulls_as_it_is(project, tmp_path):
+    """record.format packed: the pipeline writes the .flpack, DVC caches and moves the small file, and what comes
+    back is the same bytes, which check proves intact; the metrics say how much smaller it is."""
+    plain = load_params(project / "params.yaml").paths.trajectory
+    plain_bytes = (project / plain).stat().st_size
+    packed = str(Path(plain).with_suffix(".flpack"))
+    set_params(project, record={"format": "packed"}, paths={"trajectory": packed})
+    assert {"train", "exposure", "verify@rerun"} <= set(ran(dvc("repro", cwd=project)))
+    digest, size = sha256_file(project / packed), (project / packed).stat().st_size
+    metrics = json.loads((project / "metrics/train.json").read_text())
+    assert metrics["trajectory_bytes"] == size < plain_bytes
+    assert metrics["trajectory_ratio"] == pytest.approx(plain_bytes / size, rel=1e-3)
+    assert packed in {o["path"] for o in lock(project)["train"]["outs"]}
+    dvc("remote", "add", "-d", "shared", str(tmp_path / "remote"), cwd=project)
+    dvc("push", "train", cwd=project)
+    remote = [p for p in (tmp_path / "remote").rglob("*") if p.is_file()]
+    assert digest in {sha256_file(p) for p in remote}  # the packed bytes themselves are what the remote holds
+    assert plain_bytes not in {p.stat().st_size for p in remote}  # and not the safetensors form
+    shutil.rmtree(project / ".dvc/cache")
+    (project / packed).unlink()
+    dvc("pull", "train", cwd=project)
+    assert sha256_file(project / packed) == digest
+    proc = subprocess.run([str(VENV_BIN / "flannel-repro"), "check", packed], cwd=project, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "verdict: intact" in proc.stdout, proc.stdout + proc.stderr
+    assert "Data and pipelines are up to date." in dvc("status", "train", cwd=project).stdout
+
+
 def test_exp_run_set_changes_only_that_value_in_params_yaml(tmp_path):
     """The repository's own params.yaml (its comments, lists and empty values) through DVC's round trip: after `dvc
     exp run -S`, `git diff params.yaml` shows the changed value and nothing else."""

@@ -104,6 +104,35 @@ def test_the_reader_returns_the_same_numbers_as_the_file(project):
     assert raw(a.step("losses_f32", 3, 1)) == raw(b.step("losses_f32", 3, 1))
 
 
+def test_a_version_1_file_still_reads_and_unpacks(project, tmp_path):
+    """Files packed before version 2 (delta frames against the step before) read and unpack as they did."""
+    pack(project / TRAJ, tmp_path / "v1.flpack", key_every=4, rows_per_chunk=ROWS, version=1)
+    assert (tmp_path / "v1.flpack").read_bytes()[8:12] == struct.pack("<I", 1)
+    assert unpack(tmp_path / "v1.flpack", tmp_path / "back.safetensors") == sha256(project / TRAJ)
+    a, b = Trajectory(project / TRAJ), load_trajectory(tmp_path / "v1.flpack")
+    for t in (11, 2, 12, 7):
+        assert raw(a.step("W", t, 1)) == raw(b.step("W", t, 1)), t
+    assert raw(a.token_rows("W", [5, 299], 0)) == raw(b.token_rows("W", [5, 299], 0))
+    assert check(tmp_path / "v1.flpack").exit_code == 0
+
+
+@pytest.mark.parametrize("key_every", [1, 2, 4, 5, 32, 100])
+def test_a_chain_is_short_and_holds_the_chain_of_the_next_step(key_every):
+    """What the reader's reuse and the writer's memory rest on: every step a step refers to is on the chain of the
+    step before it (a walk decodes one new frame per step), the writer's held steps are exactly those still
+    referred to, and a chain has at most 1 + log2(key_every) frames."""
+    from flannel_repro.trajectory.packed import chain, reference, referenced
+
+    for t in range(3 * key_every + 2):
+        assert len(chain(t, key_every)) <= 1 + (key_every - 1).bit_length()
+        assert chain(t, key_every)[0] == t - t % key_every and chain(t, key_every)[-1] == t
+        r = reference(t + 1, key_every)
+        assert r is None or r in chain(t, key_every)
+        later = {reference(u, key_every) for u in range(t + 1, t - t % key_every + key_every)} - {None}
+        assert referenced(t, key_every) == {u for u in later if u <= t} <= set(chain(t, key_every))
+        assert chain(t, key_every, version=1) == list(range(t - t % key_every, t + 1))
+
+
 def test_both_forms_have_one_content_digest_and_check_intact(project):
     plain, packed = check(project / TRAJ), check(project / "t.flpack")
     assert plain.exit_code == packed.exit_code == 0, packed.lines()
@@ -141,8 +170,9 @@ def test_diff_and_verify_take_the_packed_form(tmp_path, tiny_data):
 
 
 # -- random access -------------------------------------------------------------------------------------------
-def test_one_step_decodes_back_to_its_key_frame_only(project):
-    """A damaged frame at step 9 leaves every step before its key-frame span readable: step 7 never decodes it."""
+def test_one_step_decodes_its_chain_only(project):
+    """A damaged frame at step 9 leaves readable every step whose chain does not hold it: with key frames every 4
+    steps, 10 refers to 8 (not 9) and 11 to 10, so only step 9 decodes it."""
     at = frames(project / "t.flpack", "W")[frame_index(project / "t.flpack", "W", 0, 9, 2)]
 
     def flip(data: bytearray) -> bytearray:
@@ -152,10 +182,10 @@ def test_one_step_decodes_back_to_its_key_frame_only(project):
     bad = edited(project, "late.flpack", flip)
     good = Trajectory(project / TRAJ)
     with load_trajectory(bad) as traj:
-        for t in (7, 3, 8, 12, 13):  # 8 is the key frame of 9's span; 12 starts the next span
+        for t in (7, 3, 8, 10, 11, 12, 13):  # 8 is the key frame of 9's span; 12 starts the next span
             assert raw(traj.step("W", t)) == raw(good.step("W", t)), t
         with pytest.raises(PackedCorrupt, match="W at run 0, step 9: the delta frame \\(chunk 2\\)"):
-            traj.step("W", 10)  # decodes 8, 9, 10
+            traj.step("W", 9)  # decodes 8, 9
         assert raw(traj.token_rows("W", 10)) == raw(good.token_rows("W", 10))  # chunk 0 only
         with pytest.raises(PackedCorrupt, match="step 9"):
             traj.token_rows("W", 2 * ROWS + 5)
@@ -167,7 +197,7 @@ def corrupt_cli(project: Path, path: Path, line: str, code: int = 1) -> None:
     for args in (("check", str(path)), ("unpack", str(path), str(project / "never.safetensors"))):
         proc = run_cli(*args, cwd=project)
         assert proc.returncode == code, proc.stdout + proc.stderr
-        assert "Traceback" not in proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
         assert line in proc.stdout + proc.stderr, proc.stdout + proc.stderr
         if args[0] == "unpack":
             assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -229,11 +259,11 @@ def test_a_key_frame_overwritten_in_place(project):
 
 def test_a_newer_format_version_is_unreadable(project):
     def newer(data: bytearray) -> bytearray:
-        data[8:12] = struct.pack("<I", 2)
+        data[8:12] = struct.pack("<I", 3)
         return data
 
-    corrupt_cli(project, edited(project, "v2.flpack", newer),
-                "packed trajectory format version 2, but this flannel-repro reads version 1", code=2)
+    corrupt_cli(project, edited(project, "v3.flpack", newer),
+                "packed trajectory format version 3, but this flannel-repro reads versions 1 to 2", code=2)
 
 
 def test_packing_a_broken_or_packed_file_is_refused_and_writes_nothing(project, tmp_path):

@@ -5,6 +5,7 @@ bytes, and nothing is at the output path until the commit."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -25,7 +26,7 @@ from flannel_repro.trajectory.packed import pack, unpack
 
 SAFE = "tensors/Flannel/1.20h_flannel_7.safetensors"
 PACKED = "tensors/Flannel/1.20h_flannel_7.flpack"
-STEPS = 30  # past a key frame (every 25 steps), so delta frames follow a key frame after it
+STEPS = 40  # past a key frame (every 32 steps), so delta frames follow a key frame after it
 RUN = {"train": {"num_runs": 2, "steps": STEPS, "checkpoint_every": 4}}
 AS_PACKED = {"record": {"format": "packed"}, "paths": {"trajectory": PACKED}}
 
@@ -102,11 +103,11 @@ def _train_process(root: Path, *args: str) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-@pytest.mark.parametrize("signum, after", [(signal.SIGTERM, 6), (signal.SIGKILL, 9), (signal.SIGKILL, 40)])
+@pytest.mark.parametrize("signum, after", [(signal.SIGTERM, 6), (signal.SIGKILL, 37), (signal.SIGKILL, 60)])
 def test_a_stopped_or_killed_packed_run_resumes_to_the_same_bytes(runs, tmp_path, tiny_data, signum, after):
     """Stopped by SIGTERM, or killed with SIGKILL (no chance to clean up), at a point chosen by the progress the
-    frames file shows: `train --resume` ends with the uninterrupted run's bytes. Step 40 of the 62 the two runs
-    record is in run 2."""
+    frames file shows: `train --resume` ends with the uninterrupted run's bytes. Of the 82 (run, step)s the two runs
+    record, the 37th is in run 1's second key-frame span and the 60th in run 2."""
     _, packed = runs
     root = project(tiny_data, tmp_path / "p", AS_PACKED)
     proc = _train_process(root)
@@ -125,6 +126,43 @@ def test_a_stopped_or_killed_packed_run_resumes_to_the_same_bytes(runs, tmp_path
     assert done.returncode == 0, done.stdout + done.stderr
     assert sha256(folder) == sha256(packed / PACKED)
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".flannel-tmp")] == []
+
+
+def test_a_full_disk_while_training_keeps_the_partial_run_and_the_resume_ends_in_the_same_bytes(runs, tmp_path,
+                                                                                                tiny_data):
+    """The disk fills up under a packed run (a real tmpfs, filled from outside while it trains): one line naming the
+    file and the free space, exit 2, the partial run kept; with room again, `--resume` ends in the uninterrupted
+    run's bytes."""
+    _, packed = runs
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        root = project(tiny_data, disk / "p", AS_PACKED)
+        proc = _train_process(root)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            frames = list((root / PACKED).parent.glob(".flannel-tmp-*.frames.*"))
+            if frames and _steps_in(frames[0]) >= 20:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+            while True:
+                f.write(bytes(1 << 16))
+                f.flush()
+        _, err = proc.communicate(timeout=300)
+        lines = [x for x in err.splitlines() if "steps/s" not in x]
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert "No space left on device" in lines[-1] and "`flannel-repro train --resume` continues" in lines[-1], err
+        assert not (root / PACKED).exists()
+        (disk / "filler").unlink()
+        done = run_cli("train", "--resume", cwd=root)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert sha256(root / PACKED) == sha256(packed / PACKED)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def _steps_in(frames: Path) -> int:

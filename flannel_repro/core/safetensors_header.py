@@ -122,15 +122,25 @@ def read_raw_header(path: Path, what: str = "trajectory file") -> RawHeader:
             raw = f.read(n)
     except OSError as e:
         raise FlannelError(f"{path}: {what} cannot be read ({e.strerror})") from None
+    return parse_raw_header(path, head + raw, size, what)
+
+
+def parse_raw_header(path: Path, head: bytes, size: int, what: str = "trajectory file") -> RawHeader:
+    """The `RawHeader` of a file of `size` bytes that starts with `head` (its 8-byte length and JSON header; a
+    packed file keeps these bytes as they are), with the checks of `read_raw_header`."""
+    (n,) = struct.unpack("<Q", head[:8]) if len(head) >= 8 else (-1,)
+    if n != len(head) - 8 or n > _HEADER_LIMIT or 8 + n > size:
+        raise FlannelError(f"{path}: {what} is not a safetensors file or is truncated (header of {n} bytes, file "
+                           f"of {size})")
     try:
-        header = json.loads(raw, parse_int=_u64)
+        header = json.loads(head[8:], parse_int=_u64)
         json.dumps(header, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape is no Unicode text
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeError are ValueErrors
         why = "nested too deeply" if isinstance(e, RecursionError) else "not JSON" if not isinstance(e, _TooLong) else e
         raise FlannelError(f"{path}: {what} is not a safetensors file (its header is {why})") from None
     if not isinstance(header, dict):
         raise FlannelError(f"{path}: {what} is not a safetensors file (its header is not a JSON object)")
-    return RawHeader(path, size, head + raw, header)
+    return RawHeader(path, size, head, header)
 
 
 class _TooLong(ValueError):

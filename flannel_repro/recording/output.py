@@ -383,14 +383,19 @@ def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _stop(writer: TrajectoryWriter, checkpoints: Checkpoints) -> str | None:
-    """A failed or interrupted run: keep the partial trajectory only if a checkpoint can resume it, and say how."""
+    """A failed or interrupted run: keep the partial trajectory only if a checkpoint can resume it, and say how. (A
+    close that fails, as on a full disk, keeps it too: the resume checks what the checkpoint holds and drops the
+    rest.)"""
+    marker = None
     with contextlib.suppress(FlannelError, OSError):
         marker = checkpoints.read_marker()
-        if marker is not None and marker.temp == writer.tmp_path:
+    if marker is not None and marker.temp == writer.tmp_path:
+        with contextlib.suppress(FlannelError, OSError):
             writer.close()
+        with contextlib.suppress(FlannelError, OSError):
             checkpoints.release()
-            where = f"after run {marker.run + 1}, step {marker.step}" if marker.step else f"with run {marker.run + 1}"
-            return f"`flannel-repro train --resume` continues {where}"
+        where = f"after run {marker.run + 1}, step {marker.step}" if marker.step else f"with run {marker.run + 1}"
+        return f"`flannel-repro train --resume` continues {where}"
     writer.abort()
     checkpoints.clear()
     checkpoints.release()

@@ -3,9 +3,11 @@
 A packed file holds the safetensors file's own header bytes and every key's data in zstd frames (python-zstandard),
 so `unpack` gives back the very file the run wrote (same sha256) and both forms share the content digest. Each
 per-step (V, H) slice is stored per (run, step) with its 16-bit words as two byte planes (all low bytes, then all
-high bytes); W (and Adam's moments) as the XOR with the same rows one step before, except at every `key_every`-th
-step (a key frame, self-contained), and in frames of `rows_per_chunk` rows, so reading one step decodes at most
-`key_every` frames per chunk and a token's path one frame per step, never whole slices. grad_W, whose steps do not
+high bytes). W (and Adam's moments) are key frames (self-contained) at every `key_every`-th step and delta frames
+between them, in frames of `rows_per_chunk` rows: a delta frame is the XOR with the same rows at its reference step,
+the step with the lowest set bit of its offset in the span cleared (`reference`: step 13 of a span refers to 12, 12
+to 8, 8 to the key frame), so reading one step decodes at most 1 + log2(key_every) frames per chunk, a walk over the
+steps one frame per step, and a token's path one frame per step, never whole slices. grad_W, whose steps do not
 resemble each other, is one frame per whole slice.
 
 Every frame starts with a fixed record naming its key, run, step and chunk and the sha256 of the frame, so a
@@ -28,7 +30,7 @@ import os
 import stat
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,17 +41,20 @@ import zstandard
 
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import commit_file, temp_path_for
-from flannel_repro.core.safetensors_header import ITEMSIZE, read_checked_header
+from flannel_repro.core.safetensors_header import ITEMSIZE, layout_problems, parse_raw_header, read_checked_header
 from flannel_repro.trajectory import content
 from flannel_repro.trajectory.layout import SCHEDULE_KEY
 
 MAGIC = b"\x89FLANPK\n"  # as the first 8 bytes of a safetensors file, a header length far past its 100 MB limit
-VERSION = 1
+VERSION = 2  # 2: a delta frame refers to its `reference` step; 1 (read, not written): to the step before
+READS = (1, 2)
 PACKED_SUFFIX = ".flpack"
 INDEX_FORMAT = "flannel-packed/1"
-KEY_EVERY = 25  # a key frame every 25 steps: one step decodes at most 25 frames (docs/packed.md: the measurements)
+KEY_EVERY = 32  # a key frame every 32 steps: one step decodes at most 6 frames (docs/packed.md: the measurements)
 ROWS_PER_CHUNK = 1024  # rows of W per frame: a token's path decodes 128 KB per step at H = 64
 LEVEL = 3  # zstd level
+_CHAIN_GROUPS = 4  # (key, run) pairs whose last decoded chains a reader keeps
+_DECODED_LIMIT = 1 << 32  # no frame decodes to more (a whole (V, H) slice of 50k x 4k bf16 is 0.4 GB)
 
 # The file's fixed header: magic, version, key_every, rows_per_chunk, flags, index offset, index length, and the
 # sha256 of the index frame's payload.
@@ -108,11 +113,36 @@ class KeyInfo:
     shape: tuple[int, ...]
     data_offsets: tuple[int, int]
     codec: str  # "bytes" (one frame), "planes" or "xor-planes" (per run, step and chunk)
-    frames: tuple[int, ...]
+    frames: Sequence[int]  # record offsets, in (run, step, chunk) order
 
     @property
     def per_step(self) -> bool:
         return self.codec != "bytes"
+
+
+def reference(step: int, key_every: int, version: int = VERSION) -> int | None:
+    """The step a delta frame at `step` is XORed with; None for a key frame (`step mod key_every == 0`). Version 2:
+    `step` with the lowest set bit of its offset in the span cleared; version 1: the step before."""
+    offset = step % key_every
+    if offset == 0:
+        return None
+    return step - 1 if version == 1 else step - (offset & -offset)
+
+
+def chain(step: int, key_every: int, version: int = VERSION) -> list[int]:
+    """The steps whose frames decode `step`: its key frame first, `step` last (a step's chain holds the chain of
+    every step it refers to, so reading the steps in order decodes one new frame per step)."""
+    out = [step]
+    while (r := reference(out[-1], key_every, version)) is not None:
+        out.append(r)
+    return out[::-1]
+
+
+def referenced(step: int, key_every: int, version: int = VERSION) -> set[int]:
+    """The steps up to `step` that a later delta frame of the same span refers to: what a writer keeps."""
+    end = step - step % key_every + key_every
+    refs = {reference(t, key_every, version) for t in range(step + 1, end)}
+    return {r for r in refs if r is not None and r <= step}
 
 
 def codec_for(name: str, dtype: str, shape: tuple[int, ...], step_names: set[str]) -> str:
@@ -163,29 +193,38 @@ class FrameStream:
     (packed_writer.py) feeds it from training, so the two give the same bytes."""
 
     def __init__(self, f: BinaryIO, entries: dict[str, dict[str, Any]], key_every: int = KEY_EVERY,
-                 rows_per_chunk: int = ROWS_PER_CHUNK, level: int = LEVEL, threads: int = 2) -> None:
-        self.key_every, self.rows_per_chunk = key_every, rows_per_chunk
+                 rows_per_chunk: int = ROWS_PER_CHUNK, level: int = LEVEL, threads: int = 2,
+                 version: int = VERSION) -> None:
+        self.key_every, self.rows_per_chunk, self.version = key_every, rows_per_chunk, version
         self.entries = entries  # name -> {"dtype", "shape", "data_offsets"}, as the safetensors header has them
         steps = content.step_keyed(entries)
         self.codecs = {n: codec_for(n, e["dtype"], tuple(e["shape"]), steps) for n, e in entries.items()}
         self.per_step = sorted(n for n, c in self.codecs.items() if c != "bytes")
         self.bounds = {n: _chunks(entries[n]["shape"][2], rows_per_chunk, self.codecs[n]) for n in self.per_step}
         self.frames: dict[str, list[int]] = {n: [] for n in entries}
-        self.previous: dict[str, np.ndarray] = {}  # a delta key's words at the step before the next one
+        self.held: dict[str, dict[int, np.ndarray]] = {}  # a delta key's words at the steps later frames refer to
         self.w = _FrameWriter(f, level, threads)
 
     def add_step(self, run: int, step: int, slices: dict[str, np.ndarray]) -> None:
         """Append the frames of every per-step key at (run, step); `slices[name]` is its (V, H) uint16 words."""
         for name in self.per_step:
             words = slices[name]
-            delta = self.codecs[name] == "xor-planes" and step % self.key_every != 0
-            source = np.bitwise_xor(words, self.previous[name]) if delta else words
+            xor = self.codecs[name] == "xor-planes"
+            ref = reference(step, self.key_every, self.version) if xor else None
+            source = words if ref is None else np.bitwise_xor(words, self.held[name][ref])
             raws = [to_planes(np.ascontiguousarray(source[a:b]).reshape(-1)) for a, b in self.bounds[name]]
-            kind = DELTA if delta else KEY
+            kind = KEY if ref is None else DELTA
             for chunk, payload in enumerate(self.w.compress_all(raws)):
                 self.frames[name].append(self.w.append(kind, name, run, step, chunk, payload, len(raws[chunk])))
-            if self.codecs[name] == "xor-planes":
-                self.previous[name] = words
+            if xor:
+                self.hold(name, step, {step: words})
+
+    def hold(self, name: str, step: int, decoded: dict[int, np.ndarray]) -> None:
+        """Keep, of a delta key's words held and `decoded` (step -> words), those at the steps later frames of the
+        span refer to (at most 1 + log2(key_every) of them)."""
+        keep = referenced(step, self.key_every, self.version)
+        held = {} if step % self.key_every == 0 else self.held.get(name, {})
+        self.held[name] = {s: w for s, w in {**held, **decoded}.items() if s in keep}
 
     def finish(self, head: bytes, data: dict[str, bytes], source_size: int) -> None:
         """Append the head (the safetensors file's first bytes), every other key's bytes (in data order) and the
@@ -201,7 +240,7 @@ class FrameStream:
                                   tuple(self.entries[n]["data_offsets"]), self.codecs[n], tuple(self.frames[n])))
                 for n in order]
         index = {"format": INDEX_FORMAT, "source": {"size": source_size}, "head": head_off, "keys": keys}
-        _finish(w, index, self.key_every, self.rows_per_chunk)
+        _finish(w, index, self.version, self.key_every, self.rows_per_chunk)
 
     def close(self) -> None:
         self.w.close()
@@ -220,8 +259,9 @@ class PackResult:
 
 
 def pack(src: Path, out: Path, key_every: int = KEY_EVERY, rows_per_chunk: int = ROWS_PER_CHUNK,
-         level: int = LEVEL, threads: int = 2) -> PackResult:
-    """Pack the safetensors trajectory `src` into `out` (written to a temporary name, renamed into place)."""
+         level: int = LEVEL, threads: int = 2, version: int = VERSION) -> PackResult:
+    """Pack the safetensors trajectory `src` into `out` (written to a temporary name, renamed into place);
+    `version=1` writes the format an older flannel-repro reads."""
     src, out = Path(src), Path(out)
     for what, value in (("--key-every", key_every), ("rows per chunk", rows_per_chunk), ("--threads", threads)):
         if value < 1:
@@ -241,7 +281,7 @@ def pack(src: Path, out: Path, key_every: int = KEY_EVERY, rows_per_chunk: int =
         with open(src, "rb") as s, open(tmp, "r+b") as f:
             fd, size = s.fileno(), os.fstat(s.fileno()).st_size
             whole = _file_sha256(fd)
-            stream = FrameStream(f, entries, key_every, rows_per_chunk, level, threads)
+            stream = FrameStream(f, entries, key_every, rows_per_chunk, level, threads, version)
             try:
                 if stream.per_step:
                     runs, steps1, v, h = entries[stream.per_step[0]]["shape"]
@@ -299,19 +339,26 @@ def _chunks(v: int, rows_per_chunk: int, codec: str) -> list[tuple[int, int]]:
     return [(a, min(a + rows, v)) for a in range(0, v, rows)]
 
 
+def _natural(x: Any, limit: int) -> int:
+    """An index's integer field: a JSON integer from 0 to `limit`, else ValueError."""
+    if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= limit:
+        raise ValueError(f"{x!r} is not an integer from 0 to {limit:,}")
+    return x
+
+
 def _key_json(k: KeyInfo) -> dict[str, Any]:
     return {"name": k.name, "dtype": k.dtype, "shape": list(k.shape), "data_offsets": list(k.data_offsets),
             "codec": k.codec, "frames": list(k.frames)}
 
 
-def _finish(w: _FrameWriter, index: dict[str, Any], key_every: int, rows_per_chunk: int) -> None:
+def _finish(w: _FrameWriter, index: dict[str, Any], version: int, key_every: int, rows_per_chunk: int) -> None:
     """Append the index frame, then fill in the fixed header that points at it."""
     text = json.dumps(index, separators=(",", ":")).encode("utf-8")
     payload = w.compress_all([text])[0]
     at = w.append(INDEX, "", 0, 0, 0, payload, len(text))
     length = w.pos - at
     w.f.seek(0)
-    w.f.write(_FIXED.pack(MAGIC, VERSION, key_every, rows_per_chunk, 0, at, length,
+    w.f.write(_FIXED.pack(MAGIC, version, key_every, rows_per_chunk, 0, at, length,
                           hashlib.sha256(payload).digest()))
     w.f.flush()
 
@@ -340,6 +387,7 @@ class PackedFile:
             raise FlannelError(f"{self.path}: packed trajectory cannot be read ({e.strerror})") from None
         self.size = os.fstat(self._f.fileno()).st_size
         self._dctx = zstandard.ZstdDecompressor()
+        self._chains: dict[tuple[str, int], dict[int, dict[int, np.ndarray]]] = {}  # (key, run) -> chunk -> chain
         try:
             self._open_index()
         except BaseException:
@@ -351,10 +399,11 @@ class PackedFile:
         if len(fixed) < _FIXED.size or fixed[:8] != MAGIC:
             raise FlannelError(f"{self.path}: not a packed flannel-repro trajectory (it does not start with the "
                                "packed form's magic bytes); give a file written by `flannel-repro pack`")
-        magic, version, self.key_every, self.rows_per_chunk, _, at, length, sha = _FIXED.unpack(fixed)
-        if version != VERSION:
-            raise FlannelError(f"{self.path}: packed trajectory format version {version}, but this flannel-repro "
-                               f"reads version {VERSION}; unpack it with the flannel-repro that packed it")
+        magic, self.version, self.key_every, self.rows_per_chunk, flags, at, length, sha = _FIXED.unpack(fixed)
+        if self.version not in READS:
+            raise FlannelError(f"{self.path}: packed trajectory format version {self.version}, but this flannel-repro "
+                               f"reads versions {READS[0]} to {READS[-1]}; unpack it with the flannel-repro that packed "
+                               "it")
         if at == 0:
             raise PackedCorrupt(self.path, "index", "the file was never finished (no index): the partial file of a "
                                                     "pack or a run that did not complete")
@@ -366,25 +415,63 @@ class PackedFile:
             self._diagnose(f"the index is not where the file's fixed header puts it ({e.what})")
         if hashlib.sha256(frame.payload).digest() != sha:
             raise PackedCorrupt(self.path, "index", "does not hash to the digest in the file's fixed header")
-        if self.key_every < 1 or self.rows_per_chunk < 1:
-            raise PackedCorrupt(self.path, "file", f"the fixed header holds key_every {self.key_every} and "
-                                                   f"rows_per_chunk {self.rows_per_chunk}")
+        if at + length != self.size or length != _FRAME.size + len(frame.payload):
+            raise PackedCorrupt(self.path, "file", f"the index frame is the last {length:,} bytes by the fixed header, "
+                                                   f"but the file has {self.size - at - length:,} bytes after it "
+                                                   "(appended to or extended)")
+        if self.key_every < 1 or self.rows_per_chunk < 1 or flags != 0:
+            raise PackedCorrupt(self.path, "file", f"the fixed header holds key_every {self.key_every}, "
+                                                   f"rows_per_chunk {self.rows_per_chunk} and flags {flags}")
         try:
             index = json.loads(self._decode(frame, "index", None, None))
-            if index.get("format") != INDEX_FORMAT:
-                raise ValueError(f"format {index.get('format')!r}")
-            self.source_size = int(index["source"]["size"])
-            self.keys = {k["name"]: KeyInfo(k["name"], k["dtype"], tuple(k["shape"]), tuple(k["data_offsets"]),
-                                            k["codec"], tuple(k["frames"])) for k in index["keys"]}
-            self._head_at = int(index["head"])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+                raise ValueError(f"format {index.get('format') if isinstance(index, dict) else None!r}")
+            self.source_size = _natural(index["source"]["size"], 1 << 62)
+            self._head_at = _natural(index["head"], self.size)
+            self.keys = {}
+            for k in index["keys"]:
+                frames = k["frames"]
+                if not isinstance(frames, list) or not isinstance(k["name"], str):
+                    raise TypeError(f"{k['name']!r}: a name and a list of frames")
+                self.keys[k["name"]] = KeyInfo(k["name"], k["dtype"], tuple(k["shape"]), tuple(k["data_offsets"]),
+                                               k["codec"], tuple(_natural(x, self.size) for x in frames))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise PackedCorrupt(self.path, "index", f"is not the index this flannel-repro writes ({e})") from None
-        for k in self.keys.values():
-            n_chunks = 1 if k.codec == "bytes" else len(_chunks(k.shape[2], self.rows_per_chunk, k.codec))
-            want = n_chunks if k.codec == "bytes" else k.shape[0] * k.shape[1] * n_chunks
-            if k.codec not in ("bytes", "planes", "xor-planes") or len(k.frames) != want:
-                raise PackedCorrupt(self.path, k.name, f"the index lists {len(k.frames)} frames of codec "
-                                                       f"{k.codec!r}; its shape needs {want}")
+        self.header = self._checked_head()
+
+    def _checked_head(self) -> dict[str, Any]:
+        """The safetensors header the file unpacks to, checked as any safetensors header is, and which the index
+        must describe key for key (dtype, shape, data offsets, codec, number of frames): the reader takes shapes
+        from the index, `check` from this header, so the two cannot disagree."""
+        try:
+            raw = parse_raw_header(self.path, self.head(), self.source_size, "packed safetensors header")
+        except PackedCorrupt:
+            raise
+        except FlannelError as e:
+            raise PackedCorrupt(self.path, "header", str(e).removeprefix(f"{self.path}: ")) from None
+        problems = layout_problems(raw)
+        if problems:
+            key, why = problems[0]
+            raise PackedCorrupt(self.path, "header", f"the packed safetensors header: {key + ' ' if key else ''}{why}")
+        entries = raw.entries()
+        if set(entries) != set(self.keys):
+            raise PackedCorrupt(self.path, "index", "does not list the keys of the packed safetensors header")
+        steps = content.step_keyed(entries)
+        for name, e in entries.items():
+            k = self.keys[name]
+            codec = codec_for(name, e["dtype"], tuple(e["shape"]), steps)
+            if (k.dtype, k.shape, k.data_offsets, k.codec) != (e["dtype"], tuple(e["shape"]),
+                                                               tuple(e["data_offsets"]), codec):
+                raise PackedCorrupt(self.path, name, f"the index describes it as {k.dtype} {list(k.shape)} at "
+                                                     f"{list(k.data_offsets)} ({k.codec!r}), the packed safetensors "
+                                                     f"header as {e['dtype']} {e['shape']} at {e['data_offsets']} "
+                                                     f"({codec!r})")
+            n_chunks = 1 if codec != "xor-planes" else -(-k.shape[2] // self.rows_per_chunk)
+            want = n_chunks if codec == "bytes" else k.shape[0] * k.shape[1] * n_chunks
+            if len(k.frames) != want:
+                raise PackedCorrupt(self.path, name, f"the index lists {len(k.frames)} frames of codec {codec!r}; "
+                                                     f"its shape needs {want}")
+        return raw.header
 
     def _diagnose(self, why: str) -> None:
         """The index cannot be reached (`why`): walk the frames from the first, in the order they are written (every
@@ -401,7 +488,7 @@ class PackedFile:
             order = sorted(entries, key=lambda k: entries[k]["data_offsets"][0])
             steps = content.step_keyed(entries)
             codecs = {n: codec_for(n, entries[n]["dtype"], tuple(entries[n]["shape"]), steps) for n in order}
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise PackedCorrupt(self.path, "header", f"{why}, and the packed safetensors header is unreadable"
                                 ) from None
         per_step = sorted(n for n in order if codecs[n] != "bytes")
@@ -471,6 +558,10 @@ class PackedFile:
         if tag != _TAG:
             raise PackedCorrupt(self.path, key, f"no frame at byte {at:,}, where the index puts this "
                                                 f"{_KIND_NAMES[kind]}: it is missing or was overwritten", *where)
+        if at + _FRAME.size + nlen + plen > self.size or rlen > _DECODED_LIMIT:  # before reading or allocating it
+            raise PackedCorrupt(self.path, key, f"the frame at byte {at:,} is truncated or its record damaged: it "
+                                                f"gives {plen:,} bytes of payload and {rlen:,} decoded (the file ends "
+                                                f"at {self.size:,})", *where)
         body = self._pread(at + _FRAME.size, nlen + plen)
         if len(body) < nlen + plen:
             raise PackedCorrupt(self.path, key, f"the frame at byte {at:,} is truncated (the file ends at "
@@ -511,44 +602,43 @@ class PackedFile:
         k = self.keys[name]
         return _chunks(k.shape[2], self.rows_per_chunk, k.codec)
 
-    def read_chunk(self, name: str, run: int, step: int, chunk: int, previous: np.ndarray | None,
-                   check_digest: bool = True) -> np.ndarray:
-        """Rows of chunk `chunk` of `name[run, step]` as (n,) uint16; a delta frame needs `previous`, the same
-        chunk at step - 1."""
+    def chunk_words(self, name: str, run: int, step: int, chunk: int) -> np.ndarray:
+        """Rows of chunk `chunk` of `name[run, step]` as (n,) uint16, decoded along the step's chain from its key
+        frame. The decoded chain of the last step read of each chunk is kept (for the last few keys and runs
+        read), so a walk over the steps, or reads near each other, decode one new frame per step."""
         k = self.keys[name]
-        n_chunks = len(self.chunk_bounds(name))
-        delta = k.codec == "xor-planes" and step % self.key_every != 0
-        at = k.frames[(run * k.shape[1] + step) * n_chunks + chunk]
-        frame = self._frame_at(at, DELTA if delta else KEY, name, run, step, chunk, name, check_digest)
-        words = from_planes(self._decode(frame, name, run, step))
+        xor = k.codec == "xor-planes"
+        steps = chain(step, self.key_every, self.version) if xor else [step]
         a, b = self.chunk_bounds(name)[chunk]
-        if words.size != (b - a) * k.shape[3]:
-            raise PackedCorrupt(self.path, name, f"chunk {chunk} holds {words.size} values, not "
-                                                 f"{(b - a) * k.shape[3]}", run, step)
-        if delta:
-            assert previous is not None
-            np.bitwise_xor(words, previous, out=words)
-        return words
+        n_bytes = (b - a) * k.shape[3] * 2
+        held = self._chains.pop((name, run), {})
+        self._chains[name, run] = held  # the most recently read last
+        while len(self._chains) > _CHAIN_GROUPS:
+            del self._chains[next(iter(self._chains))]
+        known, decoded, value = held.get(chunk, {}), {}, None
+        for s in steps:
+            if s in known:  # a chain is closed under `reference`: what it holds of this one decodes the same
+                value = known[s]
+            else:
+                delta = s != steps[0]
+                at = k.frames[(run * k.shape[1] + s) * len(self.chunk_bounds(name)) + chunk]
+                frame = self._frame_at(at, DELTA if delta else KEY, name, run, s, chunk, name)
+                planes = np.frombuffer(self._decode(frame, name, run, s), dtype=np.uint8)
+                if planes.size != n_bytes:
+                    raise PackedCorrupt(self.path, name, f"chunk {chunk} holds {planes.size // 2} values, not "
+                                                         f"{n_bytes // 2}", run, s)
+                value = planes if value is None else np.bitwise_xor(planes, value)  # XOR commutes with the planes
+            decoded[s] = value
+        held[chunk] = decoded
+        return from_planes(value)
 
-    def chunk_path(self, name: str, run: int, chunk: int, start: int, stop: int,
-                   known: tuple[int, np.ndarray] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(step, words) of chunk `chunk` for steps start..stop-1, decoding from the key frame at or before
-        `start` (or from `known`, the chunk at an earlier step of the same key-frame span)."""
-        k = self.keys[name]
-        first = start - start % self.key_every if k.codec == "xor-planes" else start
-        previous = None
-        if known is not None and first <= known[0] < start:
-            first, previous = known[0] + 1, known[1]
-        for step in range(first, stop):
-            previous = self.read_chunk(name, run, step, chunk, previous)
-            if step >= start:
-                yield step, previous
-
-    def read_slice(self, name: str, run: int, step: int) -> np.ndarray:
+    def slice_words(self, name: str, run: int, step: int) -> np.ndarray:
         """`name[run, step]` as (V * H,) uint16."""
-        parts = [next(iter(self.chunk_path(name, run, c, step, step + 1)))[1]
-                 for c in range(len(self.chunk_bounds(name)))]
-        return np.concatenate(parts)
+        return np.concatenate([self.chunk_words(name, run, step, c) for c in range(len(self.chunk_bounds(name)))])
+
+    def forget(self) -> None:
+        """Drop the decoded frames kept for the next read."""
+        self._chains.clear()
 
     def close(self) -> None:
         self._f.close()
@@ -643,11 +733,8 @@ def write_safetensors(pf: PackedFile, f: BinaryIO, check_digests: bool = True) -
             digests = _recorded_digests(pf, k) if check_digests else None
             n_chunks = len(pf.chunk_bounds(k.name))
             for run in range(runs):
-                previous: list[np.ndarray | None] = [None] * n_chunks
                 for step in range(steps1):
-                    for c in range(n_chunks):
-                        previous[c] = pf.read_chunk(k.name, run, step, c, previous[c])
-                    data = b"".join(p.tobytes() for p in previous)
+                    data = b"".join(pf.chunk_words(k.name, run, step, c).tobytes() for c in range(n_chunks))
                     if digests is not None and hashlib.sha256(data).digest() != digests[run][step]:
                         raise PackedCorrupt(pf.path, k.name, "decodes to numbers whose sha256 is not the digest the "
                                                              f"run recorded (digest_{k.name})", run, step)

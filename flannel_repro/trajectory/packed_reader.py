@@ -1,9 +1,9 @@
 """A packed trajectory read with the same API as the safetensors file's `Trajectory` (file.py), frame by frame.
 
-`load_trajectory` returns one of these for a packed file. Reading W at one step decodes that step's frames back to
-its key frame (at most `key_every` frames per chunk); consecutive reads of the same key and run go on from the last
-decoded step, so `step_block` and a walk over the steps decode each frame once. A token's path decodes one chunk
-(`rows_per_chunk` rows) per step. A damaged frame is `packed.PackedCorrupt` (exit 1), naming key, run and step:
+`load_trajectory` returns one of these for a packed file. Reading W at one step decodes that step's chain of frames
+from its key frame (at most 1 + log2(key_every) frames per chunk: 6 at the default 32); the reader keeps the chain
+of the last step it read per key and run, so `step_block`, a walk over the steps and reads near each other decode
+about one frame per step. A token's path decodes one chunk (`rows_per_chunk` rows) per step. A damaged frame is `packed.PackedCorrupt` (exit 1), naming key, run and step:
 no number is returned from it.
 
     traj = load_trajectory("run.flpack")
@@ -25,7 +25,7 @@ import torch
 from flannel_repro.core.config import Params, params_from_json
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.trajectory.layout import FORMAT
-from flannel_repro.trajectory.packed import PackedCorrupt, PackedFile
+from flannel_repro.trajectory.packed import PackedFile
 from flannel_repro.trajectory.provenance import checked_metadata
 
 _TORCH = {"I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool, "U8": torch.uint8}
@@ -38,19 +38,12 @@ class PackedTrajectory:
         self.path = Path(path)
         self._pf = PackedFile(self.path)
         try:
-            head = self._pf.head()
-            try:
-                header = json.loads(head[8:])
-            except (UnicodeError, json.JSONDecodeError):
-                raise PackedCorrupt(self.path, "header", "the packed safetensors header is not JSON") from None
-            self.metadata: dict[str, str] = checked_metadata(header.get("__metadata__") or {}, FORMAT, self.path)
-            self.shapes = {k: tuple(v.shape) for k, v in self._pf.keys.items()}
-            if {k for k in header if k != "__metadata__"} != set(self.shapes):
-                raise PackedCorrupt(self.path, "index", "does not list the keys of the packed safetensors header")
+            self.metadata: dict[str, str] = checked_metadata(self._pf.header.get("__metadata__") or {}, FORMAT,
+                                                             self.path)
+            self.shapes = {k: tuple(v.shape) for k, v in self._pf.keys.items()}  # the header's own (PackedFile)
         except BaseException:
             self._pf.close()
             raise
-        self._last: dict[tuple[str, int], tuple[int, np.ndarray]] = {}  # (name, run) -> (step, (V*H,) words)
 
     def __enter__(self) -> PackedTrajectory:
         return self
@@ -59,8 +52,11 @@ class PackedTrajectory:
         self.close()
 
     def close(self) -> None:
-        self._last.clear()
         self._pf.close()
+
+    def clear_cache(self) -> None:
+        """Drop the decoded frames kept for the next read (the memory of a few steps per key and run)."""
+        self._pf.forget()
 
     def keys(self) -> list[str]:
         return sorted(self.shapes)
@@ -82,7 +78,7 @@ class PackedTrajectory:
         if not k.per_step:
             return self[name][run, t]
         run, t = self._check_run(name, run), self._check_step(name, t)
-        return self._as_torch(name, self._slice(name, run, t).reshape(k.shape[2], k.shape[3]).copy())
+        return self._as_torch(name, self._pf.slice_words(name, run, t).reshape(k.shape[2], k.shape[3]))
 
     def step_block(self, name: str, start: int, stop: int, run: int = 0) -> torch.Tensor:
         """`name[run, start:stop]`, (stop - start, V, H): consecutive steps, each frame decoded once."""
@@ -91,14 +87,14 @@ class PackedTrajectory:
         start, stop, _ = slice(start, stop).indices(k.shape[1])
         out = np.empty((max(0, stop - start), k.shape[2] * k.shape[3]), dtype=np.uint16)
         for i, t in enumerate(range(start, stop)):
-            out[i] = self._slice(name, run, t)
+            out[i] = self._pf.slice_words(name, run, t)
         return self._as_torch(name, out.reshape(-1, k.shape[2], k.shape[3]))
 
     def token_rows(
         self, name: str, tokens: int | Sequence[int], run: int = 0, steps: slice = slice(None)
     ) -> torch.Tensor:
         """The rows of `tokens` in the per-step tensor `name` across `steps`: (n_steps, H) for one token,
-        (n_steps, k, H) for a list of k. Decodes only the chunks that hold them, one frame per step."""
+        (n_steps, k, H) for a list of k. Decodes only the chunks that hold them, about one frame per step."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.tolist()
         k = self._per_step(name)
@@ -109,37 +105,15 @@ class PackedTrajectory:
         if any(not 0 <= t < v for t in wanted):
             raise IndexError(f"token out of range: {name} has {v} rows")
         picked = range(steps1)[steps]
-        if not picked:
-            out = np.empty((0, len(wanted), h), dtype=np.uint16)
-        else:
-            lo, hi = min(picked), max(picked) + 1
-            bounds = self._pf.chunk_bounds(name)
-            rows = np.empty((hi - lo, len(wanted), h), dtype=np.uint16)
-            for c, (a, b) in enumerate(bounds):
-                mine = [i for i, t in enumerate(wanted) if a <= t < b]
-                if not mine:
-                    continue
-                local = np.array([wanted[i] - a for i in mine])
-                for t, words in self._pf.chunk_path(name, run, c, lo, hi):
-                    rows[t - lo, mine] = words.reshape(b - a, h)[local]
-            out = rows[[t - lo for t in picked]]
+        out = np.empty((len(picked), len(wanted), h), dtype=np.uint16)
+        for c, (a, b) in enumerate(self._pf.chunk_bounds(name)):
+            mine = [i for i, t in enumerate(wanted) if a <= t < b]
+            if not mine:
+                continue
+            local = np.array([wanted[i] - a for i in mine])
+            for i, t in enumerate(picked):
+                out[i, mine] = self._pf.chunk_words(name, run, t, c).reshape(b - a, h)[local]
         return self._as_torch(name, out[:, 0] if isinstance(tokens, int) else out)
-
-    def _slice(self, name: str, run: int, t: int) -> np.ndarray:
-        """(V * H,) words of `name[run, t]`, going on from the last step decoded where that is on the way."""
-        known = self._last.get((name, run))
-        if known is not None and known[0] == t:
-            return known[1]
-        bounds = self._pf.chunk_bounds(name)
-        k = self._pf.keys[name]
-        out = np.empty(k.shape[2] * k.shape[3], dtype=np.uint16)
-        h = k.shape[3]
-        for c, (a, b) in enumerate(bounds):
-            prior = None if known is None else (known[0], known[1][a * h : b * h])
-            for _, words in self._pf.chunk_path(name, run, c, t, t + 1, known=prior):
-                out[a * h : b * h] = words
-        self._last[name, run] = (t, out)
-        return out
 
     def _key(self, name: str):
         k = self._pf.keys.get(name)

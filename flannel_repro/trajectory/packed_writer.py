@@ -10,9 +10,10 @@ as they read a safetensors partial file. `commit()` seals that header, appends t
 index to the frames, and renames the frames file into place; the output path holds nothing until then.
 
 A resume (`resume_from=` the sparse file, `resume_at=` the last step the checkpoint holds) keeps the frames up to
-that step, each checked against its digest, and truncates the rest; the next delta frame is made against the step
+that step, each checked against its digest, and truncates the rest; the next delta frames are made against the steps
 the kept frames decode to, so an interrupted and resumed run ends with the same bytes as an uninterrupted one.
-Memory stays flat in steps: the writer holds one step's slices and, per delta-coded key, the step before.
+Memory stays flat in steps: the writer holds one step's slices and, per delta-coded key, the few steps later delta
+frames refer to (at most 1 + log2(key_every)).
 
     writer = PackedWriter(Path("run.flpack"), specs, metadata)
     writer.write("W", (0, t), w_t)          # compressed and appended once every per-step key of (0, t) is in
@@ -21,6 +22,7 @@ Memory stays flat in steps: the writer holds one step's slices and, per delta-co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Mapping
@@ -106,7 +108,8 @@ class PackedWriter(TrajectoryWriter):
         words = np.frombuffer(as_bytes(value), dtype="<u2").reshape(trailing)
         self._pending[name] = words.copy()  # the ring reuses the slot's buffer once the sinks have run
         if len(self._pending) == len(self.per_step):
-            self.stream.add_step(*self._at, self._pending)
+            with _naming(self.frames_path):
+                self.stream.add_step(*self._at, self._pending)
             self._pending, self._at = {}, None
 
     def read(self, name: str, index: tuple[int, ...]) -> torch.Tensor:
@@ -132,16 +135,22 @@ class PackedWriter(TrajectoryWriter):
 
     def flush(self) -> None:
         """Make every step written so far durable (the frames and the sparse file)."""
-        self._frames.flush()
-        os.fsync(self._frames.fileno())
+        with _naming(self.frames_path):
+            self._frames.flush()
+            os.fsync(self._frames.fileno())
         super().flush()
 
     def close(self) -> None:
-        """Flush and close, keeping both temporary files (the partial trajectory a resume continues)."""
-        self.flush()
-        self.stream.close()
-        self._frames.close()
-        self._file.close()
+        """Flush and close, keeping both temporary files (the partial trajectory a resume continues). Everything is
+        closed even when the flush fails (a full disk): a resume keeps only the frames its checkpoint holds, whole
+        and checked, and drops what follows."""
+        try:
+            self.flush()
+        finally:
+            self.stream.close()
+            with contextlib.suppress(OSError):  # the buffered bytes a full disk refused
+                self._frames.close()
+            self._file.close()
 
     def commit(self) -> Path:
         """Seal the header, finish the packed file (head, other keys, index) and move it into place."""
@@ -151,7 +160,8 @@ class PackedWriter(TrajectoryWriter):
         fd = self._file.fileno()
         head = os.pread(fd, self.data_start, 0)
         data = {name: self._read_all(name) for name in self.layout if name not in self.per_step}
-        self.stream.finish(head, data, self.size)
+        with _naming(self.frames_path):
+            self.stream.finish(head, data, self.size)
         self.stream.close()
         self._frames.close()
         self._file.close()
@@ -163,7 +173,8 @@ class PackedWriter(TrajectoryWriter):
         """Close and delete both temporary files; the output path is untouched."""
         frames = getattr(self, "_frames", None)
         if frames is not None and not frames.closed:
-            frames.close()
+            with contextlib.suppress(OSError):  # the buffered bytes a full disk refused; the file goes anyway
+                frames.close()
         stream = getattr(self, "stream", None)
         if stream is not None:
             stream.close()
@@ -187,7 +198,8 @@ class PackedWriter(TrajectoryWriter):
                 for step in range(steps1 if run < last_run else last_step + 1):
                     for name, chunk in order:
                         at, rec = next(frames, (None, None))
-                        delta = s.codecs[name] == "xor-planes" and step % s.key_every != 0
+                        delta = s.codecs[name] == "xor-planes" and packed.reference(step, s.key_every,
+                                                                                     s.version) is not None
                         kind = packed.DELTA if delta else packed.KEY
                         if rec is None:
                             raise FlannelError(f"{self.frames_path}: the packed frames of the interrupted run end "
@@ -198,40 +210,43 @@ class PackedWriter(TrajectoryWriter):
                         end = at + packed._FRAME.size + rec[3] + rec[8]
             for name in s.per_step:
                 if s.codecs[name] == "xor-planes":
-                    s.previous[name] = view.slice_at(name, last_run, last_step)
+                    kept = packed.referenced(last_step, s.key_every, s.version)
+                    s.hold(name, last_step, {t: view.slice_at(name, last_run, t) for t in kept})
         self._frames.truncate(end)
         os.pwrite(self._frames.fileno(), bytes(packed._FIXED.size), 0)  # a run killed in commit() wrote it
         s.w.pos = end
         self._frames.seek(end)
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """A write to the frames file that fails (a full disk) names the file, so the message names its folder."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 class _FramesView(packed.PackedFile):
     """The frames written so far, read without an index (there is none until the commit): the frame checks and the
-    decoding of `PackedFile`, over the offsets the rewind has collected."""
+    decoding of `PackedFile`, over the offsets the stream has collected."""
 
     def __init__(self, path: Path, f, stream: packed.FrameStream) -> None:
         import zstandard
 
-        self.path, self._f, self.stream = Path(path), f, stream
+        self.path, self._f = Path(path), f
         self.size = os.fstat(f.fileno()).st_size
         self._dctx = zstandard.ZstdDecompressor()
-        self.key_every, self.rows_per_chunk = stream.key_every, stream.rows_per_chunk
-        self._last: dict[tuple[str, int], tuple[int, list[np.ndarray]]] = {}  # (name, run) -> (step, chunks)
+        self._chains = {}
+        self.version, self.key_every, self.rows_per_chunk = stream.version, stream.key_every, stream.rows_per_chunk
+        self.keys = {n: packed.KeyInfo(n, e["dtype"], tuple(e["shape"]), tuple(e["data_offsets"]), stream.codecs[n],
+                                       stream.frames[n]) for n, e in stream.entries.items() if n in stream.per_step}
 
     def frame_at(self, at: int, kind: int, name: str, run: int, step: int, chunk: int) -> None:
         self._decode(self._frame_at(at, kind, name, run, step, chunk, name), name, run, step)
 
     def slice_at(self, name: str, run: int, step: int) -> np.ndarray:
-        """(V, H) words of `name[run, step]`, decoded from its key frame on, or from the step before when that was
-        the last one decoded (a replay walks the steps in order)."""
-        s = self.stream
-        entry = s.entries[name]
-        self.keys = {name: packed.KeyInfo(name, entry["dtype"], tuple(entry["shape"]), tuple(entry["data_offsets"]),
-                                          s.codecs[name], tuple(s.frames[name]))}
-        last = self._last.get((name, run))
-        parts = []
-        for c in range(len(s.bounds[name])):
-            known = (last[0], last[1][c]) if last is not None else None
-            parts.append(next(iter(self.chunk_path(name, run, c, step, step + 1, known)))[1])
-        self._last[name, run] = (step, parts)
-        return np.concatenate(parts).reshape(entry["shape"][2:])
+        """(V, H) words of `name[run, step]` (a replay walks the steps in order: one new frame per step)."""
+        return self.slice_words(name, run, step).reshape(self.keys[name].shape[2:])
