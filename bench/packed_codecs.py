@@ -69,7 +69,7 @@ def main() -> None:
     def row(what: str, key: str, nbytes: int, seconds: float) -> None:
         base = size if key == "file" else traj.shapes[key][1] * np.prod(traj.shapes[key][2:]) * 2
         rows.append((what, key, nbytes, seconds))
-        print(f"{what:52}{key:8}{nbytes:>14,} bytes {base / nbytes:6.2f}x {seconds:7.1f} s", flush=True)
+        print(f"{what:58}{key:8}{nbytes:>14,} bytes {base / nbytes:6.2f}x {seconds:7.1f} s", flush=True)
 
     raw = open(args.file, "rb").read()
     for level in (3, 9):

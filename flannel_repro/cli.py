@@ -513,7 +513,8 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else src.with_suffix(".safetensors")
     check_files(Files({"the packed file": src}, {"the trajectory": out}))
     sha = unpack(src, out)
-    _emit(f"unpacked: {out} ({out.stat().st_size:,} bytes, sha256 {sha}: the file that was packed)")
+    _emit(f"unpacked: {out} ({out.stat().st_size:,} bytes, sha256 {sha}; every slice matches the digest the run "
+          "recorded of it)")
     return 0
 
 

@@ -165,6 +165,18 @@ def test_a_full_disk_while_training_keeps_the_partial_run_and_the_resume_ends_in
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
+def test_a_run_killed_after_its_packed_commit_is_known_by_its_file(runs):
+    """Killed between the rename of the packed file and the end of the commit, a resume finds the complete file
+    at the output path and says so (recognised by its header, read through the packed form)."""
+    from flannel_repro.recording.output import _completed_here
+
+    _, packed = runs
+    with load_trajectory(packed / PACKED) as traj:
+        metadata = dict(traj.metadata)
+    assert _completed_here(packed / PACKED, metadata)
+    assert not _completed_here(packed / PACKED, {**metadata, "params": metadata["params"].replace("40", "41")})
+
+
 def _steps_in(frames: Path) -> int:
     """Frames written so far, counted in (run, step)s: the tiny run has one W chunk and one grad_W frame a step."""
     from flannel_repro.trajectory.packed import scan

@@ -478,8 +478,8 @@ def check(path: Path, threads: int = 2) -> CheckReport:
             return CheckReport(Path(path), [Problem(e.key, e.what, e.run, e.step)], None, 0, 0,
                                time.perf_counter() - start)
         report.path, report.seconds = Path(path), time.perf_counter() - start
-        report.notes.append("a packed file: every frame decoded and matched to its digest, the unpacked bytes to the "
-                            "sha256 of the file that was packed, then checked as that file")
+        report.notes.append("a packed file: every frame matched to its sha256 and decoded, the index to the packed "
+                            "safetensors header, then the unpacked copy checked as a safetensors file")
         return report
     with inspect(path) as insp:
         problems = list(insp.problems)

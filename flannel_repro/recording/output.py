@@ -54,6 +54,7 @@ from flannel_repro.recording.recorder import FileSink
 from flannel_repro.recording.ring import RING_SLOTS, RecordingRing
 from flannel_repro.recording.stopping import StopSignals
 from flannel_repro.trajectory.file import FORMAT, TORCH_DTYPES, TensorSpec, TrajectoryWriter
+from flannel_repro.trajectory.packed import PackedFile, is_packed
 from flannel_repro.trajectory.packed_writer import PackedWriter
 from flannel_repro.trajectory.layout import SCALARS, SCHEDULE_KEY, scalar_values, trajectory_layout
 from flannel_repro.trajectory.provenance import versions
@@ -351,7 +352,11 @@ def _completed_here(out_path: Path, metadata: dict[str, str]) -> bool:
     """Whether the file at the output path was recorded with exactly this setting (params, versions, fingerprint and
     inputs): the trajectory of the interrupted run itself, complete."""
     try:
-        recorded = read_header(out_path, "trajectory").get("__metadata__") or {}
+        if is_packed(out_path):
+            with PackedFile(out_path) as pf:
+                recorded = pf.header.get("__metadata__") or {}
+        else:
+            recorded = read_header(out_path, "trajectory").get("__metadata__") or {}
     except (FlannelError, OSError):
         return False
     return all(recorded.get(key) == value for key, value in metadata.items())
