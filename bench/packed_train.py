@@ -25,7 +25,8 @@ from bench_train import _load, make_data, run  # noqa: E402
 from flannel_repro.trajectory.provenance import cpu_model  # noqa: E402
 
 TRAIN = (
-    "import sys, json, os; from pathlib import Path; from flannel_repro.core.runtime import configure; rt = configure(); "
+    "import sys, json, os; from pathlib import Path; from flannel_repro.core.runtime import configure; "
+    "rt = configure(); "
     "from flannel_repro.core.config import load_params; from flannel_repro.training.loop import train; "
     "p = load_params('params.yaml', sys.argv[2:]); "
     "r = train(p, Path('.'), progress=False, **json.loads(sys.argv[1])); "

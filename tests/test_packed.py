@@ -91,6 +91,7 @@ def test_the_reader_returns_the_same_numbers_as_the_file(project):
     assert isinstance(b, PackedTrajectory)
     assert a.keys() == b.keys() and a.shapes == b.shapes and a.metadata == b.metadata
     assert a.params == b.params and (a.n_runs, a.n_steps) == (b.n_runs, b.n_steps) == (2, STEPS)
+    assert a.recorded_steps == b.recorded_steps == tuple(range(STEPS + 1)) and b.index_of(-1) == STEPS
     for key in a.keys():
         assert raw(a[key]) == raw(b[key]), key
     for name in ("W", "grad_W"):

@@ -516,7 +516,7 @@ class Params:
         packed, named = self.record.format == "packed", self.paths.trajectory.endswith(PACKED_SUFFIX)
         if packed != named:
             fix = (f"name it with {PACKED_SUFFIX}, e.g. tensors/Flannel/1.20h_flannel_7{PACKED_SUFFIX}" if packed else
-                   f"set record.format: packed, or name it .safetensors")
+                   "set record.format: packed, or name it .safetensors")
             problem = (f"record.format is {self.record.format} but paths.trajectory is {self.paths.trajectory!r}; "
                        f"{fix}")
             raise InvalidValue(f"params: {problem} (in params.yaml)", problem)

@@ -54,9 +54,9 @@ from flannel_repro.recording.recorder import FileSink
 from flannel_repro.recording.ring import RING_SLOTS, RecordingRing
 from flannel_repro.recording.stopping import StopSignals
 from flannel_repro.trajectory.file import FORMAT, TORCH_DTYPES, TensorSpec, TrajectoryWriter
+from flannel_repro.trajectory.layout import SCALARS, SCHEDULE_KEY, scalar_values, trajectory_layout
 from flannel_repro.trajectory.packed import PackedFile, is_packed
 from flannel_repro.trajectory.packed_writer import PackedWriter
-from flannel_repro.trajectory.layout import SCALARS, SCHEDULE_KEY, scalar_values, trajectory_layout
 from flannel_repro.trajectory.provenance import versions
 
 History = Callable[[], dict[str, list[list[float]]]]

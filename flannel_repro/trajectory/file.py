@@ -36,7 +36,6 @@ import mmap
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +43,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from flannel_repro.core.config import Params, params_from_json
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.fsutil import commit_file, temp_path_for, write_failure
 from flannel_repro.core.safetensors_header import dtype_name, header_bytes, read_checked_header
 from flannel_repro.trajectory import content
-from flannel_repro.trajectory.layout import FORMAT, SCHEDULE_KEY, Spec, header_digest
+from flannel_repro.trajectory.header_fields import HeaderFields
+from flannel_repro.trajectory.layout import FORMAT, Spec, header_digest
 from flannel_repro.trajectory.packed import is_packed
 from flannel_repro.trajectory.packed_reader import PackedTrajectory
 from flannel_repro.trajectory.provenance import PROVENANCE, check_provenance, checked_metadata  # noqa: F401
@@ -247,7 +246,7 @@ def _find_value(head: bytes, key: str, value: str) -> tuple[int, bytes]:
     return at + len(pair) - len(encoded), encoded
 
 
-class Trajectory:
+class Trajectory(HeaderFields):
     """Lazy, memory-mapped view of a trajectory file."""
 
     def __init__(self, path: Path) -> None:
@@ -292,26 +291,6 @@ class Trajectory:
     def __getitem__(self, name: str) -> torch.Tensor:
         """The whole tensor (loads it)."""
         return self._f.get_tensor(name)
-
-    @cached_property
-    def recorded_steps(self) -> tuple[int, ...]:
-        """The training step of each index of the per-step (V, H) tensors (record.steps; 0..steps by default)."""
-        if SCHEDULE_KEY in self.shapes:
-            return tuple(self[SCHEDULE_KEY].tolist())
-        return tuple(range(self.n_steps + 1))
-
-    def index_of(self, t: int) -> int:
-        """The index of training step `t` in the per-step (V, H) tensors; FlannelError if it was not recorded. A
-        negative `t` counts recorded steps from the end, as a Python index does (-1: the last recorded step)."""
-        steps = self.recorded_steps
-        if -len(steps) <= t < 0:
-            return len(steps) + t
-        i = bisect.bisect_left(steps, t)
-        if i < len(steps) and steps[i] == t:
-            return i
-        near = ", ".join(str(s) for s in steps[max(i - 1, 0) : i + 1])
-        raise FlannelError(f"{self.path}: step {t} was not recorded (record.steps = {self.params.record.steps!r}); "
-                           f"the nearest recorded steps are {near} (traj.recorded_steps lists them all)")
 
     def step(self, name: str, t: int, run: int = 0) -> torch.Tensor:
         """`name` at training step `t` of `run`, reading only that slice from the mapped file."""
@@ -372,21 +351,6 @@ class Trajectory:
     def _as_torch(self, name: str, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
         return t.view(torch.bfloat16) if self._entries[name]["dtype"] == "BF16" else t
-
-    @cached_property
-    def params(self) -> Params:
-        return params_from_json(self.metadata["params"], f"{self.path} (header params)")
-
-    def meta_json(self, key: str) -> Any:
-        return json.loads(self.metadata.get(key, "null"))
-
-    @property
-    def n_runs(self) -> int:
-        return self.params.train.num_runs
-
-    @property
-    def n_steps(self) -> int:
-        return self.params.train.steps
 
 
 def load_trajectory(path: str | os.PathLike) -> Trajectory | PackedTrajectory:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from flannel_repro.core.config import Params, params_from_dict
 from flannel_repro.core.errors import FlannelError
 from flannel_repro.core.safetensors_header import RawHeader, layout_problems, read_raw_header
+from flannel_repro.trajectory.header_fields import HeaderFields
 from flannel_repro.trajectory.layout import DIGEST_BYTES, SCALARS, decode_scalar
 from flannel_repro.trajectory.packed import is_packed
 
@@ -199,7 +200,7 @@ def notebook_params(scalars: Mapping[str, Any], base: Params | None) -> tuple[Pa
     return params, {**dict.fromkeys(FIXED, "notebook"), **dict.fromkeys(from_file, "file")}
 
 
-class NotebookTrajectory:
+class NotebookTrajectory(HeaderFields):
     """A notebook file, opened lazily like `trajectory.file.Trajectory` (what `diff` and `verify` read): its params
     are the inferred ones, and its per-step digests are hashed from its slices on first use (it records none)."""
 
@@ -252,14 +253,6 @@ class NotebookTrajectory:
 
     def meta_json(self, key: str) -> Any:
         return None  # no provenance: the notebook records neither inputs nor device
-
-    @property
-    def n_runs(self) -> int:
-        return self.params.train.num_runs
-
-    @property
-    def n_steps(self) -> int:
-        return self.params.train.steps
 
 
 def slice_digests(raw: RawHeader, name: str):

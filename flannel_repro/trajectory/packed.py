@@ -401,9 +401,9 @@ class PackedFile:
                                "packed form's magic bytes); give a file written by `flannel-repro pack`")
         magic, self.version, self.key_every, self.rows_per_chunk, flags, at, length, sha = _FIXED.unpack(fixed)
         if self.version not in READS:
-            raise FlannelError(f"{self.path}: packed trajectory format version {self.version}, but this flannel-repro "
-                               f"reads versions {READS[0]} to {READS[-1]}; unpack it with the flannel-repro that packed "
-                               "it")
+            raise FlannelError(f"{self.path}: packed trajectory format version {self.version}, but this "
+                               f"flannel-repro reads versions {READS[0]} to {READS[-1]}; unpack it with the "
+                               "flannel-repro that packed it")
         if at == 0:
             raise PackedCorrupt(self.path, "index", "the file was never finished (no index): the partial file of a "
                                                     "pack or a run that did not complete")

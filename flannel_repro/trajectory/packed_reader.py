@@ -3,8 +3,8 @@
 `load_trajectory` returns one of these for a packed file. Reading W at one step decodes that step's chain of frames
 from its key frame (at most 1 + log2(key_every) frames per chunk: 6 at the default 32); the reader keeps the chain
 of the last step it read per key and run, so `step_block`, a walk over the steps and reads near each other decode
-about one frame per step. A token's path decodes one chunk (`rows_per_chunk` rows) per step. A damaged frame is `packed.PackedCorrupt` (exit 1), naming key, run and step:
-no number is returned from it.
+about one frame per step. A token's path decodes one chunk (`rows_per_chunk` rows) per step. A damaged frame is
+`packed.PackedCorrupt` (exit 1), naming key, run and step: no number is returned from it.
 
     traj = load_trajectory("run.flpack")
     traj.step("W", 250)          # (V, H) bf16
@@ -13,17 +13,14 @@ no number is returned from it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from flannel_repro.core.config import Params, params_from_json
 from flannel_repro.core.errors import FlannelError
+from flannel_repro.trajectory.header_fields import HeaderFields
 from flannel_repro.trajectory.layout import FORMAT
 from flannel_repro.trajectory.packed import PackedFile
 from flannel_repro.trajectory.provenance import checked_metadata
@@ -31,7 +28,7 @@ from flannel_repro.trajectory.provenance import checked_metadata
 _TORCH = {"I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool, "U8": torch.uint8}
 
 
-class PackedTrajectory:
+class PackedTrajectory(HeaderFields):
     """Lazy view of a packed trajectory file."""
 
     def __init__(self, path: Path) -> None:
@@ -148,18 +145,3 @@ class PackedTrajectory:
         if not k.per_step:
             return t.view(_TORCH[k.dtype]).reshape(k.shape)
         return t.view(torch.bfloat16)
-
-    @cached_property
-    def params(self) -> Params:
-        return params_from_json(self.metadata["params"], f"{self.path} (header params)")
-
-    def meta_json(self, key: str) -> Any:
-        return json.loads(self.metadata.get(key, "null"))
-
-    @property
-    def n_runs(self) -> int:
-        return self.params.train.num_runs
-
-    @property
-    def n_steps(self) -> int:
-        return self.params.train.steps
