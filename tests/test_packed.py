@@ -246,6 +246,103 @@ def test_a_key_frame_missing(project):
                 "step 8, chunk 1 where it belongs")
 
 
+# -- edits made consistent with every digest (a forger's, or a tool's that rewrites the file) -------------------
+def resigned_index(data: bytearray, edit) -> bytearray:
+    """`data` with its index JSON changed by `edit(index)` and every digest over it recomputed."""
+    import json
+
+    import zstandard
+
+    from flannel_repro.trajectory.packed import _FIXED, _FRAME, _SIGNED, _TAG, INDEX
+
+    fixed = list(_FIXED.unpack(bytes(data[: _FIXED.size])))
+    at = fixed[5]
+    rec = _FRAME.unpack(bytes(data[at : at + _FRAME.size]))
+    payload = bytes(data[at + _FRAME.size : at + _FRAME.size + rec[8]])
+    index = json.loads(zstandard.ZstdDecompressor().decompress(payload))
+    edit(index)
+    text = json.dumps(index, separators=(",", ":")).encode()
+    payload = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(text)
+    head = _FRAME.pack(_TAG, INDEX, 0, 0, 0, 0, 0, 0, len(payload), len(text), b"")[:_SIGNED]
+    record = head + hashlib.sha256(head + payload).digest() + payload
+    fixed[6], fixed[7] = len(record), hashlib.sha256(payload).digest()
+    return bytearray(_FIXED.pack(*fixed)) + data[_FIXED.size : at] + record
+
+
+@pytest.mark.parametrize("at, value", [(12, 5), (12, 8), (8, 1)])  # key_every 4 -> 5 or 8; version 2 -> 1
+def test_a_changed_fixed_header_is_corrupt_before_any_number(project, at, value):
+    """The fixed header has no digest of its own, and version 2's chains skip steps, so a changed key_every or
+    version could lead a reader along another chain to other numbers; the index, under its digest, says them again."""
+    def edit(data: bytearray) -> bytearray:
+        data[at : at + 4] = struct.pack("<I", value)
+        return data
+
+    bad = edited(project, "fixed.flpack", edit)
+    with pytest.raises(PackedCorrupt, match="the fixed header was changed"):
+        load_trajectory(bad)
+    corrupt_cli(project, bad, "the fixed header was changed")
+
+
+def test_an_index_that_disagrees_with_the_header_is_corrupt_and_an_equal_one_reads_right(project):
+    """A re-signed index is measured against the packed safetensors header, whose values are the ones used."""
+    def swap(index):
+        w = next(k for k in index["keys"] if k["name"] == "W")
+        w["shape"] = [w["shape"][0], w["shape"][1], w["shape"][3], w["shape"][2]]
+
+    def floats(index):
+        w = next(k for k in index["keys"] if k["name"] == "W")
+        w["shape"] = [float(x) for x in w["shape"]]
+
+    bad = edited(project, "swapped.flpack", lambda d: resigned_index(d, swap))
+    corrupt_cli(project, bad, "W: the index describes it as BF16 [2, 14, 16, 300]")
+    same = edited(project, "floats.flpack", lambda d: resigned_index(d, floats))
+    good = Trajectory(project / TRAJ)
+    with load_trajectory(same) as traj:
+        assert traj.shapes["W"] == good.shapes["W"] and all(type(x) is int for x in traj.shapes["W"])
+        assert raw(traj.step("W", 9, 1)) == raw(good.step("W", 9, 1))
+
+
+def test_a_frame_inserted_before_the_index_is_corrupt(project):
+    from flannel_repro.trajectory.packed import _FIXED
+
+    def insert(data: bytearray) -> bytearray:
+        first = frames(project / "t.flpack", "W")[0]
+        extra = data[first : frames(project / "t.flpack", "W")[1]]  # a whole, valid frame record, once more
+        index_at = _FIXED.unpack(bytes(data[: _FIXED.size]))[5]
+        data = data[:index_at] + extra + data[index_at:]
+        data[24:32] = struct.pack("<Q", index_at + len(extra))  # the fixed header points past the inserted bytes
+        return resigned_index(data, lambda index: None)
+
+    bad = edited(project, "inserted.flpack", insert)
+    for args in (("check", str(bad)), ("unpack", str(bad), str(project / "never.safetensors"))):
+        proc = run_cli(*args, cwd=project)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        assert "that are no frame the index lists" in proc.stdout + proc.stderr
+    assert not (project / "never.safetensors").exists()
+    good = Trajectory(project / TRAJ)
+    with load_trajectory(bad) as traj:  # the reader never reads the inserted bytes: its numbers stay right
+        assert raw(traj.step("W", 7)) == raw(good.step("W", 7))
+
+
+def test_a_frame_claiming_a_huge_decoded_size_is_refused_before_decoding(project):
+    """A re-signed frame record claiming 1 GiB: refused by its length, with nothing decoded."""
+    from flannel_repro.trajectory.packed import _FRAME, _SIGNED
+
+    at = frames(project / "t.flpack", "W")[frame_index(project / "t.flpack", "W", 0, 1, 0)]
+
+    def claim(data: bytearray) -> bytearray:
+        rec = list(_FRAME.unpack(bytes(data[at : at + _FRAME.size])))
+        rec[9] = 1 << 30
+        body = bytes(data[at + _FRAME.size : at + _FRAME.size + rec[3] + rec[8]])
+        head = _FRAME.pack(*rec[:-1], b"")[:_SIGNED]
+        data[at : at + _FRAME.size] = head + hashlib.sha256(head + body).digest()
+        return data
+
+    bad = edited(project, "huge.flpack", claim)
+    with load_trajectory(bad) as traj, pytest.raises(PackedCorrupt, match="W at run 0, step 1: chunk 0 holds"):
+        traj.step("W", 1)
+
+
 def test_a_key_frame_overwritten_in_place(project):
     fr = frames(project / "t.flpack", "W")
     i = frame_index(project / "t.flpack", "W", 1, 4, 0)

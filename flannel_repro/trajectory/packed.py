@@ -52,9 +52,12 @@ PACKED_SUFFIX = ".flpack"
 INDEX_FORMAT = "flannel-packed/1"
 KEY_EVERY = 32  # a key frame every 32 steps: one step decodes at most 6 frames (docs/packed.md: the measurements)
 ROWS_PER_CHUNK = 1024  # rows of W per frame: a token's path decodes 128 KB per step at H = 64
-LEVEL = 3  # zstd level
+# zstd level per codec: W's deltas are smaller and 2x faster at 1 than at 3; grad_W grows 13% at 1
+# (docs/packed.md: the measurements)
+LEVELS = {"xor-planes": 1, "planes": 3, "bytes": 3}
 _CHAIN_GROUPS = 4  # (key, run) pairs whose last decoded chains a reader keeps
 _DECODED_LIMIT = 1 << 32  # no frame decodes to more (a whole (V, H) slice of 50k x 4k bf16 is 0.4 GB)
+_HEAD_LIMIT = 8 + 100 * 1024 * 1024  # safetensors' own limit on its JSON header
 
 # The file's fixed header: magic, version, key_every, rows_per_chunk, flags, index offset, index length, and the
 # sha256 of the index frame's payload.
@@ -146,7 +149,7 @@ def referenced(step: int, key_every: int, version: int = VERSION) -> set[int]:
 
 
 def codec_for(name: str, dtype: str, shape: tuple[int, ...], step_names: set[str]) -> str:
-    if name in step_names and dtype == "BF16" and len(shape) == 4:
+    if name in step_names and dtype == "BF16" and len(shape) == 4 and all(shape):
         return "xor-planes" if name in DELTA_KEYS else "planes"
     return "bytes"
 
@@ -154,18 +157,20 @@ def codec_for(name: str, dtype: str, shape: tuple[int, ...], step_names: set[str
 class _FrameWriter:
     """Appends frames to an open file, with the fixed header's room reserved at the start."""
 
-    def __init__(self, f: BinaryIO, level: int, threads: int) -> None:
+    def __init__(self, f: BinaryIO, levels: set[int], threads: int) -> None:
         self.f = f
         self.pos = _FIXED.size
         self.f.seek(self.pos)
-        self._cctx = [zstandard.ZstdCompressor(level=level, write_checksum=True) for _ in range(max(1, threads))]
+        self._cctx = {lv: [zstandard.ZstdCompressor(level=lv, write_checksum=True) for _ in range(max(1, threads))]
+                      for lv in levels}
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
 
-    def compress_all(self, raws: list[bytes]) -> list[bytes]:
-        """zstd frames of `raws`, compressed on the pool's threads (zstd releases the GIL)."""
-        n = len(self._cctx)
+    def compress_all(self, raws: list[bytes], level: int) -> list[bytes]:
+        """zstd frames of `raws` at `level`, compressed on the pool's threads (zstd releases the GIL)."""
+        cctx = self._cctx[level]
+        n = len(cctx)
         parts = [raws[i::n] for i in range(n)]
-        done = list(self.pool.map(lambda i: [self._cctx[i].compress(r) for r in parts[i]], range(n)))
+        done = list(self.pool.map(lambda i: [cctx[i].compress(r) for r in parts[i]], range(n)))
         out: list[bytes] = [b""] * len(raws)
         for i, chunk in enumerate(done):
             out[i::n] = chunk
@@ -193,7 +198,7 @@ class FrameStream:
     (packed_writer.py) feeds it from training, so the two give the same bytes."""
 
     def __init__(self, f: BinaryIO, entries: dict[str, dict[str, Any]], key_every: int = KEY_EVERY,
-                 rows_per_chunk: int = ROWS_PER_CHUNK, level: int = LEVEL, threads: int = 2,
+                 rows_per_chunk: int = ROWS_PER_CHUNK, level: int | None = None, threads: int = 2,
                  version: int = VERSION) -> None:
         self.key_every, self.rows_per_chunk, self.version = key_every, rows_per_chunk, version
         self.entries = entries  # name -> {"dtype", "shape", "data_offsets"}, as the safetensors header has them
@@ -203,7 +208,8 @@ class FrameStream:
         self.bounds = {n: _chunks(entries[n]["shape"][2], rows_per_chunk, self.codecs[n]) for n in self.per_step}
         self.frames: dict[str, list[int]] = {n: [] for n in entries}
         self.held: dict[str, dict[int, np.ndarray]] = {}  # a delta key's words at the steps later frames refer to
-        self.w = _FrameWriter(f, level, threads)
+        self.levels = {c: LEVELS[c] if level is None else level for c in LEVELS}  # one `level` for all, if given
+        self.w = _FrameWriter(f, set(self.levels.values()), threads)
 
     def add_step(self, run: int, step: int, slices: dict[str, np.ndarray]) -> None:
         """Append the frames of every per-step key at (run, step); `slices[name]` is its (V, H) uint16 words."""
@@ -214,7 +220,7 @@ class FrameStream:
             source = words if ref is None else np.bitwise_xor(words, self.held[name][ref])
             raws = [to_planes(np.ascontiguousarray(source[a:b]).reshape(-1)) for a, b in self.bounds[name]]
             kind = KEY if ref is None else DELTA
-            for chunk, payload in enumerate(self.w.compress_all(raws)):
+            for chunk, payload in enumerate(self.w.compress_all(raws, self.levels[self.codecs[name]])):
                 self.frames[name].append(self.w.append(kind, name, run, step, chunk, payload, len(raws[chunk])))
             if xor:
                 self.hold(name, step, {step: words})
@@ -230,17 +236,20 @@ class FrameStream:
         """Append the head (the safetensors file's first bytes), every other key's bytes (in data order) and the
         index, then fill in the fixed header."""
         w = self.w
-        head_off = w.append(HEAD, "", 0, 0, 0, w.compress_all([head])[0], len(head))
+        level = self.levels["bytes"]
+        head_off = w.append(HEAD, "", 0, 0, 0, w.compress_all([head], level)[0], len(head))
         order = sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
         for name in order:
             if self.codecs[name] == "bytes":
                 raw = data[name]
-                self.frames[name].append(w.append(BYTES, name, 0, 0, 0, w.compress_all([raw])[0], len(raw)))
+                self.frames[name].append(w.append(BYTES, name, 0, 0, 0, w.compress_all([raw], level)[0], len(raw)))
         keys = [_key_json(KeyInfo(n, self.entries[n]["dtype"], tuple(self.entries[n]["shape"]),
                                   tuple(self.entries[n]["data_offsets"]), self.codecs[n], tuple(self.frames[n])))
                 for n in order]
         index = {"format": INDEX_FORMAT, "source": {"size": source_size}, "head": head_off, "keys": keys}
-        _finish(w, index, self.version, self.key_every, self.rows_per_chunk)
+        if self.version >= 2:  # what the fixed header says again, under the index's digest (docs/packed.md)
+            index["layout"] = _layout(self.version, self.key_every, self.rows_per_chunk)
+        _finish(w, index, self.version, self.key_every, self.rows_per_chunk, level)
 
     def close(self) -> None:
         self.w.close()
@@ -259,7 +268,7 @@ class PackResult:
 
 
 def pack(src: Path, out: Path, key_every: int = KEY_EVERY, rows_per_chunk: int = ROWS_PER_CHUNK,
-         level: int = LEVEL, threads: int = 2, version: int = VERSION) -> PackResult:
+         level: int | None = None, threads: int = 2, version: int = VERSION) -> PackResult:
     """Pack the safetensors trajectory `src` into `out` (written to a temporary name, renamed into place);
     `version=1` writes the format an older flannel-repro reads."""
     src, out = Path(src), Path(out)
@@ -339,6 +348,10 @@ def _chunks(v: int, rows_per_chunk: int, codec: str) -> list[tuple[int, int]]:
     return [(a, min(a + rows, v)) for a in range(0, v, rows)]
 
 
+def _layout(version: int, key_every: int, rows_per_chunk: int) -> dict[str, int]:
+    return {"version": version, "key_every": key_every, "rows_per_chunk": rows_per_chunk}
+
+
 def _natural(x: Any, limit: int) -> int:
     """An index's integer field: a JSON integer from 0 to `limit`, else ValueError."""
     if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= limit:
@@ -351,10 +364,11 @@ def _key_json(k: KeyInfo) -> dict[str, Any]:
             "codec": k.codec, "frames": list(k.frames)}
 
 
-def _finish(w: _FrameWriter, index: dict[str, Any], version: int, key_every: int, rows_per_chunk: int) -> None:
+def _finish(w: _FrameWriter, index: dict[str, Any], version: int, key_every: int, rows_per_chunk: int,
+            level: int) -> None:
     """Append the index frame, then fill in the fixed header that points at it."""
     text = json.dumps(index, separators=(",", ":")).encode("utf-8")
-    payload = w.compress_all([text])[0]
+    payload = w.compress_all([text], level)[0]
     at = w.append(INDEX, "", 0, 0, 0, payload, len(text))
     length = w.pos - at
     w.f.seek(0)
@@ -428,6 +442,7 @@ class PackedFile:
                 raise ValueError(f"format {index.get('format') if isinstance(index, dict) else None!r}")
             self.source_size = _natural(index["source"]["size"], 1 << 62)
             self._head_at = _natural(index["head"], self.size)
+            layout = index.get("layout")
             self.keys = {}
             for k in index["keys"]:
                 frames = k["frames"]
@@ -437,6 +452,11 @@ class PackedFile:
                                                k["codec"], tuple(_natural(x, self.size) for x in frames))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise PackedCorrupt(self.path, "index", f"is not the index this flannel-repro writes ({e})") from None
+        want = _layout(self.version, self.key_every, self.rows_per_chunk) if self.version >= 2 else None
+        if layout != want:  # the fixed header has no digest of its own: the index vouches for what frames mean
+            raise PackedCorrupt(self.path, "file", f"the fixed header says {want or {'version': 1}}, the index "
+                                                   f"{layout or {'version': 1}}: the fixed header was changed")
+        self._index_at = at
         self.header = self._checked_head()
 
     def _checked_head(self) -> dict[str, Any]:
@@ -471,7 +491,18 @@ class PackedFile:
             if len(k.frames) != want:
                 raise PackedCorrupt(self.path, name, f"the index lists {len(k.frames)} frames of codec {codec!r}; "
                                                      f"its shape needs {want}")
+            # the header's own values from here on (checked naturals: 300 and 300.0 compare equal)
+            self.keys[name] = KeyInfo(name, e["dtype"], tuple(e["shape"]), tuple(e["data_offsets"]), codec, k.frames)
         return raw.header
+
+    def check_listed(self) -> None:
+        """Every frame in the file is one the index lists (or the head, or the index itself): nothing was inserted
+        between them. One pass over the frame records (`unpack` and so `check` make it)."""
+        listed = {self._head_at, self._index_at, *(at for k in self.keys.values() for at in k.frames)}
+        for at, rec in scan(self._f, self.size):
+            if rec is None or at not in listed:
+                raise PackedCorrupt(self.path, "file", f"holds bytes at {at:,} that are no frame the index lists "
+                                                       "(inserted into the file)")
 
     def _diagnose(self, why: str) -> None:
         """The index cannot be reached (`why`): walk the frames from the first, in the order they are written (every
@@ -591,12 +622,20 @@ class PackedFile:
     # -- what readers use ------------------------------------------------------------------------------------
     def head(self) -> bytes:
         """The safetensors file's first bytes: length, JSON header, padding."""
-        return self._decode(self._frame_at(self._head_at, HEAD, "", 0, 0, 0, "header"), "header", None, None)
+        frame = self._frame_at(self._head_at, HEAD, "", 0, 0, 0, "header")
+        if frame.raw_len > _HEAD_LIMIT:
+            raise PackedCorrupt(self.path, "header", f"the head frame decodes to {frame.raw_len:,} bytes, past "
+                                                     "safetensors' limit on a header")
+        return self._decode(frame, "header", None, None)
 
     def key_bytes(self, name: str) -> bytes:
         """The whole data of a "bytes" key, as in the safetensors file."""
         k = self.keys[name]
-        return self._decode(self._frame_at(k.frames[0], BYTES, name, 0, 0, 0, name), name, None, None)
+        frame = self._frame_at(k.frames[0], BYTES, name, 0, 0, 0, name)
+        if frame.raw_len != k.data_offsets[1] - k.data_offsets[0]:
+            raise PackedCorrupt(self.path, name, f"its frame decodes to {frame.raw_len:,} bytes, not the "
+                                                 f"{k.data_offsets[1] - k.data_offsets[0]:,} of its data")
+        return self._decode(frame, name, None, None)
 
     def chunk_bounds(self, name: str) -> list[tuple[int, int]]:
         k = self.keys[name]
@@ -615,21 +654,22 @@ class PackedFile:
         self._chains[name, run] = held  # the most recently read last
         while len(self._chains) > _CHAIN_GROUPS:
             del self._chains[next(iter(self._chains))]
-        known, decoded, value = held.get(chunk, {}), {}, None
-        for s in steps:
-            if s in known:  # a chain is closed under `reference`: what it holds of this one decodes the same
-                value = known[s]
-            else:
-                delta = s != steps[0]
-                at = k.frames[(run * k.shape[1] + s) * len(self.chunk_bounds(name)) + chunk]
-                frame = self._frame_at(at, DELTA if delta else KEY, name, run, s, chunk, name)
-                planes = np.frombuffer(self._decode(frame, name, run, s), dtype=np.uint8)
-                if planes.size != n_bytes:
-                    raise PackedCorrupt(self.path, name, f"chunk {chunk} holds {planes.size // 2} values, not "
-                                                         f"{n_bytes // 2}", run, s)
-                value = planes if value is None else np.bitwise_xor(planes, value)  # XOR commutes with the planes
+        known = held.get(chunk, {})
+        # Go on from the last step of the chain already decoded (what a kept chain holds decodes the same).
+        start = next((i for i in range(len(steps) - 1, -1, -1) if steps[i] in known), -1)
+        decoded = {s: known[s] for s in steps[: start + 1] if s in known}
+        value = known[steps[start]] if start >= 0 else None
+        for s in steps[start + 1 :]:
+            delta = s != steps[0]
+            at = k.frames[(run * k.shape[1] + s) * len(self.chunk_bounds(name)) + chunk]
+            frame = self._frame_at(at, DELTA if delta else KEY, name, run, s, chunk, name)
+            if frame.raw_len != n_bytes:  # before decoding it: a small frame can claim a large output
+                raise PackedCorrupt(self.path, name, f"chunk {chunk} holds {frame.raw_len // 2:,} values, not "
+                                                     f"{n_bytes // 2:,}", run, s)
+            planes = np.frombuffer(self._decode(frame, name, run, s), dtype=np.uint8)
+            value = planes if value is None else np.bitwise_xor(planes, value)  # XOR commutes with the planes
             decoded[s] = value
-        held[chunk] = decoded
+        held[chunk] = decoded if self.version >= 2 else {step: value}  # version 1: the step before is enough
         return from_planes(value)
 
     def slice_words(self, name: str, run: int, step: int) -> np.ndarray:
@@ -680,6 +720,7 @@ def unpack(src: Path, out: Path, check_digests: bool = True) -> str:
         try:
             with open(tmp, "r+b") as f:
                 sha, size = write_safetensors(pf, f, check_digests)
+            pf.check_listed()
             if size != pf.source_size:
                 raise PackedCorrupt(src, "file", f"unpacks to {size:,} bytes, not the {pf.source_size:,} of the "
                                                  "safetensors file it holds")

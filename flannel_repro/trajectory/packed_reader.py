@@ -25,7 +25,8 @@ from flannel_repro.trajectory.layout import FORMAT
 from flannel_repro.trajectory.packed import PackedFile
 from flannel_repro.trajectory.provenance import checked_metadata
 
-_TORCH = {"I64": torch.int64, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool, "U8": torch.uint8}
+_TORCH = {"I64": torch.int64, "I32": torch.int32, "F32": torch.float32, "BF16": torch.bfloat16, "BOOL": torch.bool,
+          "U8": torch.uint8}
 
 
 class PackedTrajectory(HeaderFields):
