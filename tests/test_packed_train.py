@@ -128,22 +128,21 @@ def test_a_stopped_or_killed_packed_run_resumes_to_the_same_bytes(runs, tmp_path
     assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".flannel-tmp")] == []
 
 
-def test_a_full_disk_while_training_keeps_the_partial_run_and_the_resume_ends_in_the_same_bytes(runs, tmp_path,
-                                                                                                tiny_data):
-    """The disk fills up under a packed run (a real tmpfs, filled from outside while it trains): one line naming the
-    file and the free space, exit 2, the partial run kept; with room again, `--resume` ends in the uninterrupted
-    run's bytes."""
-    _, packed = runs
+def test_a_full_disk_while_training_keeps_the_partial_run_and_the_resume_ends_in_the_same_bytes(tmp_path, tiny_data):
+    """The disk of the trajectory fills up under a packed run (a real tmpfs, filled from outside while it trains; the
+    checkpoints are on another disk, so the frames' own writes hit it): one line naming the file and the free space,
+    exit 2, the partial run kept; with room again, `--resume` ends in the bytes of an uninterrupted run."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        root = project(tiny_data, disk / "p", AS_PACKED)
+        out = disk / "t.flpack"
+        root = project(tiny_data, tmp_path / "p", {"record": {"format": "packed"}, "paths": {"trajectory": str(out)}})
         proc = _train_process(root)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            frames = list((root / PACKED).parent.glob(".flannel-tmp-*.frames.*"))
+            frames = list(disk.glob(".flannel-tmp-*.frames.*"))
             if frames and _steps_in(frames[0]) >= 20:
                 break
             time.sleep(0.05)
@@ -155,12 +154,17 @@ def test_a_full_disk_while_training_keeps_the_partial_run_and_the_resume_ends_in
         _, err = proc.communicate(timeout=300)
         lines = [x for x in err.splitlines() if "steps/s" not in x]
         assert proc.returncode == 2 and "Traceback" not in err, err
+        assert lines[-1].startswith(f"flannel-repro train: error: {disk}/.flannel-tmp-t.flpack"), err
         assert "No space left on device" in lines[-1] and "`flannel-repro train --resume` continues" in lines[-1], err
-        assert not (root / PACKED).exists()
+        assert not out.exists()
         (disk / "filler").unlink()
         done = run_cli("train", "--resume", cwd=root)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert sha256(root / PACKED) == sha256(packed / PACKED)
+        resumed = sha256(out)
+        out.unlink()
+        again = run_cli("train", cwd=root)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert sha256(out) == resumed
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
